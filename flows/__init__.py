@@ -1,0 +1,1 @@
+"""Prefect flows and tasks: thin recipes over slip_core and datasets."""

@@ -1,0 +1,61 @@
+"""Cache policies for stage tasks.
+
+Prefect's default policy includes the run id (no reuse across runs) and hashes a path by its string
+(stale hits after a file changes). Stage tasks instead key on *contents*: a path argument that names
+a file is hashed by its bytes, one that names an artifact (folder or manifest.json) by its manifest's
+sha256; everything else by value. The code version of our packages is always part of the key.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect.cache_policies import TASK_SOURCE, CachePolicy
+from prefect.utilities.hashing import hash_objects
+
+from slip_core import artifacts, storage
+
+
+def content_key(value: Any) -> Any:
+    """Replace file/artifact references by their content hash, recursively."""
+    if isinstance(value, (str, Path)):
+        s = str(value)
+        if "\n" in s or len(s) > 4096:
+            return s
+        try:
+            if s.endswith(artifacts.MANIFEST_NAME) and storage.exists(s):
+                return {"manifest": artifacts.load_manifest(s).sha256}
+            if storage.is_local(s) and os.path.isdir(s) and os.path.exists(os.path.join(s, artifacts.MANIFEST_NAME)):
+                return {"manifest": artifacts.load_manifest(s).sha256}
+            if storage.is_local(s) and os.path.isfile(s):
+                return {"file": storage.sha256_file(s)}
+        except (OSError, ValueError, artifacts.ManifestError):
+            return s
+        return s
+    if isinstance(value, dict):
+        return {str(k): content_key(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (list, tuple)):
+        return [content_key(v) for v in value]
+    return value
+
+
+@dataclass
+class ContentInputs(CachePolicy):
+    """Key = content hashes of the inputs + our code version."""
+
+    exclude: tuple[str, ...] = ()
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str | None:
+        kept = {k: content_key(v) for k, v in sorted(inputs.items()) if k not in self.exclude}
+        return hash_objects(kept, artifacts.code_version(), raise_on_failure=True)
+
+
+# The policy every stage task uses: inputs by content, plus the task's own source.
+STAGE_CACHE = ContentInputs() + TASK_SOURCE
+
+
+def stage_cache(*exclude: str):
+    """STAGE_CACHE ignoring some arguments (e.g. a progress flag or a log path)."""
+    return ContentInputs(exclude=tuple(exclude)) + TASK_SOURCE

@@ -1,0 +1,64 @@
+"""`slip` command line: one sub-command per pipeline stage.
+
+Each stage's arguments live next to its flow (flows/cli_<stage>.py, function `register(subparsers)`),
+and are imported only when that stage is asked for, so `slip --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# stage -> (module providing register(subparsers), one-line help)
+STAGES: dict[str, tuple[str, str]] = {
+    "dataset": ("flows.cli_dataset", "YFCC100M/CC metadata -> cleaned caption table -> webdataset shards"),
+    "train": ("flows.cli_train", "pretrain CLIP / SimCLR / SLIP on a dataset manifest (torchrun)"),
+    "eval": ("flows.cli_eval", "zero-shot, linear probe, fine-tune and retrieval evaluation"),
+    "reproduce": ("flows.cli_reproduce", "the whole chain as one cached Prefect flow (dataset -> train -> eval)"),
+    "serve": ("flows.cli_reproduce", "register scheduled deployments (nightly rebuild, eval new checkpoints)"),
+    "lineage": ("flows.cli_reproduce", "print the lineage of an artifact from its manifests"),
+    "bench": ("flows.cli_bench", "run the benchmarks in bench/ (one JSON line each)"),
+}
+
+
+def _defaults_env() -> None:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slip",
+        description="slip-pipeline: rebuild YFCC15M from raw URLs, pretrain CLIP/SimCLR/SLIP, evaluate.",
+        epilog="stages:\n" + "\n".join(f"  {name:<10} {desc}" for name, (_, desc) in STAGES.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="stage", metavar="STAGE")
+    for name, (module, desc) in STAGES.items():
+        if stage is not None and name == stage:
+            importlib.import_module(module).register(sub, name)
+        else:
+            sub.add_parser(name, help=desc, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _defaults_env()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stage = argv[0] if argv and argv[0] in STAGES else None
+    parser = build_parser(stage)
+    if stage is None:
+        parser.print_help()
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.parse_args([stage, "--help"])
+        return 2
+    result = args.func(args)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

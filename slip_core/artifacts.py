@@ -1,0 +1,240 @@
+"""Artifact manifests: the only thing one stage hands the next.
+
+An artifact is a folder (any fsspec root) holding its files plus `manifest.json`:
+the sha256 and size of every file, the stage config, the manifests it was built from (upstream),
+the code version and the time. The manifest is written last and atomically, so its presence marks
+a complete artifact; `verify` re-hashes the files, so a partial or tampered artifact is never used.
+Lineage (eval number -> checkpoint -> dataset -> raw URL table) is walked through `upstream`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import functools
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slip_core import storage
+
+MANIFEST_NAME = "manifest.json"
+SCHEMA_VERSION = 1
+CODE_PACKAGES = ("slip_core", "datasets", "flows")
+
+
+class ManifestError(RuntimeError):
+    """A manifest is missing, unreadable, or does not match its files."""
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str  # relative to the artifact root, '/'-separated
+    sha256: str
+    size: int
+
+
+@dataclass
+class Upstream:
+    url: str  # manifest URL of the input artifact
+    sha256: str  # manifest_sha256 of that manifest
+    kind: str = ""
+
+
+@dataclass
+class Manifest:
+    kind: str  # "caption-table" | "dataset" | "checkpoint" | "eval" | ...
+    name: str
+    files: list[FileEntry]
+    config: dict[str, Any] = field(default_factory=dict)
+    upstream: dict[str, Upstream] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    code_version: str = ""
+    created_at: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Manifest":
+        d = json.loads(text)
+        try:
+            d["files"] = [FileEntry(**f) for f in d["files"]]
+            d["upstream"] = {k: Upstream(**v) for k, v in d.get("upstream", {}).items()}
+            return cls(**d)
+        except (KeyError, TypeError) as e:
+            raise ManifestError(f"malformed manifest: {e}") from e
+
+    @property
+    def sha256(self) -> str:
+        """Content identity of the artifact: hash of everything except the wall-clock time."""
+        d = dataclasses.asdict(self)
+        d.pop("created_at", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    def file(self, rel: str) -> FileEntry:
+        for f in self.files:
+            if f.path == rel:
+                return f
+        raise KeyError(rel)
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """sha256 (16 hex) over the source of our packages: changes whenever stage code changes,
+    works without git (fresh clone, wheel install)."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for pkg in CODE_PACKAGES:
+        for p in sorted((root / pkg).rglob("*.py")):
+            h.update(str(p.relative_to(root)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def hash_files(root: str, rel_paths: list[str]) -> list[FileEntry]:
+    entries = []
+    for rel in sorted(set(rel_paths)):
+        url = storage.join(root, rel)
+        entries.append(FileEntry(rel, storage.sha256_file(url), storage.file_size(url)))
+    return entries
+
+
+def build_manifest(
+    root: str,
+    rel_paths: list[str],
+    *,
+    kind: str,
+    name: str,
+    config: dict | None = None,
+    upstream: dict[str, Upstream] | None = None,
+    metrics: dict | None = None,
+) -> Manifest:
+    return Manifest(
+        kind=kind,
+        name=name,
+        files=hash_files(root, rel_paths),
+        config=config or {},
+        upstream=upstream or {},
+        metrics=metrics or {},
+        code_version=code_version(),
+        created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def publish(manifest: Manifest, root: str) -> str:
+    """Write `root/manifest.json` atomically (last step of every stage). Returns its URL."""
+    url = storage.join(root, MANIFEST_NAME)
+    storage.atomic_write_text(url, manifest.to_json())
+    return url
+
+
+def manifest_url(root_or_url: str) -> str:
+    s = str(root_or_url)
+    return s if s.endswith(".json") else storage.join(s, MANIFEST_NAME)
+
+
+def artifact_root(manifest_url_: str) -> str:
+    return manifest_url_.rsplit("/", 1)[0] if "/" in manifest_url_ else "."
+
+
+def load_manifest(root_or_url: str) -> Manifest:
+    url = manifest_url(root_or_url)
+    try:
+        text = storage.read_text(url)
+    except FileNotFoundError as e:
+        raise ManifestError(f"no manifest at {url}") from e
+    try:
+        return Manifest.from_json(text)
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"unreadable manifest at {url}: {e}") from e
+
+
+def verify(root_or_url: str, manifest: Manifest | None = None) -> list[str]:
+    """Problems found re-hashing the artifact's files ([] means it verifies)."""
+    url = manifest_url(root_or_url)
+    root = artifact_root(url)
+    try:
+        manifest = manifest or load_manifest(url)
+    except ManifestError as e:
+        return [str(e)]
+    problems = []
+    for entry in manifest.files:
+        f = storage.join(root, entry.path)
+        if not storage.exists(f):
+            problems.append(f"missing: {entry.path}")
+        elif storage.file_size(f) != entry.size:
+            problems.append(f"size mismatch: {entry.path}")
+        elif storage.sha256_file(f) != entry.sha256:
+            problems.append(f"sha256 mismatch: {entry.path}")
+    return problems
+
+
+def load_verified(root_or_url: str) -> Manifest:
+    """Load a manifest and insist its files match; raise ManifestError otherwise."""
+    m = load_manifest(root_or_url)
+    problems = verify(root_or_url, m)
+    if problems:
+        raise ManifestError(f"artifact {manifest_url(root_or_url)} does not verify: " + "; ".join(problems))
+    return m
+
+
+def upstream_ref(root_or_url: str, manifest: Manifest | None = None) -> Upstream:
+    url = manifest_url(root_or_url)
+    m = manifest or load_manifest(url)
+    return Upstream(url=url, sha256=m.sha256, kind=m.kind)
+
+
+def lineage(root_or_url: str, _depth: int = 0, _seen: set | None = None) -> list[tuple[int, str, Manifest | None, str]]:
+    """Walk upstream links: [(depth, url, manifest or None, note)] depth-first, cycle-safe."""
+    seen = _seen if _seen is not None else set()
+    url = manifest_url(root_or_url)
+    if url in seen:
+        return [(_depth, url, None, "cycle")]
+    seen.add(url)
+    try:
+        m = load_manifest(url)
+    except ManifestError as e:
+        return [(_depth, url, None, str(e))]
+    out = [(_depth, url, m, "")]
+    for role, up in sorted(m.upstream.items()):
+        sub = lineage(up.url, _depth + 1, seen)
+        if sub and sub[0][2] is not None and sub[0][2].sha256 != up.sha256:
+            d, u, mm, _ = sub[0]
+            sub[0] = (d, u, mm, f"changed since use (recorded {up.sha256[:12]}, now {mm.sha256[:12]})")
+        out.extend(sub)
+    return out
+
+
+def format_lineage(root_or_url: str) -> str:
+    lines = []
+    for depth, url, m, note in lineage(root_or_url):
+        pad = "  " * depth
+        if m is None:
+            lines.append(f"{pad}- {url}  [{note}]")
+            continue
+        metrics = ", ".join(f"{k}={v}" for k, v in list(m.metrics.items())[:6])
+        lines.append(f"{pad}- {m.kind} '{m.name}' sha256={m.sha256[:12]} code={m.code_version} at {m.created_at}")
+        lines.append(f"{pad}  {url}  ({len(m.files)} files{'; ' + metrics if metrics else ''}){'  [' + note + ']' if note else ''}")
+    return "\n".join(lines)
+
+
+def local_path(url: str) -> str:
+    """Path on this machine for a local URL (file:// or plain path)."""
+    fs, path = storage.url_to_fs(url)
+    if not storage.is_local(url):
+        raise ValueError(f"not a local path: {url}")
+    return os.path.abspath(path)
+
+
+def stage_root(store: str, kind: str, name: str, *key_parts: Any) -> str:
+    """Content-addressed folder for a stage output: store/kind/name-<hash of key parts + code>.
+
+    Same inputs + config + code -> same folder, so a rerun finds (and verifies) the earlier output;
+    anything different gets a new folder and old versions stay readable for lineage.
+    """
+    blob = json.dumps([kind, name, list(key_parts), code_version()], sort_keys=True, default=str)
+    return storage.join(store, kind, f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}")

@@ -1,0 +1,78 @@
+"""Typed-config helpers: dataclass <-> plain dict/JSON, stable hashes, dotted overrides.
+
+Every stage config is a dataclass with named presets; flows pass configs as dicts inside manifests,
+so the round trip must be exact and unknown keys must fail loudly (a typo is not a default).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def to_dict(cfg: Any) -> dict:
+    """A JSON-ready dict of a (nested) dataclass; tuples become lists."""
+    if not dataclasses.is_dataclass(cfg):
+        raise ConfigError(f"not a dataclass config: {type(cfg).__name__}")
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=_json_default))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (set, frozenset)):
+        return sorted(o)
+    return str(o)
+
+
+def from_dict(cls: type[T], data: dict) -> T:
+    """Build dataclass `cls` from `data`, recursing into nested dataclass fields."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value, hint = data[f.name], hints.get(f.name)
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = from_dict(hint, value)
+        elif (hint is tuple or typing.get_origin(hint) is tuple) and isinstance(value, list):
+            value = tuple(value)
+        kwargs[f.name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{cls.__name__}: {e}") from e
+
+
+def config_sha256(cfg: Any) -> str:
+    """Stable content hash of a config (sorted-key JSON)."""
+    data = to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def override(cfg: T, overrides: dict[str, Any]) -> T:
+    """Return a copy of `cfg` with dotted-key overrides applied, e.g. {"optim.lr": 1e-3}."""
+    data = to_dict(cfg)
+    for key, value in overrides.items():
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            if not isinstance(node.get(p), dict):
+                raise ConfigError(f"override {key!r}: {p!r} is not a nested config")
+            node = node[p]
+        if leaf not in node:
+            raise ConfigError(f"override {key!r}: unknown field {leaf!r}")
+        node[leaf] = value
+    return from_dict(type(cfg), data)

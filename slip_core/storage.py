@@ -1,0 +1,123 @@
+"""Storage through fsspec: one place for opening any URL, atomic writes and content hashes.
+
+Atomicity matters because every stage publishes files that later stages trust: a crash must never
+leave a half-written file under its final name. Local files go through a temp file + fsync +
+os.replace in the same directory; object stores publish a whole object on a single PUT.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+import uuid
+from typing import IO, Iterator
+
+import fsspec
+
+CHUNK = 1 << 20
+
+
+def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(str(url))
+    return fs, path
+
+
+def is_local(url: str) -> bool:
+    fs, _ = url_to_fs(url)
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def join(root: str, *parts: str) -> str:
+    """Join URL/path parts with '/', keeping the scheme of `root`."""
+    root = str(root)
+    out = root.rstrip("/")
+    for p in parts:
+        p = str(p).strip("/")
+        if p:
+            out = f"{out}/{p}"
+    return out
+
+
+def exists(url: str) -> bool:
+    fs, path = url_to_fs(url)
+    return fs.exists(path)
+
+
+def makedirs(url: str) -> None:
+    fs, path = url_to_fs(url)
+    fs.makedirs(path, exist_ok=True)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = url_to_fs(url)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def read_text(url: str) -> str:
+    return read_bytes(url).decode("utf-8")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(url: str) -> str:
+    """sha256 of a file's contents (any fsspec URL), streamed in 1 MiB chunks."""
+    fs, path = url_to_fs(url)
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_size(url: str) -> int:
+    fs, path = url_to_fs(url)
+    return int(fs.size(path))
+
+
+@contextlib.contextmanager
+def atomic_open(url: str, mode: str = "wb") -> Iterator[IO]:
+    """Open `url` for writing so that readers see either the old file or the complete new one."""
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_open supports 'wb' and 'w', not {mode!r}")
+    fs, path = url_to_fs(url)
+    if is_local(url):
+        directory = os.path.dirname(os.path.abspath(path)) or "."
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+    else:
+        # Stage locally, then one PUT: an object store never exposes a partial object.
+        with tempfile.TemporaryDirectory() as d:
+            tmp = os.path.join(d, uuid.uuid4().hex)
+            with open(tmp, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
+                yield f
+            fs.put_file(tmp, path)
+
+
+def atomic_write_bytes(url: str, data: bytes) -> None:
+    with atomic_open(url, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(url: str, text: str) -> None:
+    atomic_write_bytes(url, text.encode("utf-8"))
+
+
+def put_file_atomic(local_path: str, url: str) -> None:
+    """Copy a finished local file to `url` atomically."""
+    with open(local_path, "rb") as src, atomic_open(url, "wb") as dst:
+        while chunk := src.read(CHUNK):
+            dst.write(chunk)
