@@ -26,8 +26,10 @@ def prefect_server():
     """A real Prefect API server (SQLite, subprocess) shared by the whole session."""
     from prefect.testing.utilities import prefect_test_harness
 
+    from prefect.settings import PREFECT_API_URL
+
     with prefect_test_harness(server_startup_timeout=120):
-        yield os.environ.get("PREFECT_API_URL")
+        yield PREFECT_API_URL.value()
 
 
 @pytest.fixture(scope="session")
