@@ -14,7 +14,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: setup data test demo bench clean-venv
+.PHONY: setup data test demo bench ui-check clean-venv
 
 setup: $(INSTALLED)
 
@@ -47,8 +47,16 @@ $(OFFLINE):
 test: setup data
 	$(PY) -m pytest
 
+# The demo's Prefect database and result cache live in .prefect/ (ephemeral server over SQLite), so a
+# second `make demo` is all cache hits and `make ui` shows its runs.
+DEMO_ENV := PREFECT_HOME=$(CURDIR)/.prefect
 demo: setup data
-	$(VENV)/bin/slip reproduce --preset tiny
+	$(DEMO_ENV) $(VENV)/bin/slip reproduce --preset tiny --store $(CURDIR)/out/store
+
+# Screenshot the demo's flow-run page in the Prefect UI with headless Chromium (Debian package).
+ui-check: setup
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+	$(DEMO_ENV) $(PY) tests/ui_screenshot.py --out out/ui-flow-run.png
 
 bench: setup data
 	@for b in bench/*.py; do $(PY) $$b || exit 1; done

@@ -9,7 +9,8 @@ DEFAULT_STORE = os.environ.get("SLIP_STORE", os.path.join(os.getcwd(), "out", "s
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from flows.reproduce import REPRODUCE_PRESETS, dry_run_plan, reproduce
+    from flows.plan import dry_run_plan
+    from flows.reproduce import REPRODUCE_PRESETS, reproduce
 
     if args.preset not in REPRODUCE_PRESETS:
         raise SystemExit(f"unknown preset {args.preset!r}; choose from {sorted(REPRODUCE_PRESETS)}")

@@ -1,0 +1,97 @@
+"""Any URL + caption table (CC3M / CC12M TSVs, CSV, TSV, parquet) -> our caption table (parquet).
+
+The caption table is what the download stage consumes: columns `key` (string, unique, stable across
+snapshots), `url`, `caption`, plus whatever else the source has (`title`, `description`, ...). The
+YFCC path (datasets/yfcc.py) writes `download_url` instead of `url`; `url_column()` resolves either.
+
+CC3M's TSV is headerless `caption<TAB>url`, CC12M's is headerless `url<TAB>caption`: for a two-column
+headerless file the URL column is recognised by its content. Files are streamed batch by batch
+(pyarrow.csv.open_csv with newlines_in_values, so quoted multi-line captions work), memory stays flat.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from slip_core import storage
+
+URL_NAMES = ("url", "download_url", "image_url", "img_url", "URL")
+CAPTION_NAMES = ("caption", "text", "title", "alt", "TEXT", "captions")
+
+
+def url_column(names: list[str]) -> str:
+    for n in URL_NAMES:
+        if n in names:
+            return n
+    raise ValueError(f"no URL column in {names}; expected one of {URL_NAMES}")
+
+
+def _looks_like_url(s: str) -> bool:
+    return "://" in s[:16]
+
+
+def _sniff(url: str, delimiter: str) -> tuple[bool, list[str] | None]:
+    """(has_header, column names for a headerless file) from the first line."""
+    with storage.url_to_fs(url)[0].open(storage.url_to_fs(url)[1], "rb", compression="infer") as f:
+        first = f.readline().decode("utf-8", "replace").rstrip("\r\n").split(delimiter)
+    if any(c in URL_NAMES for c in first):
+        return True, None
+    if len(first) == 2:  # CC3M (caption, url) or CC12M (url, caption)
+        return False, ["url", "caption"] if _looks_like_url(first[0]) else ["caption", "url"]
+    raise ValueError(f"{url}: cannot tell the URL column from the first line {first[:4]!r}")
+
+
+def row_keys(urls, captions) -> pa.Array:
+    """Stable key per row: sha1(url TAB caption)[:20]; a new snapshot keeps the keys of unchanged rows."""
+    out = [hashlib.sha1(f"{u}\t{c}".encode("utf-8", "replace")).hexdigest()[:20]
+           for u, c in zip(urls.to_pylist(), captions.to_pylist())]
+    return pa.array(out, pa.string())
+
+
+def _batches(url: str):
+    lower = url.lower()
+    fs, path = storage.url_to_fs(url)
+    if lower.endswith(".parquet"):
+        with fs.open(path, "rb") as f:
+            yield from pq.ParquetFile(f).iter_batches(batch_size=65536)
+        return
+    delim = "\t" if any(lower.endswith(s) for s in (".tsv", ".tsv.gz", ".tsv.bz2", ".txt")) else ","
+    has_header, names = _sniff(url, delim)
+    read = pacsv.ReadOptions(column_names=names, block_size=1 << 24)
+    parse = pacsv.ParseOptions(delimiter=delim, newlines_in_values=True, invalid_row_handler=lambda r: "skip")
+    conv = pacsv.ConvertOptions(strings_can_be_null=False)
+    with fs.open(path, "rb", compression="infer") as f:
+        reader = pacsv.open_csv(f, read_options=read, parse_options=parse, convert_options=conv)
+        yield from reader
+
+
+def normalize_table(source: str, output: str, caption_col: str | None = None) -> dict:
+    """Write `output` (parquet): key, url, caption + the source's other columns as strings."""
+    n = 0
+    writer = None
+    with storage.atomic_open(output, "wb") as out:
+        for batch in _batches(source):
+            t = pa.Table.from_batches([batch])
+            names = t.column_names
+            ucol = url_column(names)
+            ccol = caption_col or next((c for c in CAPTION_NAMES if c in names), None)
+            cols = {"url": pc.cast(t[ucol], pa.string())}
+            cols["caption"] = pc.fill_null(pc.cast(t[ccol], pa.string()), "") if ccol else pa.array([""] * len(t))
+            keys = pc.cast(t["key"], pa.string()) if "key" in names else row_keys(cols["url"], cols["caption"])
+            data = {"key": keys, **cols}
+            for c in names:
+                if c not in (ucol, ccol, "key") and c not in data:
+                    data[c] = pc.cast(t[c], pa.string())
+            table = pa.table(data)
+            if writer is None:
+                writer = pq.ParquetWriter(out, table.schema, compression="zstd")
+            writer.write_table(table.cast(writer.schema))
+            n += len(table)
+        if writer is None:
+            raise ValueError(f"{source}: no rows")
+        writer.close()
+    return {"rows": n, "source": source}

@@ -1,0 +1,93 @@
+"""The dataset stage without Prefect: filter -> plan -> download groups -> publish.
+
+flows/build_dataset.py runs the same steps as Prefect tasks; this module is what the tests, the
+benchmark and `python -m datasets.pipeline` use directly, and the single place the steps are defined.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from slip_core import artifacts, storage
+
+from datasets import captions, download, yfcc
+
+
+def detect_source(source: str) -> str:
+    """'yfcc' for YFCC100M metadata (25 or 23 tab-separated fields), 'table' for any url+caption table."""
+    low = source.lower()
+    if low.endswith((".parquet", ".csv", ".csv.gz")):
+        return "table"
+    with yfcc._open_binary(source) as f:
+        for _ in range(5):
+            line = f.readline()
+            if not line:
+                break
+            if line.count(b"\t") + 1 in yfcc.LAYOUT_COLUMNS:
+                return "yfcc"
+    return "table"
+
+
+def prepare_table(source: str, store: str, cfg: download.DatasetConfig, subset: str | None = None) -> str:
+    """Caption-table artifact (captions.parquet + filter_report.json) for `source`; returns its manifest URL.
+    Keyed on the contents of source and subset and the cleaning mode; an existing one is reused."""
+    src_sha = storage.sha256_file(source)
+    sub_sha = storage.sha256_file(subset) if subset else ""
+    kind = detect_source(source)
+    root = artifacts.stage_root(store, "caption-table", cfg.name, src_sha, sub_sha, cfg.clean_mode, kind)
+    murl = artifacts.manifest_url(root)
+    if storage.exists(murl):
+        return murl
+    out = storage.join(root, "captions.parquet")
+    if kind == "yfcc":
+        report = yfcc.filter_yfcc(source, out, subset=subset, mode=cfg.clean_mode).to_dict()
+        fs, p = storage.url_to_fs(out + ".report.json")
+        fs.rm(p)
+    else:
+        report = captions.normalize_table(source, out)
+    report.update(source=source, source_sha256=src_sha, subset=subset or "", subset_sha256=sub_sha, kind=kind)
+    storage.atomic_write_text(storage.join(root, "filter_report.json"), json.dumps(report, indent=1))
+    m = artifacts.build_manifest(root, ["captions.parquet", "filter_report.json"], kind="caption-table", name=cfg.name,
+                                 config={"clean_mode": cfg.clean_mode, "subset_name": cfg.subset_name, "kind": kind},
+                                 metrics={k: report[k] for k in ("rows", "written", "malformed", "in_subset") if k in report})
+    return artifacts.publish(m, root)
+
+
+def table_of(table_manifest: str) -> str:
+    return storage.join(artifacts.artifact_root(table_manifest), "captions.parquet")
+
+
+def publish(table_manifest: str, store: str, cfg: download.DatasetConfig) -> str:
+    report = json.loads(storage.read_text(storage.join(artifacts.artifact_root(table_manifest), "filter_report.json")))
+    return download.publish(table_of(table_manifest), download.work_dir(store, cfg), cfg, store,
+                            upstream={"captions": artifacts.upstream_ref(table_manifest)},
+                            extra_stats={"filter": {k: v for k, v in report.items() if k != "malformed_lines"},
+                                         "malformed_lines": report.get("malformed_lines", [])})
+
+
+def build(source: str, store: str, cfg: download.DatasetConfig, subset: str | None = None,
+          retry_failed: bool = False, progress: bool = False) -> str:
+    """The whole stage in this process; returns the dataset manifest URL."""
+    tm = prepare_table(source, store, cfg, subset)
+    for group in download.plan(table_of(tm), download.work_dir(store, cfg), cfg, retry_failed=retry_failed):
+        download.run_group(group, cfg, progress=progress)
+    return publish(tm, store, cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="dataset stage without Prefect (tests, benchmarks)")
+    ap.add_argument("source")
+    ap.add_argument("store")
+    ap.add_argument("--subset")
+    ap.add_argument("--preset", default="yfcc15m")
+    ap.add_argument("--config", default="{}", help="JSON dict of DatasetConfig overrides")
+    ap.add_argument("--retry-failed", action="store_true")
+    a = ap.parse_args(argv)
+    cfg = download.make_config(json.loads(a.config), a.preset)
+    print(build(a.source, a.store, cfg, a.subset, a.retry_failed, progress=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Dataset quality pass: filters, eval decontamination and dedup applied to a download ledger.
+
+    fps = fingerprint.fingerprint_ledger(ledger)            # once per image, from the shards
+    ledger, report = apply_quality_report(ledger, fps, cfg, previous)
+
+Only `success` rows can change, and only to `filtered` with a reason; every other row and column is left
+as is, so each input row still has exactly one status. Rules run in this order and the first failing one
+gives the reason: undecodable image, caption rules, image size rules, CLIP score, eval overlap, and last
+dedup — so the sample kept for a duplicate cluster is one that passed everything else.
+
+For the next version of the dataset, `dedup.previous_table(ledger, fps)` of this one is `previous`.
+"""
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from datasets import decontaminate, dedup, fingerprint, quality_filters
+from slip_core.config import from_dict, to_dict
+
+
+@dataclass
+class QualityConfig:
+    # dedup (datasets/dedup.py); near_dup_hamming < 0 turns the perceptual part off
+    exact_dedup: bool = False
+    near_dup_hamming: int = -1  # bits of the 256-bit pHash; 20 = measured 0 false pairs on offline corpora
+    # decontamination (datasets/decontaminate.py): eval dataset names, ("*",) = every locally available one
+    decontaminate: tuple = ()
+    decontam_hamming: int = 20
+    # caption rules (0 = off)
+    min_caption_words: int = 0
+    max_caption_words: int = 0
+    min_caption_chars: int = 0
+    max_caption_chars: int = 0
+    drop_boilerplate_captions: bool = False
+    # image rules on the original size (0 = off)
+    min_image_side: int = 0
+    max_aspect_ratio: float = 0.0
+    # DataComp-style CLIP score: a checkpoint of ours; samples below min_clip_score are dropped
+    clip_score_checkpoint: str = ""
+    min_clip_score: float = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self != QualityConfig()
+
+
+QUALITY_PRESETS: dict[str, QualityConfig] = {
+    "off": QualityConfig(),
+    # dedup + decontamination against every local eval set + obviously useless captions
+    "default": QualityConfig(exact_dedup=True, near_dup_hamming=20, decontaminate=("*",), drop_boilerplate_captions=True),
+    # + DataComp-like text/image rules; set clip_score_checkpoint / min_clip_score to add the score filter
+    "strict": QualityConfig(exact_dedup=True, near_dup_hamming=20, decontaminate=("*",), drop_boilerplate_captions=True,
+                            min_caption_words=2, max_caption_chars=1000, min_image_side=64, max_aspect_ratio=3.0),
+}
+
+
+def make_quality_config(config: dict | None = None, preset: str = "off") -> QualityConfig:
+    base = to_dict(QUALITY_PRESETS[preset])
+    base.update(config or {})
+    return from_dict(QualityConfig, base)
+
+
+def clip_scores_for_ledger(ledger: pa.Table, checkpoint, batch_size: int = 64) -> dict[str, float]:
+    """{key: CLIP score} of the ledger's success rows (reads the shards; pass to apply_quality(scores=))."""
+    samples = ((k, s.get("jpg") or s.get("jpeg") or s.get("png") or s.get("webp") or b"",
+                s["txt"].decode("utf-8", "replace") if "txt" in s else "")
+               for k, s in fingerprint.iter_ledger_samples(ledger))
+    return dict(quality_filters.clip_scores(samples, checkpoint, batch_size))
+
+
+def apply_quality(ledger: pa.Table, fingerprints: pa.Table, cfg: QualityConfig, previous: pa.Table | None = None,
+                  **kwargs) -> pa.Table:
+    """The ledger with quality decisions applied (see apply_quality_report)."""
+    return apply_quality_report(ledger, fingerprints, cfg, previous, **kwargs)[0]
+
+
+def apply_quality_report(ledger: pa.Table, fingerprints: pa.Table, cfg: QualityConfig,
+                         previous: pa.Table | None = None, eval_index: decontaminate.EvalIndex | None = None,
+                         scores: dict[str, float] | None = None) -> tuple[pa.Table, dict]:
+    """(ledger with success rows possibly turned `filtered` + reason, report dict).
+
+    `fingerprints` must cover every success row (fingerprint.fingerprint_ledger). `eval_index` defaults to
+    decontaminate.load_eval_index(cfg.decontaminate); `scores` ({key: CLIP score}) is required when
+    cfg.clip_score_checkpoint is set (clip_scores_for_ledger computes it)."""
+    keys, status = ledger["key"].to_pylist(), ledger["status"].to_pylist()
+    success = [k for k, s in zip(keys, status) if s == "success"]
+    fp = {r["key"]: r for r in fingerprints.to_pylist()}
+    missing = [k for k in success if k not in fp]
+    if missing:
+        raise ValueError(f"{len(missing)} success rows have no fingerprint (first: {missing[:3]})")
+    if cfg.clip_score_checkpoint and scores is None:
+        raise ValueError("clip_score_checkpoint is set: compute scores with clip_scores_for_ledger() and pass scores=")
+
+    reason: dict[str, str] = {}
+    for k in success:
+        r = fp[k]
+        why = "undecodable_image" if r["error"] or r["phash"] is None else ""
+        why = why or quality_filters.caption_reason(r["caption"], cfg.min_caption_words, cfg.max_caption_words,
+                                                    cfg.min_caption_chars, cfg.max_caption_chars, cfg.drop_boilerplate_captions)
+        why = why or quality_filters.image_reason(r["orig_width"], r["orig_height"], cfg.min_image_side, cfg.max_aspect_ratio)
+        if not why and cfg.clip_score_checkpoint:
+            why = quality_filters.score_reason(scores.get(k), cfg.min_clip_score)
+        if why:
+            reason[k] = why
+    report: dict = {"config": to_dict(cfg)}
+
+    alive = [k for k in success if k not in reason]
+    if cfg.decontaminate:
+        index = eval_index or decontaminate.load_eval_index(cfg.decontaminate, cfg.decontam_hamming)
+        overlaps = decontaminate.find_overlaps(_subset(fingerprints, alive), index)
+        for k, (ds, _, _) in overlaps.items():
+            reason[k] = f"{decontaminate.OVERLAP_PREFIX}{ds}"
+        report["decontamination"] = decontaminate.overlap_report(overlaps, index)
+        alive = [k for k in alive if k not in reason]
+
+    if cfg.exact_dedup or cfg.near_dup_hamming >= 0:
+        res = dedup.find_duplicates(_subset(fingerprints, alive), cfg.near_dup_hamming if cfg.near_dup_hamming >= 0 else None,
+                                    cfg.exact_dedup, previous, set(keys))
+        for k, target in res.duplicate_of.items():
+            reason[k] = f"{dedup.DUP_PREFIX}{target}"
+        dist = collections.Counter("previous" if d < 0 else "exact" if d == 0 else "near" for d in res.distance.values())
+        report["dedup"] = {"kept": len(res.kept), "duplicates": len(res.duplicate_of), "by_kind": dict(dist),
+                           "max_distance": max([d for d in res.distance.values()] or [0])}
+
+    out_status, out_reason = list(status), ledger["reason"].to_pylist()
+    for i, k in enumerate(keys):
+        if status[i] == "success" and k in reason:
+            out_status[i], out_reason[i] = "filtered", reason[k]
+    new = ledger.set_column(ledger.schema.get_field_index("status"), ledger.schema.field("status"),
+                            pa.array(out_status, ledger.schema.field("status").type))
+    new = new.set_column(new.schema.get_field_index("reason"), new.schema.field("reason"),
+                         pa.array(out_reason, new.schema.field("reason").type))
+    kinds = collections.Counter(r if r.startswith(decontaminate.OVERLAP_PREFIX) else r.split(":")[0].split("<")[0].split(">")[0]
+                                for r in reason.values())
+    report.update({"success_in": len(success), "success_out": len(success) - len(reason), "filtered": len(reason),
+                   "by_reason": dict(sorted(kinds.items())),
+                   "clip_score_mean": _mean(scores.values()) if scores else None})
+    return new, report
+
+
+def _subset(table: pa.Table, keys: list[str]) -> pa.Table:
+    import pyarrow.compute as pc
+
+    return table.filter(pc.is_in(table["key"], pa.array(keys, pa.string())))
+
+
+def _mean(values) -> float | None:
+    v = [x for x in values if x is not None and not math.isnan(x)]
+    return round(sum(v) / len(v), 6) if v else None

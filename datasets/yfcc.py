@@ -1,0 +1,224 @@
+"""YFCC100M metadata -> cleaned YFCC15M caption table (parquet), streamed in constant memory.
+
+Facts (SLIP_SPEC.md §1, ENVIRONMENT.md §4): the metadata is tab-separated, 25 columns in the consolidated
+release (0 line number, 1 photo id, 2 hash, 8 title, 9 description, 16 download URL) and 23 columns in
+the older split / SQLite releases (no line number, no hash: the line number is the 0-based line position).
+OpenAI's `yfcc100m_subset_data.tsv` lists (line number, photo id, hash) of the 14.8M-image subset.
+
+Cleaning, mode "slip" (reference-exact, SLIP make_dataset.py): per field, percent-decode (plain unquote),
+then every '+' becomes a space; delete `<a.*?>`, `</a>`, `<b>`, `</b>`, `<i>`, `</i>`; delete `http\\S+`
+and `www\\S+`. Nothing else: no trimming, empty titles/descriptions are kept.
+Mode "strict" (our option, never the default): the slip steps, then HTML entities unescaped, control
+characters and runs of whitespace collapsed to one space, ends trimmed, and rows whose title AND
+description are both empty dropped (counted in the report as `dropped_empty`).
+
+Speed: the hot loop only counts tabs and parses the line number of each row; the full split, decoding
+and cleaning run only for subset members (~15% of YFCC100M). Rows are batched into pyarrow record
+batches and written with one ParquetWriter, so memory stays flat whatever the input size.
+"""
+from __future__ import annotations
+
+import html
+import json
+import re
+from dataclasses import dataclass, field
+from urllib.parse import unquote
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from slip_core import storage
+
+LAYOUT_COLUMNS = {25: "consolidated", 23: "legacy"}
+# field positions per layout: (line number or None, photo id, hash or None, title, description, url)
+_POS = {25: (0, 1, 2, 8, 9, 16), 23: (None, 0, None, 6, 7, 14)}
+
+SCHEMA = pa.schema([
+    ("key", pa.string()),  # dataset key of the row: 9-digit zero-padded line number
+    ("line_number", pa.int64()),
+    ("photo_id", pa.int64()),
+    ("photo_hash", pa.string()),
+    ("title", pa.string()),
+    ("description", pa.string()),
+    ("caption", pa.string()),  # title, or the description when the title is empty (for plain-webdataset users)
+    ("download_url", pa.string()),
+])
+
+_TAGS = re.compile(r"<a.*?>|</a>|<b>|</b>|<i>|</i>")
+_URLS = re.compile(r"http\S+|www\S+")
+_SPACE = re.compile(r"[\s\x00-\x1f\x7f]+")
+MAX_MALFORMED_KEPT = 1000  # line numbers reported; the count is always exact
+
+
+def clean_slip(text: str) -> str:
+    """SLIP's caption cleaning, exactly (SPEC §1)."""
+    text = unquote(text).replace("+", " ")
+    text = _TAGS.sub("", text)
+    return _URLS.sub("", text)
+
+
+def clean_strict(text: str) -> str:
+    """Our stricter option: SLIP cleaning, then entities, control chars and whitespace normalised."""
+    return _SPACE.sub(" ", html.unescape(clean_slip(text))).strip()
+
+
+CLEANERS = {"slip": clean_slip, "strict": clean_strict}
+
+
+@dataclass
+class FilterReport:
+    rows_read: int = 0
+    layout: str = ""
+    in_subset: int = 0
+    written: int = 0
+    dropped_empty: int = 0
+    not_in_subset: int = 0
+    malformed: int = 0
+    malformed_lines: list[int] = field(default_factory=list)  # physical 0-based line numbers (first 1000)
+    decode_errors: int = 0  # rows whose text was not valid UTF-8 (decoded with U+FFFD)
+    subset_rows: int = 0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _open_binary(url: str):
+    """Plain or compressed (by extension: .bz2, .gz, .xz, .zst) file at any fsspec URL."""
+    return fsspec.open(url, "rb", compression="infer").open()
+
+
+def read_subset(url: str) -> bytearray:
+    """OpenAI's subset TSV -> membership bitmap indexed by line number (100 MB for all of YFCC100M,
+    far less than a Python set of 14.8M ints). A header line or blank lines are skipped."""
+    bitmap = bytearray()
+    with _open_binary(url) as f:
+        for raw in f:
+            head = raw.split(b"\t", 1)[0].strip()
+            if not head.isdigit():
+                continue
+            ln = int(head)
+            if ln >= len(bitmap):
+                bitmap.extend(b"\0" * max(ln + 1 - len(bitmap), len(bitmap) // 2, 1 << 16))
+            bitmap[ln] = 1
+    return bitmap
+
+
+def _decode(b: bytes, report: FilterReport) -> str:
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        report.decode_errors += 1
+        return b.decode("utf-8", errors="replace")
+
+
+class _Batcher:
+    """Column buffers flushed to the ParquetWriter every `batch_rows` rows."""
+
+    def __init__(self, writer: pq.ParquetWriter, batch_rows: int):
+        self.writer, self.batch_rows = writer, batch_rows
+        self.cols: list[list] = [[] for _ in SCHEMA.names]
+
+    def add(self, row: tuple) -> None:
+        for c, v in zip(self.cols, row):
+            c.append(v)
+        if len(self.cols[0]) >= self.batch_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.cols[0]:
+            self.writer.write_batch(pa.record_batch([pa.array(c, t) for c, t in zip(self.cols, SCHEMA.types)], schema=SCHEMA))
+            self.cols = [[] for _ in SCHEMA.names]
+
+
+def filter_yfcc(
+    metadata: str,
+    output: str,
+    subset: str | None = None,
+    mode: str = "slip",
+    line_offset: int = 0,
+    batch_rows: int = 65536,
+) -> FilterReport:
+    """Stream `metadata` (any fsspec URL, plain or .bz2), keep subset rows, clean, write parquet `output`.
+
+    `subset=None` keeps every well-formed row. `line_offset` is the line number of the first row of a
+    23-column file that is one part of a split release. Returns a report (also written next to the
+    output as `<output>.report.json`). The output appears atomically.
+    """
+    if mode not in CLEANERS:
+        raise ValueError(f"unknown cleaning mode {mode!r}; choose from {sorted(CLEANERS)}")
+    clean, strict = CLEANERS[mode], mode == "strict"
+    report = FilterReport()
+    bitmap = read_subset(subset) if subset else None
+    report.subset_rows = sum(bitmap) if bitmap is not None else 0
+    nbits = len(bitmap) if bitmap is not None else 0
+    layout = None
+    with storage.atomic_open(output, "wb") as out, _open_binary(metadata) as f:
+        writer = pq.ParquetWriter(out, SCHEMA, compression="zstd")
+        batch = _Batcher(writer, batch_rows)
+        phys = -1
+        for phys, raw in enumerate(f):
+            line = raw.rstrip(b"\r\n")
+            ntab = line.count(b"\t")
+            if layout is None:  # the first well-formed row fixes the layout for the whole file
+                if ntab + 1 in LAYOUT_COLUMNS:
+                    layout = ntab + 1
+                    report.layout = LAYOUT_COLUMNS[layout]
+                    pos_ln, pos_id, pos_hash, pos_t, pos_d, pos_u = _POS[layout]
+            if layout is None or ntab + 1 != layout:
+                report.malformed += 1
+                if len(report.malformed_lines) < MAX_MALFORMED_KEPT:
+                    report.malformed_lines.append(phys)
+                continue
+            if pos_ln is None:
+                ln = phys + line_offset
+            else:
+                head = line[: line.find(b"\t")]
+                if not head.isdigit():
+                    report.malformed += 1
+                    if len(report.malformed_lines) < MAX_MALFORMED_KEPT:
+                        report.malformed_lines.append(phys)
+                    continue
+                ln = int(head)
+            if bitmap is not None and not (ln < nbits and bitmap[ln]):
+                report.not_in_subset += 1
+                continue
+            parts = line.split(b"\t")
+            pid = parts[pos_id]
+            if not pid.isdigit():
+                report.malformed += 1
+                if len(report.malformed_lines) < MAX_MALFORMED_KEPT:
+                    report.malformed_lines.append(phys)
+                continue
+            report.in_subset += 1
+            title = clean(_decode(parts[pos_t], report))
+            desc = clean(_decode(parts[pos_d], report))
+            if strict and not title and not desc:
+                report.dropped_empty += 1
+                continue
+            batch.add((f"{ln:09d}", ln, int(pid), parts[pos_hash].decode("ascii", "replace") if pos_hash is not None else "",
+                       title, desc, title or desc, _decode(parts[pos_u], report)))
+            report.written += 1
+        report.rows_read = phys + 1
+        batch.flush()
+        writer.close()
+    storage.atomic_write_text(output + ".report.json", json.dumps(report.to_dict(), indent=1))
+    return report
+
+
+def format_row(line_number: int, photo_id: int, photo_hash: str, title: str, description: str,
+               download_url: str, *, user: str = "12345678@N00", tags: str = "", columns: int = 25) -> str:
+    """One metadata line in YFCC100M format (text fields URL-encoded with '+' for spaces, as Yahoo did).
+    Used by the demo corpus, the tests and the benchmark generator."""
+    from urllib.parse import quote_plus
+
+    page = f"http://www.flickr.com/photos/{user}/{photo_id}/"
+    cols = [str(line_number), str(photo_id), photo_hash, user, "someone", "2012-02-16 09:56:37.0", "1329386197",
+            "Canon+EOS+400D", quote_plus(title), quote_plus(description), quote_plus(tags), "", "", "", "",
+            page, download_url, "Attribution License", "http://creativecommons.org/licenses/by/2.0/",
+            "1", "1", "abcdef1234", "fedcba4321", "jpg", "0"]
+    if columns == 23:
+        cols = cols[1:2] + cols[3:]
+    elif columns != 25:
+        raise ValueError("columns must be 25 or 23")
+    return "\t".join(cols)

@@ -1,0 +1,104 @@
+"""Prefect flow for the dataset stage: filter -> plan -> download (mapped over shard groups) -> verify -> publish.
+
+The logic lives in datasets/ (pipeline.py, download.py, yfcc.py); the tasks only call it. Caching: the
+filter and publish tasks use flows.caching.STAGE_CACHE (input files by sha256, manifests by manifest
+sha256, config by value, plus code version), and publish is keyed on the ledger fingerprint, so an
+unchanged rerun is two cache hits and a ledger read. Plan/download are never cached by Prefect: their
+cache is img2dataset's per-shard `_stats.json` markers (kill-and-rerun resumes, see download.py).
+"""
+from __future__ import annotations
+
+import re
+
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from datasets import download, pipeline
+from flows.caching import STAGE_CACHE, stage_cache
+from slip_core import artifacts, storage
+from slip_core.config import to_dict
+
+
+def _cfg(config: dict | None) -> download.DatasetConfig:
+    config = dict(config or {})
+    return download.make_config(config, config.pop("preset", None) or "yfcc15m")
+
+
+def _remote_info(url: str | None) -> str:
+    """Cheap change detector for remote inputs (a local file is hashed by content by the cache policy)."""
+    if not url or storage.is_local(url):
+        return ""
+    fs, p = storage.url_to_fs(url)
+    info = fs.info(p)
+    return str({k: info.get(k) for k in ("ETag", "etag", "size", "LastModified", "mtime")})
+
+
+@task(name="filter", cache_policy=STAGE_CACHE, persist_result=True)
+def filter_task(source: str, subset: str | None, store: str, config: dict, remote_info: str) -> str:
+    return pipeline.prepare_table(source, store, _cfg(config), subset)
+
+
+@task(name="plan", cache_policy=NO_CACHE)
+def plan_task(table_manifest: str, store: str, config: dict, retry_failed: bool) -> list[dict]:
+    cfg = _cfg(config)
+    groups = download.plan(pipeline.table_of(table_manifest), download.work_dir(store, cfg), cfg, retry_failed)
+    return [g.__dict__ for g in groups]
+
+
+@task(name="download", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+def download_task(group: dict, config: dict, progress: bool) -> dict:
+    return download.run_group(download.Group(**group), _cfg(config), progress=progress)
+
+
+@task(name="verify", cache_policy=NO_CACHE)
+def verify_task(table_manifest: str, store: str, config: dict) -> dict:
+    """Every input row has exactly one status (raises otherwise); returns the summary + ledger fingerprint."""
+    cfg = _cfg(config)
+    ledger = download.final_ledger(pipeline.table_of(table_manifest), download.work_dir(store, cfg))
+    summary = download._status_summary(ledger)
+    summary["fingerprint"] = download.ledger_fingerprint(ledger)
+    return summary
+
+
+@task(name="publish", cache_policy=stage_cache("summary"), persist_result=True)
+def publish_task(table_manifest: str, store: str, config: dict, fingerprint: str, summary: dict) -> str:
+    url = pipeline.publish(table_manifest, store, _cfg(config))
+    _report(url, summary)
+    return url
+
+
+def _report(manifest_url: str, summary: dict) -> None:
+    m = artifacts.load_manifest(manifest_url)
+    key = re.sub(r"[^a-z0-9-]+", "-", f"dataset-{m.name}".lower())
+    sizes = {f.path: f.size for f in m.files if f.path.startswith("shards/")}
+    create_table_artifact(key=f"{key}-reasons", table=summary["reasons"] or [{"status": "-", "reason": "none", "count": 0}],
+                          description="failure / filter reasons by count")
+    by = summary["by_status"]
+    lines = [f"# Dataset `{m.name}`", "", f"manifest: `{manifest_url}` (sha256 {m.sha256[:12]}, code {m.code_version})", "",
+             f"- rows: {summary['rows']}, samples: {m.metrics.get('num_samples')}, success rate: {100 * summary['success_rate']:.2f} %",
+             "- " + ", ".join(f"{k}: {v}" for k, v in by.items()), "", "| shard | bytes |", "|---|---|"]
+    lines += [f"| {p} | {s} |" for p, s in sorted(sizes.items())[:50]]
+    create_markdown_artifact(key=f"{key}-summary", markdown="\n".join(lines), description="dataset build summary")
+
+
+@flow(name="build-dataset")
+def build_dataset(source: str, store: str, config: dict | None = None, subset: str | None = None,
+                  retry_failed: bool = False, progress: bool = False) -> str:
+    """YFCC100M metadata (+ subset) or any url+caption table -> verified webdataset shards.
+    `config`: DatasetConfig overrides, optionally with "preset" (default "yfcc15m"; the demo uses "tiny").
+    Returns the dataset manifest URL."""
+    log = get_run_logger()
+    cfg = _cfg(config)
+    cfg_dict = {**to_dict(cfg)}
+    table = filter_task(source, subset, store, cfg_dict, _remote_info(source) + _remote_info(subset))
+    groups = plan_task(table, store, cfg_dict, retry_failed)
+    log.info("%d shard group(s) to download (%d rows)", len(groups), sum(g["n_rows"] for g in groups))
+    for start in range(0, len(groups), max(1, cfg.parallel_groups)):
+        wave = groups[start:start + max(1, cfg.parallel_groups)]
+        for r in download_task.map(wave, config=unmapped(cfg_dict), progress=unmapped(progress)).result():
+            log.info("group %s: %d/%d ok in %.1fs", r["group"].rsplit("/", 2)[-2:], r["successes"], r["rows"], r["seconds"])
+    summary = verify_task(table, store, cfg_dict)
+    url = publish_task(table, store, cfg_dict, summary["fingerprint"], summary)
+    log.info("dataset: %s (%s)", url, summary["by_status"])
+    return url

@@ -1,0 +1,100 @@
+"""`slip dataset ...`: filter-yfcc, build, demo-corpus.
+
+    slip dataset filter-yfcc --metadata M --subset S --output OUT.parquet [--mode slip|strict]
+    slip dataset build SOURCE --store STORE [--subset S] [--preset yfcc15m|cc3m|cc12m|tiny]
+                       [--set image_size=128 ...] [--retry-failed] [--no-prefect]
+    slip dataset demo-corpus OUT_DIR [--n-fashion 3000] [--seed 0] [--port 18765] [--build STORE]
+
+Every path may be an fsspec URL (s3://..., file://...).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _parse_sets(items: list[str]) -> dict:
+    out = {}
+    for item in items or []:
+        k, _, v = item.partition("=")
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def _filter(a) -> int:
+    from datasets import yfcc
+
+    report = yfcc.filter_yfcc(a.metadata, a.output, subset=a.subset, mode=a.mode, line_offset=a.line_offset)
+    d = report.to_dict()
+    d["malformed_lines"] = d["malformed_lines"][:20]
+    print(json.dumps(d, indent=1))
+    return 0
+
+
+def _build(a) -> int:
+    config = {"preset": a.preset, **_parse_sets(a.set)}
+    if a.no_prefect:
+        from datasets import download, pipeline
+
+        cfg = download.make_config({k: v for k, v in config.items() if k != "preset"}, a.preset)
+        print(pipeline.build(a.source, a.store, cfg, a.subset, a.retry_failed, progress=True))
+        return 0
+    from flows.build_dataset import build_dataset
+
+    print(build_dataset(a.source, a.store, config=config, subset=a.subset, retry_failed=a.retry_failed, progress=True))
+    return 0
+
+
+def _demo(a) -> int:
+    from datasets.demo_corpus import DEFAULT_PORT, build_demo_corpus
+
+    corpus = build_demo_corpus(a.out_dir, n_fashion=a.n_fashion, seed=a.seed, port=a.port or DEFAULT_PORT)
+    print(json.dumps(corpus.__dict__, indent=1))
+    if a.build:
+        from flows.build_dataset import build_dataset
+
+        with corpus.serve():
+            print(build_dataset(corpus.metadata, a.build, config={"preset": "tiny"}, subset=corpus.subset, progress=True))
+    return 0
+
+
+def register(subparsers, name: str) -> None:
+    p = subparsers.add_parser(name, help="YFCC100M/CC metadata -> cleaned caption table -> webdataset shards",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="dataset_cmd", metavar="COMMAND")
+
+    f = sub.add_parser("filter-yfcc", help="YFCC100M metadata + OpenAI subset -> cleaned caption parquet")
+    f.add_argument("--metadata", required=True, help="yfcc100m_dataset (plain or .bz2), 25 or 23 columns")
+    f.add_argument("--subset", help="yfcc100m_subset_data.tsv (omit to keep every well-formed row)")
+    f.add_argument("--output", required=True, help="output parquet")
+    f.add_argument("--mode", choices=["slip", "strict"], default="slip",
+                   help="slip: reference-exact cleaning (default); strict: + entities, whitespace, drop empty")
+    f.add_argument("--line-offset", type=int, default=0, help="line number of the first row (23-column split parts)")
+    f.set_defaults(func=_filter)
+
+    b = sub.add_parser("build", help="metadata or url+caption table -> verified webdataset shards (Prefect flow)")
+    b.add_argument("source", help="YFCC100M metadata, CC3M/CC12M TSV, or any parquet/csv/tsv with url+caption")
+    b.add_argument("--store", required=True, help="artifact store root (path or fsspec URL)")
+    b.add_argument("--subset", help="OpenAI subset TSV (YFCC only)")
+    b.add_argument("--preset", default="yfcc15m", help="yfcc15m | cc3m | cc12m | tiny")
+    b.add_argument("--set", action="append", metavar="KEY=VALUE", help="DatasetConfig override (repeatable)")
+    b.add_argument("--retry-failed", action="store_true", help="retry only failed rows and merge the result")
+    b.add_argument("--no-prefect", action="store_true", help="run the same steps without Prefect")
+    b.set_defaults(func=_build)
+
+    d = sub.add_parser("demo-corpus", help="write the demo corpus (real photos + Fashion-MNIST train, YFCC format)")
+    d.add_argument("out_dir")
+    d.add_argument("--n-fashion", type=int, default=3000)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--port", type=int, default=None)
+    d.add_argument("--build", metavar="STORE", help="also serve it and build the tiny dataset into STORE")
+    d.set_defaults(func=_demo)
+
+    def _no_cmd(a) -> int:
+        p.print_help()
+        return 2
+
+    p.set_defaults(func=_no_cmd)

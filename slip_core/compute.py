@@ -1,0 +1,57 @@
+"""Compute estimates from model configs: FLOPs per training sample and GPU-hours for a run.
+
+Counted analytically (matmul FLOPs = 2 x MACs; softmax, norms and activations ignored, < 2 %):
+a transformer layer over T tokens of width D costs 24*T*D^2 + 4*T^2*D forward FLOPs.
+Backward ~ 2x forward, so training ~ 3x forward. Used by `slip reproduce --dry-run` and bench/gpu_step.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Dense peak TFLOP/s per device, bf16/fp16 tensor cores (vendor datasheets, no sparsity).
+PEAK_TFLOPS = {"V100": 125.0, "A100": 312.0, "H100": 989.0, "H200": 989.0}
+
+
+def transformer_flops(tokens: int, width: int, layers: int) -> float:
+    return layers * (24.0 * tokens * width**2 + 4.0 * tokens**2 * width)
+
+
+def vision_forward_flops(cfg) -> float:
+    grid = cfg.image_size // cfg.patch_size
+    tokens = grid * grid + 1
+    patch_embed = 2.0 * grid * grid * (3 * cfg.patch_size**2) * cfg.vision_width
+    return patch_embed + transformer_flops(tokens, cfg.vision_width, cfg.vision_depth)
+
+
+def text_forward_flops(cfg) -> float:
+    return transformer_flops(cfg.context_length, cfg.transformer_width, cfg.transformer_layers)
+
+
+def ssl_head_flops(cfg) -> float:
+    d, h, e = cfg.vision_width, cfg.ssl_mlp_dim, cfg.ssl_emb_dim
+    return 2.0 * (d * h + h * h + h * e)
+
+
+@dataclass(frozen=True)
+class SampleFlops:
+    forward: float
+    train: float
+
+
+def flops_per_sample(cfg) -> SampleFlops:
+    """Forward and training FLOPs for one sample (SLIP: 1 CLIP view + 2 SSL views + its caption)."""
+    v = vision_forward_flops(cfg)
+    proj = 2.0 * cfg.vision_width * cfg.embed_dim
+    if cfg.kind == "clip":
+        fwd = v + proj + text_forward_flops(cfg) + 2.0 * cfg.transformer_width * cfg.embed_dim
+    elif cfg.kind == "simclr":
+        fwd = 2 * (v + ssl_head_flops(cfg))
+    else:
+        fwd = (v + proj + text_forward_flops(cfg) + 2.0 * cfg.transformer_width * cfg.embed_dim
+               + 2 * (v + ssl_head_flops(cfg)))
+    return SampleFlops(forward=fwd, train=3.0 * fwd)
+
+
+def gpu_hours(cfg, samples: int, device: str = "A100", mfu: float = 0.4) -> float:
+    """Device-hours to train on `samples` samples at the given model-FLOPs utilisation."""
+    return flops_per_sample(cfg).train * samples / (PEAK_TFLOPS[device] * 1e12 * mfu) / 3600.0
