@@ -47,8 +47,11 @@ def _sniff(url: str, delimiter: str) -> tuple[bool, list[str] | None]:
 
 def row_keys(urls, captions) -> pa.Array:
     """Stable key per row: sha1(url TAB caption)[:20]; a new snapshot keeps the keys of unchanged rows."""
+    def as_list(x):
+        return x.to_pylist() if hasattr(x, "to_pylist") else list(x)
+
     out = [hashlib.sha1(f"{u}\t{c}".encode("utf-8", "replace")).hexdigest()[:20]
-           for u, c in zip(urls.to_pylist(), captions.to_pylist())]
+           for u, c in zip(as_list(urls), as_list(captions))]
     return pa.array(out, pa.string())
 
 

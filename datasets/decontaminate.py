@@ -75,10 +75,16 @@ def _fingerprint_images(name: str, ids: list[str], images) -> pa.Table:
     return pa.table({"dataset": [name] * len(ids), "id": ids, "phash": pa.array(hashes, pa.binary(fingerprint.PHASH_BYTES))})
 
 
-def fingerprint_folder(name: str, root: str | Path) -> pa.Table:
-    """Fingerprints of every image file under `root` (an ImageFolder-style materialised eval set)."""
+EVAL_SPLITS = ("test", "val", "valid", "validation")
+
+
+def fingerprint_folder(name: str, root: str | Path, splits: tuple[str, ...] = EVAL_SPLITS) -> pa.Table:
+    """Fingerprints of the image files of an ImageFolder-style materialised eval set. When `root` has
+    split folders, only the evaluation splits count: a linear probe's train split is not a test set (and
+    the demo pretrains on Fashion-MNIST TRAIN images on purpose)."""
     root = Path(root)
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_FILE_EXTS and p.is_file())
+    dirs = [root / s for s in splits if (root / s).is_dir()] or [root]
+    files = sorted(p for d in dirs for p in d.rglob("*") if p.suffix.lower() in IMAGE_FILE_EXTS and p.is_file())
     ids = [str(p.relative_to(root)) for p in files]
 
     def load(p):

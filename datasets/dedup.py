@@ -87,6 +87,7 @@ class HammingIndex:
 class DedupResult:
     duplicate_of: dict[str, str] = field(default_factory=dict)  # key -> kept key
     distance: dict[str, int] = field(default_factory=dict)  # key -> Hamming distance (0 for exact)
+    kind: dict[str, str] = field(default_factory=dict)  # key -> "exact" | "near" | "previous"
     kept: list[str] = field(default_factory=list)
 
 
@@ -135,26 +136,30 @@ def find_duplicates(fingerprints: pa.Table, hamming: int | None = 20, exact: boo
             continue
         target = prev_dups.get(k)
         if target is not None and target in anchors:
-            res.duplicate_of[k], res.distance[k] = target, -1  # -1: decided by the previous version
+            res.duplicate_of[k], res.distance[k], res.kind[k] = target, -1, "previous"  # decided before
             continue
         todo.append(k)
     for k in todo:
         eid, ph = cur[k]
         if exact and eid and eid in exact_ids:
-            res.duplicate_of[k], res.distance[k] = exact_ids[eid], 0
+            res.duplicate_of[k], res.distance[k], res.kind[k] = exact_ids[eid], 0, "exact"
             continue
         if index is not None and ph is not None:
             hits = index.query(ph)
             if hits:
                 d, target = min(hits)
-                res.duplicate_of[k], res.distance[k] = target, d
+                res.duplicate_of[k], res.distance[k], res.kind[k] = target, d, "near"
                 continue
         keep(k, eid, ph, True)
     return res
 
 
-def previous_table(ledger: pa.Table, fingerprints: pa.Table) -> pa.Table:
-    """A published version's ledger (key, status, reason) joined with its fingerprints: what
-    `find_duplicates(previous=...)` and `apply_quality(previous=...)` take for the next version."""
-    fp = fingerprints.select(["key", "sha256", "orig_sha256", "phash"])
+def previous_table(ledger: pa.Table, fingerprints: pa.Table | None = None) -> pa.Table:
+    """A published version's ledger (key, status, reason) joined with its fingerprints (given, or the
+    ledger's own fingerprint columns, fingerprint.attach_to_ledger): what `find_duplicates(previous=...)`
+    and `apply_quality(previous=...)` take for the next version."""
+    from datasets import fingerprint
+
+    fp = fingerprint.from_ledger(ledger) if fingerprints is None else fingerprints
+    fp = fp.select(["key", "sha256", "orig_sha256", "phash"])
     return ledger.select(["key", "status", "reason"]).join(fp, "key", join_type="inner")

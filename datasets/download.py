@@ -25,7 +25,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
-import io
 import json
 import math
 import os
@@ -33,7 +32,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tarfile
 import time
 from dataclasses import dataclass
 
@@ -42,6 +40,8 @@ import pyarrow.parquet as pq
 
 from slip_core import artifacts, storage
 from slip_core.config import from_dict, to_dict
+
+from datasets import tarshards
 
 RESERVED = {"key", "caption", "url", "width", "height", "original_width", "original_height", "status",
             "error_message", "exif", "md5", "sha256", "sha512"}  # img2dataset main.py arguments_validator
@@ -73,6 +73,11 @@ class DatasetConfig:
     shards_per_group: int = 64  # one img2dataset call (one mapped Prefect task) per group
     parallel_groups: int = 1
     subprocess_timeout_s: int = 7 * 24 * 3600
+    distributor: str = "multiprocessing"  # img2dataset distributor: multiprocessing | pyspark (datasets/img2dataset_spark.py)
+
+    def __post_init__(self):
+        if self.distributor not in ("multiprocessing", "pyspark"):
+            raise ValueError(f"DatasetConfig.distributor must be 'multiprocessing' or 'pyspark', got {self.distributor!r}")
 
 
 DATASET_PRESETS: dict[str, DatasetConfig] = {
@@ -86,7 +91,7 @@ DATASET_PRESETS: dict[str, DatasetConfig] = {
                           resize_only_if_bigger=False, encode_quality=90, timeout=5, number_sample_per_shard=500,
                           processes_count=2, thread_count=16, shards_per_group=64, max_image_area=4.0e7),
 }
-_PARALLEL_FIELDS = {"processes_count", "thread_count", "shards_per_group", "parallel_groups", "subprocess_timeout_s", "name"}
+_PARALLEL_FIELDS = {"processes_count", "thread_count", "shards_per_group", "parallel_groups", "subprocess_timeout_s", "name", "distributor"}
 
 
 def make_config(config: dict | None = None, preset: str | None = None) -> DatasetConfig:
@@ -262,13 +267,14 @@ def img2dataset_command(url_list: str, output_folder: str, cfg: DatasetConfig, e
         "timeout": cfg.timeout, "retries": cfg.retries, "compute_hash": cfg.compute_hash or "None",
         "extract_exif": cfg.extract_exif, "processes_count": cfg.processes_count, "thread_count": cfg.thread_count,
         "disallowed_header_directives": json.dumps(list(cfg.disallowed_header_directives)),
-        "distributor": "multiprocessing", "enable_wandb": False, "max_shard_retry": 1,
+        "distributor": cfg.distributor, "enable_wandb": False, "max_shard_retry": 1,
     }
     if cfg.max_image_area:
         a["max_image_area"] = float(cfg.max_image_area)
     if cfg.max_aspect_ratio:
         a["max_aspect_ratio"] = float(cfg.max_aspect_ratio)
-    return [sys.executable, "-m", "img2dataset.main"] + [f"--{k}={v}" for k, v in a.items()]
+    module = "datasets.img2dataset_spark" if cfg.distributor == "pyspark" else "img2dataset.main"  # Spark: our session
+    return [sys.executable, "-m", module] + [f"--{k}={v}" for k, v in a.items()]
 
 
 def _img2dataset_args(group: Group, cfg: DatasetConfig) -> list[str]:
@@ -438,23 +444,18 @@ def final_ledger(table_path: str, work: str) -> pa.Table:
 
 # ------------------------------------------------------------------------------------------- publish
 
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    ti = tarfile.TarInfo(name)
-    ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = size, 0, 0o444, 0, 0, "", ""
-    return ti
-
-
 def _iter_samples(tar_url: str):
     """(i2d key, {ext: bytes}) from an img2dataset tar, in key order (img2dataset writes samples in
-    completion order; sorting makes the published shards byte-identical across identical builds)."""
+    completion order; sorting makes the published shards byte-identical across identical builds).
+    One source shard is held in memory at a time (10k samples of 256 px JPEG: ~250 MB)."""
     fs, p = _fs(tar_url)
-    with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
-        by_key: dict[str, list[tarfile.TarInfo]] = collections.defaultdict(list)
-        for m in tf.getmembers():
-            if m.isfile():
-                by_key[m.name.split(".", 1)[0]].append(m)
-        for key in sorted(by_key):
-            yield key, {m.name.split(".", 1)[1]: tf.extractfile(m).read() for m in by_key[key]}
+    by_key: dict[str, dict[str, bytes]] = collections.defaultdict(dict)
+    with fs.open(p, "rb", block_size=1 << 22) as f:
+        for name, data in tarshards.iter_members(f):
+            key, _, ext = name.partition(".")
+            by_key[key][ext] = data
+    for key in sorted(by_key):
+        yield key, by_key[key]
 
 
 def repack(ledger: pa.Table, root: str, samples_per_shard: int) -> tuple[pa.Table, dict[str, int]]:
@@ -467,42 +468,44 @@ def repack(ledger: pa.Table, root: str, samples_per_shard: int) -> tuple[pa.Tabl
             gpath, s, k = src.split("|")
             where[(gpath, int(s))][k] = i
     sizes: dict[str, int] = {}
-    state = {"tf": None, "fh": None, "name": None}
+    out: dict = {"cm": None, "tw": None, "name": None}
 
     def close():
-        if state["tf"] is not None:
-            state["tf"].close()
-            state["cm"].__exit__(None, None, None)
-            state["tf"] = None
+        if out["tw"] is not None:
+            out["tw"].close()
+            out["cm"].__exit__(None, None, None)
+            out["tw"] = None
 
     n_out = 0
-    for (gpath, s) in sorted(where):
-        wanted = where[(gpath, s)]
-        for k, sample in _iter_samples(storage.join(gpath, "out", f"{s:05d}.tar")):
-            i = wanted.pop(k, None)
-            if i is None:
-                continue
-            if n_out % samples_per_shard == 0:
-                close()
-                name = f"shards/{n_out // samples_per_shard:05d}.tar"
-                state["cm"] = storage.atomic_open(storage.join(root, name), "wb")
-                state["tf"] = tarfile.open(fileobj=state["cm"].__enter__(), mode="w", format=tarfile.USTAR_FORMAT)
-                state["name"] = name
-                sizes[name] = 0
-            key = d["key"][i]
-            if "json" in sample:
-                meta = json.loads(sample["json"])
-                meta["i2d_key"], meta["key"] = meta.get("key"), key
-                sample["json"] = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()
-            for ext in sorted(sample):
-                data = sample[ext]
-                state["tf"].addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
-            d["shard"][i] = state["name"]
-            sizes[state["name"]] += 1
-            n_out += 1
-        if wanted:
-            close()
-            raise RuntimeError(f"{len(wanted)} successes listed for {gpath} shard {s} are not in its tar")
+    try:
+        for (gpath, s) in sorted(where):
+            wanted = where[(gpath, s)]
+            for k, sample in _iter_samples(storage.join(gpath, "out", f"{s:05d}.tar")):
+                i = wanted.pop(k, None)
+                if i is None:
+                    continue
+                if n_out % samples_per_shard == 0:
+                    close()
+                    out["name"] = f"shards/{n_out // samples_per_shard:05d}.tar"
+                    out["cm"] = storage.atomic_open(storage.join(root, out["name"]), "wb")
+                    out["tw"] = tarshards.TarWriter(out["cm"].__enter__())
+                    sizes[out["name"]] = 0
+                key = d["key"][i]
+                if "json" in sample:
+                    meta = json.loads(sample["json"])
+                    meta["i2d_key"], meta["key"] = meta.get("key"), key
+                    sample["json"] = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()
+                for ext in sorted(sample):
+                    out["tw"].add(f"{key}.{ext}", sample[ext])
+                d["shard"][i] = out["name"]
+                sizes[out["name"]] += 1
+                n_out += 1
+            if wanted:
+                raise RuntimeError(f"{len(wanted)} successes listed for {gpath} shard {s} are not in its tar")
+    except BaseException as e:
+        if out["tw"] is not None:  # drop the partial shard (atomic_open removes its temp file)
+            out["cm"].__exit__(type(e), e, e.__traceback__)
+        raise
     close()
     return pa.table(d, schema=LEDGER_SCHEMA), sizes
 

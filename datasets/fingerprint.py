@@ -10,7 +10,7 @@
   on the *downloaded original* (its `sha256` metadata column), when present. Exact duplicates are judged on
   `orig_sha256 or sha256`.
 
-Shard tars are read with `tarfile` in stream mode; member names are sanitised (no absolute paths, no `..`,
+Shard tars are read as a stream (datasets.tarshards: regular files only); member names are sanitised (no absolute paths, no `..`,
 regular files only) because shards are untrusted input. JPEGs are decoded in draft mode (libjpeg DCT
 scaling to >= 128 px, twice the hash's input size): bench/fingerprint.py measures the speed-up.
 """
@@ -20,14 +20,15 @@ import hashlib
 import io
 import json
 import posixpath
-import tarfile
 from typing import Iterable, Iterator
 
 import imagehash
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
+from datasets import tarshards
 from slip_core import storage
 
 HASH_SIZE = 16  # imagehash hash_size -> HASH_SIZE**2 = 256 bits
@@ -44,7 +45,8 @@ FINGERPRINT_SCHEMA = pa.schema([
     ("height", pa.int32()),
     ("orig_width", pa.int32()),  # before img2dataset resized it (= width when unknown)
     ("orig_height", pa.int32()),
-    ("caption", pa.string()),
+    ("caption", pa.string()),  # the .txt caption
+    ("alt_captions", pa.list_(pa.string())),  # other caption candidates in the metadata (YFCC title/description)
     ("error", pa.string()),  # '' = fine; else why no phash (the sample gets filtered: undecodable_image)
 ])
 
@@ -78,9 +80,12 @@ def fingerprint_bytes(data: bytes, draft: bool = True) -> dict:
     """{sha256, phash, width, height, error} of one encoded image (width/height of the full image)."""
     out = {"sha256": hashlib.sha256(data).hexdigest(), "phash": None, "width": None, "height": None, "error": ""}
     try:
-        with Image.open(io.BytesIO(data)) as probe:
-            out["width"], out["height"] = probe.size
-        out["phash"] = phash_image(decode(data, draft))
+        with Image.open(io.BytesIO(data)) as img:
+            out["width"], out["height"] = img.size  # before draft() shrinks it
+            if draft and img.format == "JPEG":
+                img.draft("L", (DRAFT_SIDE, DRAFT_SIDE))
+            img.load()
+            out["phash"] = phash_image(img)
     except Exception as e:  # a corrupt or hostile file is a recorded reason, not a crash
         out["error"] = f"{type(e).__name__}: {e}"[:200]
     return out
@@ -119,14 +124,13 @@ def safe_member_name(name: str) -> tuple[str, str] | None:
 
 
 def iter_tar_samples(tar_url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per sample of a webdataset tar, in file order; unsafe or non-file members skipped."""
+    """(key, {ext: bytes}) per sample of a webdataset tar, in file order; unsafe or non-file members skipped.
+    Members come from datasets.tarshards (a header reader ~5x cheaper per member than tarfile)."""
     fs, path = storage.url_to_fs(tar_url)
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
+    with fs.open(path, "rb") as f:
         cur, sample = None, {}
-        for m in tf:
-            if not m.isreg():
-                continue
-            parsed = safe_member_name(m.name)
+        for name, data in tarshards.iter_members(f):
+            parsed = safe_member_name(name)
             if parsed is None:
                 continue
             key, ext = parsed
@@ -134,7 +138,7 @@ def iter_tar_samples(tar_url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
                 yield cur, sample
                 sample = {}
             cur = key
-            sample[ext] = tf.extractfile(m).read()
+            sample[ext] = data
         if sample:
             yield cur, sample
 
@@ -153,10 +157,12 @@ def fingerprint_sample(key: str, sample: dict[str, bytes], draft: bool = True) -
     else:
         fp = fingerprint_bytes(sample[ext], draft)
     caption = sample["txt"].decode("utf-8", "replace") if "txt" in sample else str(meta.get("caption") or "")
+    # YFCC samples carry title and description; the loader picks the caption at load time (SPEC §9.1)
+    alt = [str(meta[f]) for f in ("title", "description") if isinstance(meta.get(f), str) and meta[f].strip() and meta[f] != caption]
     return {"key": key, "sha256": fp["sha256"], "orig_sha256": str(meta.get("sha256") or ""), "phash": fp["phash"],
             "width": fp["width"], "height": fp["height"],
             "orig_width": meta.get("original_width") or fp["width"], "orig_height": meta.get("original_height") or fp["height"],
-            "caption": caption, "error": fp["error"]}
+            "caption": caption, "alt_captions": alt, "error": fp["error"]}
 
 
 def to_table(rows: list[dict]) -> pa.Table:
@@ -203,13 +209,72 @@ def iter_ledger_samples(ledger: pa.Table) -> Iterator[tuple[str, dict[str, bytes
                 yield k, sample
 
 
-def fingerprint_ledger(ledger: pa.Table, draft: bool = True) -> pa.Table:
-    """Fingerprints of the ledger's `success` rows, keyed by dataset key (computed once per image)."""
-    table = to_table([fingerprint_sample(k, s, draft) for k, s in iter_ledger_samples(ledger)])
-    n_success = sum(1 for st in ledger["status"].to_pylist() if st == "success")
-    if len(table) != n_success:
-        raise RuntimeError(f"{n_success - len(table)} success rows of the ledger are not in the shards they name")
+CACHE_DIR = f"fingerprints-v1-h{HASH_SIZE}-d{DRAFT_SIDE}"  # a different hash/decode never reuses a cache
+
+
+def shard_fingerprints(tar_url: str, cache: bool = True, draft: bool = True) -> pa.Table:
+    """Fingerprints of one img2dataset shard (keyed by img2dataset key), cached next to the group's out/
+    folder: a complete shard never changes, so each image is decoded and hashed once, however often the
+    dataset is re-published (new quality settings, retries of other rows)."""
+    gpath, name = tar_url.rsplit("/out/", 1) if "/out/" in tar_url else (None, None)
+    cache_url = storage.join(gpath, CACHE_DIR, name.replace(".tar", ".parquet")) if cache and gpath else None
+    if cache_url and storage.exists(cache_url):
+        fs, p = storage.url_to_fs(cache_url)
+        with fs.open(p, "rb") as f:
+            return pq.read_table(f)
+    table = fingerprint_tars([tar_url], draft=draft)
+    if cache_url:
+        with storage.atomic_open(cache_url, "wb") as f:
+            pq.write_table(table, f)
     return table
+
+
+def fingerprint_ledger(ledger: pa.Table, cache: bool = True, draft: bool = True) -> pa.Table:
+    """Fingerprints of the ledger's `success` rows, keyed by dataset key (per-shard cached, see above)."""
+    tars, key_map = ledger_sources(ledger)
+    parts = []
+    for url in tars:
+        t = shard_fingerprints(url, cache, draft)
+        keys = [key_map.get((url, k)) for k in t["key"].to_pylist()]
+        mask = pa.array([k is not None for k in keys])
+        t = t.set_column(0, "key", pa.array(keys, pa.string())).filter(mask)
+        parts.append(t)
+    table = pa.concat_tables(parts) if parts else to_table([])
+    if len(table) != len(key_map):
+        raise RuntimeError(f"{len(key_map) - len(table)} success rows of the ledger are not in the shards they name")
+    return table
+
+
+# The fingerprint columns a published ledger carries (issue 10: "stored in the ledger"); null for rows that
+# are not images of the dataset (failed downloads). phash as 64 hex digits: readable and joinable anywhere.
+LEDGER_COLUMNS = (("image_sha256", pa.string()), ("orig_sha256", pa.string()), ("phash", pa.string()))
+
+
+def attach_to_ledger(ledger: pa.Table, fingerprints: pa.Table) -> pa.Table:
+    """The ledger with LEDGER_COLUMNS appended (replaced if present), joined on key."""
+    fp = {k: (s, o, p) for k, s, o, p in zip(*(fingerprints[c].to_pylist() for c in ("key", "sha256", "orig_sha256", "phash")))}
+    rows = [fp.get(k, (None, None, None)) for k in ledger["key"].to_pylist()]
+    for i, (name, typ) in enumerate(LEDGER_COLUMNS):
+        vals = [r[i] for r in rows]
+        if name == "phash":
+            vals = [v.hex() if v is not None else None for v in vals]
+        col = pa.array(vals, typ)
+        if name in ledger.column_names:
+            ledger = ledger.set_column(ledger.column_names.index(name), name, col)
+        else:
+            ledger = ledger.append_column(name, col)
+    return ledger
+
+
+def from_ledger(ledger: pa.Table) -> pa.Table:
+    """(key, sha256, orig_sha256, phash bytes) of the rows of a published ledger that have a fingerprint."""
+    missing = [n for n, _ in LEDGER_COLUMNS if n not in ledger.column_names]
+    if missing:
+        raise KeyError(f"ledger has no fingerprint columns {missing} (published without the quality pass)")
+    keep = [i for i, p in enumerate(ledger["phash"].to_pylist()) if p]
+    t = ledger.take(pa.array(keep, pa.int64()))
+    return pa.table({"key": t["key"], "sha256": t["image_sha256"], "orig_sha256": t["orig_sha256"],
+                     "phash": pa.array([bytes.fromhex(p) for p in t["phash"].to_pylist()], pa.binary(PHASH_BYTES))})
 
 
 def fingerprint_arrays(images: np.ndarray, ids: list[str] | None = None) -> pa.Table:
@@ -219,5 +284,5 @@ def fingerprint_arrays(images: np.ndarray, ids: list[str] | None = None) -> pa.T
         h, w = arr.shape[:2]
         rows.append({"key": k, "sha256": hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest(),
                      "orig_sha256": "", "phash": phash_array(arr), "width": w, "height": h,
-                     "orig_width": w, "orig_height": h, "caption": "", "error": ""})
+                     "orig_width": w, "orig_height": h, "caption": "", "alt_captions": [], "error": ""})
     return to_table(rows)

@@ -8,7 +8,8 @@ as is, so each input row still has exactly one status. Rules run in this order a
 gives the reason: undecodable image, caption rules, image size rules, CLIP score, eval overlap, and last
 dedup — so the sample kept for a duplicate cluster is one that passed everything else.
 
-For the next version of the dataset, `dedup.previous_table(ledger, fps)` of this one is `previous`.
+The published ledger carries the fingerprints (`fingerprint.attach_to_ledger`), so the next version of the
+dataset gets `previous` from it (`load_previous(manifest)`, or `QualityConfig.previous_dataset`).
 """
 from __future__ import annotations
 
@@ -17,8 +18,11 @@ import math
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from datasets import decontaminate, dedup, fingerprint, quality_filters
+from slip_core import artifacts, storage
 from slip_core.config import from_dict, to_dict
 
 
@@ -42,6 +46,8 @@ class QualityConfig:
     # DataComp-style CLIP score: a checkpoint of ours; samples below min_clip_score are dropped
     clip_score_checkpoint: str = ""
     min_clip_score: float = 0.0
+    # manifest URL of the previous version of this dataset: its dedup decisions stay (incremental rebuilds)
+    previous_dataset: str = ""
 
     @property
     def enabled(self) -> bool:
@@ -62,6 +68,29 @@ def make_quality_config(config: dict | None = None, preset: str = "off") -> Qual
     base = to_dict(QUALITY_PRESETS[preset])
     base.update(config or {})
     return from_dict(QualityConfig, base)
+
+
+REPORT_FILE = "quality.json"  # the report, published next to ledger.parquet
+
+
+def load_previous(dataset_manifest: str) -> pa.Table:
+    """`previous` for apply_quality from a published dataset: its ledger.parquet, which carries the
+    fingerprint columns (fingerprint.attach_to_ledger) when it was built with the quality pass."""
+    url = storage.join(artifacts.artifact_root(dataset_manifest), "ledger.parquet")
+    fs, p = storage.url_to_fs(url)
+    with fs.open(p, "rb") as f:
+        ledger = pq.read_table(f)
+    return dedup.previous_table(ledger)
+
+
+def run_quality(ledger: pa.Table, cfg: QualityConfig) -> tuple[pa.Table, pa.Table, dict]:
+    """The whole pass for the dataset stage: fingerprints (cached per shard), CLIP scores if configured,
+    the previous version if configured, apply_quality_report. Returns (ledger, fingerprints, report)."""
+    fps = fingerprint.fingerprint_ledger(ledger)
+    scores = clip_scores_for_ledger(ledger, cfg.clip_score_checkpoint) if cfg.clip_score_checkpoint else None
+    previous = load_previous(cfg.previous_dataset) if cfg.previous_dataset else None
+    out, report = apply_quality_report(ledger, fps, cfg, previous, scores=scores)
+    return out, fps, report
 
 
 def clip_scores_for_ledger(ledger: pa.Table, checkpoint, batch_size: int = 64) -> dict[str, float]:
@@ -99,8 +128,7 @@ def apply_quality_report(ledger: pa.Table, fingerprints: pa.Table, cfg: QualityC
     for k in success:
         r = fp[k]
         why = "undecodable_image" if r["error"] or r["phash"] is None else ""
-        why = why or quality_filters.caption_reason(r["caption"], cfg.min_caption_words, cfg.max_caption_words,
-                                                    cfg.min_caption_chars, cfg.max_caption_chars, cfg.drop_boilerplate_captions)
+        why = why or _caption_reason(r, cfg)
         why = why or quality_filters.image_reason(r["orig_width"], r["orig_height"], cfg.min_image_side, cfg.max_aspect_ratio)
         if not why and cfg.clip_score_checkpoint:
             why = quality_filters.score_reason(scores.get(k), cfg.min_clip_score)
@@ -122,8 +150,7 @@ def apply_quality_report(ledger: pa.Table, fingerprints: pa.Table, cfg: QualityC
                                     cfg.exact_dedup, previous, set(keys))
         for k, target in res.duplicate_of.items():
             reason[k] = f"{dedup.DUP_PREFIX}{target}"
-        dist = collections.Counter("previous" if d < 0 else "exact" if d == 0 else "near" for d in res.distance.values())
-        report["dedup"] = {"kept": len(res.kept), "duplicates": len(res.duplicate_of), "by_kind": dict(dist),
+        report["dedup"] = {"kept": len(res.kept), "duplicates": len(res.duplicate_of), "by_kind": dict(collections.Counter(res.kind.values())),
                            "max_distance": max([d for d in res.distance.values()] or [0])}
 
     out_status, out_reason = list(status), ledger["reason"].to_pylist()
@@ -142,9 +169,18 @@ def apply_quality_report(ledger: pa.Table, fingerprints: pa.Table, cfg: QualityC
     return new, report
 
 
-def _subset(table: pa.Table, keys: list[str]) -> pa.Table:
-    import pyarrow.compute as pc
+def _caption_reason(row: dict, cfg: QualityConfig) -> str:
+    """A sample fails the caption rules only if its caption AND every alternative (YFCC title/description,
+    one of which the loader picks) fail; the reason is the main caption's."""
+    rules = (cfg.min_caption_words, cfg.max_caption_words, cfg.min_caption_chars, cfg.max_caption_chars,
+             cfg.drop_boilerplate_captions)
+    why = quality_filters.caption_reason(row["caption"], *rules)
+    if why and any(not quality_filters.caption_reason(c, *rules) for c in row.get("alt_captions") or ()):
+        return ""
+    return why
 
+
+def _subset(table: pa.Table, keys: list[str]) -> pa.Table:
     return table.filter(pc.is_in(table["key"], pa.array(keys, pa.string())))
 
 

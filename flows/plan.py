@@ -11,10 +11,10 @@ def dry_run_plan(preset: str) -> str:
     from datasets.download import DATASET_PRESETS
     from flows.reproduce import REPRODUCE_PRESETS
     from slip_core.models import MODEL_PRESETS
-    from slip_core.trainer import TRAIN_PRESETS
+    from slip_core.trainer import TRAIN_PRESETS, resolve
 
     p = REPRODUCE_PRESETS[preset]
-    ds, tr = DATASET_PRESETS[p.dataset], TRAIN_PRESETS[p.train]
+    ds, tr = DATASET_PRESETS[p.dataset], resolve(TRAIN_PRESETS[p.train])
     model = MODEL_PRESETS[tr.model]
     rows = p.dataset_rows
     shards = math.ceil(rows / ds.number_sample_per_shard)
@@ -31,7 +31,7 @@ def dry_run_plan(preset: str) -> str:
         f"({ds.image_size}px {ds.resize_mode}, img2dataset {ds.processes_count} procs x {ds.thread_count} threads)",
         f"  2. pretrain [{p.train}] {model.name}: {tr.epochs} epochs x {steps_per_epoch:,} steps = {total_steps:,} steps, "
         f"global batch {global_batch:,} ({tr.batch_size}/device), warmup {int(tr.warmup_epochs * steps_per_epoch):,} steps",
-        f"     optimizer: AdamW lr {tr.lr or 'reference'} wd {tr.weight_decay if tr.weight_decay >= 0 else 'reference'} "
+        f"     optimizer: AdamW lr {tr.lr:g} wd {tr.weight_decay:g} "
         f"betas {tuple(tr.betas)}; ssl_scale {tr.ssl_scale}, ssl_temp {tr.ssl_temp}; precision {tr.precision}",
         f"  3. eval     [{p.eval}] zero-shot, linear probe, fine-tune",
         "compute estimate (analytic FLOPs, training = 3 x forward):",

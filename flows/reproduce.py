@@ -96,7 +96,10 @@ def write_report(store: str, dataset: str, checkpoint: str, evaluation: str) -> 
 
 @flow(name="reproduce")
 def reproduce(preset: str = "tiny", store: str = "out/store", source: str | None = None, subset: str | None = None,
-              rebuild: str | None = None, train_config: dict | None = None, eval_config: dict | None = None) -> dict:
+              rebuild: str | None = None, train_config: dict | None = None, eval_config: dict | None = None,
+              demo_corpus: dict | None = None) -> dict:
+    """Returns the manifest URLs of the three stages and the report's URL. `demo_corpus`: arguments of
+    datasets.demo_corpus.build_demo_corpus (e.g. a smaller n_fashion for tests)."""
     from flows.build_dataset import build_dataset
     from flows.evaluate import evaluate
     from flows.pretrain import pretrain
@@ -108,7 +111,7 @@ def reproduce(preset: str = "tiny", store: str = "out/store", source: str | None
     if source is None and p.demo_corpus:
         from datasets.demo_corpus import build_demo_corpus
 
-        corpus = build_demo_corpus(os.path.join(_local_cache(store), "demo-corpus"))
+        corpus = build_demo_corpus(os.path.join(_local_cache(store), "demo-corpus"), **(demo_corpus or {}))
         source, subset, server = corpus.metadata, corpus.subset, corpus.serve()
         log.info("demo corpus: %d metadata rows, images served from %s", corpus.n_rows, corpus.base_url)
     if source is None:

@@ -70,21 +70,26 @@ def load_state(path_or_url: str, map_location="cpu") -> dict:
     url = str(path_or_url)
     if not storage.exists(url):
         raise FileNotFoundError(f"checkpoint not found: {url}")
-    data = storage.read_bytes(url)
+    # local files are read by torch directly (no extra in-memory copy); other URLs through fsspec
+    if storage.is_local(url):
+        source, size = storage.url_to_fs(url)[1], storage.file_size(url)
+    else:
+        data = storage.read_bytes(url)
+        source, size = io.BytesIO(data), len(data)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+            state = torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         # weights_only refusals are UnpicklingErrors whose message names the global; corrupt pickles too.
         msg = str(e)
         if "weights_only" in msg or "Unsupported global" in msg or "not an allowed global" in msg:
+            culprit = next((ln.strip() for ln in msg.splitlines() if "GLOBAL" in ln or "global" in ln), "")
             raise CheckpointError(
                 f"refusing to load {url}: it contains a pickled object outside the allow-list "
-                f"({[c.__name__ for c in SAFE_GLOBALS]}). Only load checkpoints you trust; details: "
-                f"{msg.splitlines()[0] if msg else ''}") from e
+                f"({[c.__module__ + '.' + c.__name__ for c in SAFE_GLOBALS]}): {culprit}") from e
         raise CheckpointError(f"corrupt checkpoint {url}: {msg}") from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise CheckpointError(f"corrupt or truncated checkpoint {url} ({len(data)} bytes): {e}") from e
+        raise CheckpointError(f"corrupt or truncated checkpoint {url} ({size} bytes): {e}") from e
     if not isinstance(state, dict) or "state_dict" not in state:
         raise CheckpointError(f"{url} is not a SLIP checkpoint (expected a dict with a 'state_dict')")
     return state
@@ -164,3 +169,13 @@ def export_open_clip(model: nn.Module) -> dict:
             # ln_final, text_projection, logit_scale: identical names and layout
             out[k] = v.clone()
     return out
+
+
+def build_open_clip(model: nn.Module) -> nn.Module:
+    """An open_clip CLIP model (eval mode) carrying this CLIP/SLIP model's weights."""
+    import open_clip  # only needed here
+
+    model = unwrap(model)
+    oc = open_clip.model.CLIP(**open_clip_config(model.config), output_dict=True)
+    oc.load_state_dict(export_open_clip(model), strict=True)
+    return oc.eval()

@@ -89,26 +89,30 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(x)
 
 
-class SyncBatchNorm(nn.SyncBatchNorm):
-    """nn.SyncBatchNorm that also synchronises CPU tensors (gloo).
+class SyncBatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics span the whole global batch (the reference's SyncBatchNorm).
 
-    torch's SyncBatchNorm raises for CPU inputs when a process group is initialised, so a 2-rank CPU run
-    (tests, the demo with nproc > 1) could not use the reference head. On CPU we gather the local batch with
-    gradient, normalise the global batch with plain batch_norm (same statistics, same unbiased running_var
-    update as SyncBatchNorm) and keep the local slice; the gather's backward sums every rank's contribution
-    exactly like SyncBatchNorm's backward all-reduce. On CUDA, and without a process group, this is exactly
-    nn.SyncBatchNorm. State-dict layout is identical (weight, bias, running_mean, running_var,
+    Why not torch's nn.SyncBatchNorm: it refuses CPU tensors once a process group exists, and DDP refuses
+    to wrap a CPU model containing it, so 2-rank gloo runs (tests, the CPU demo with nproc > 1) could not
+    use the reference head. Here the local batch is gathered WITH gradient, normalised with plain
+    batch_norm over the global batch (same mean/var and the same unbiased running_var update as
+    SyncBatchNorm), and the local slice is kept; the gather's backward sums every rank's contribution
+    exactly like SyncBatchNorm's backward all-reduce. Any device, any backend; local batch sizes must be
+    equal across ranks (drop_last, as the reference). Costs an all_gather of [B, C] activations rather than
+    of per-channel statistics, negligible next to the ViT. Without a process group, with one rank, or in
+    eval() it is plain BatchNorm1d. State dict = SyncBatchNorm's (weight, bias, running_mean, running_var,
     num_batches_tracked), so released checkpoints load unchanged.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and x.device.type == "cpu" and get_world_size() > 1):
+        if not (self.training and get_world_size() > 1):
             return super().forward(x)
-        if self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
+        self._check_input_dim(x)
         momentum = 0.0 if self.momentum is None else self.momentum
-        if self.momentum is None:
-            momentum = 1.0 / float(self.num_batches_tracked)
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
         full = all_gather_with_grad(x)
         out = F.batch_norm(full, self.running_mean, self.running_var, self.weight, self.bias,
                            True, momentum, self.eps)

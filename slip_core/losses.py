@@ -16,6 +16,11 @@ from slip_core.distributed import all_gather_no_grad, all_gather_with_grad, get_
 LARGE_NUM = 1e9
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 → fp32 for the similarity math; fp32/fp64 are kept (fp64 is used by exactness tests)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _labels(batch: int, device: torch.device) -> torch.Tensor:
     return batch * get_rank() + torch.arange(batch, device=device)
 
@@ -37,9 +42,9 @@ class CLIPLoss(nn.Module):
         self.gather_with_grad = gather_with_grad
 
     def forward(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        image = F.normalize(outputs["image_embed"].float(), dim=-1)
-        text = F.normalize(outputs["text_embed"].float(), dim=-1)
-        scale = outputs["logit_scale"].float()
+        image = F.normalize(_upcast(outputs["image_embed"]), dim=-1)
+        text = F.normalize(_upcast(outputs["text_embed"]), dim=-1)
+        scale = _upcast(outputs["logit_scale"])
         gather = all_gather_with_grad if self.gather_with_grad else all_gather_no_grad
         image_all, text_all = gather(image), gather(text)
         labels = _labels(image.shape[0], image.device)
@@ -57,11 +62,12 @@ class SIMCLRLoss(nn.Module):
         self.tau = temperature
 
     def forward(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        q_a = F.normalize(outputs["aug1_embed"].float(), dim=-1)
-        q_b = F.normalize(outputs["aug2_embed"].float(), dim=-1)
+        q_a = F.normalize(_upcast(outputs["aug1_embed"]), dim=-1)
+        q_b = F.normalize(_upcast(outputs["aug2_embed"]), dim=-1)
         k_a, k_b = all_gather_with_grad(q_a), all_gather_with_grad(q_b)
         labels = _labels(q_a.shape[0], q_a.device)
-        mask = F.one_hot(labels, k_a.shape[0]).to(torch.float32) * LARGE_NUM
+        # fp32 (or fp64) mask: under autocast the logits may be fp16/bf16 and the subtraction promotes
+        mask = F.one_hot(labels, k_a.shape[0]).to(torch.promote_types(q_a.dtype, torch.float32)) * LARGE_NUM
         logits_aa = q_a @ k_a.t() / self.tau - mask
         logits_bb = q_b @ k_b.t() / self.tau - mask
         logits_ab = q_a @ k_b.t() / self.tau

@@ -59,7 +59,8 @@ _VISION = {
 }
 # Tiny CPU presets for tests and the demo: 64 px images, 8 px patches (8x8 grid), narrow towers.
 # The vocabulary and 77-token context stay the reference ones so the tokenizer is shared.
-# Sized so a batch-32 SLIP forward+backward takes ~0.5 s on one CPU core (about 1.2M non-embedding params).
+# Sized so a batch-32 SLIP forward+backward takes ~0.5 s on one CPU core (~1.8M parameters besides the
+# 6.3M-parameter token embedding).
 _TINY = dict(image_size=64, patch_size=8, vision_width=128, vision_depth=4, vision_heads=4, embed_dim=128,
              transformer_width=128, transformer_layers=3, transformer_heads=2, ssl_mlp_dim=512, ssl_emb_dim=128)
 
@@ -72,10 +73,14 @@ for _kind in ("clip", "simclr", "slip"):
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in fp32 and cast back to the input dtype (reference, for fp16/bf16 autocast)."""
+    """LayerNorm computed in (at least) fp32 and cast back to the input dtype (reference, for fp16/bf16).
+
+    fp64 inputs stay fp64 (the reference would round them to fp32; only exactness tests use fp64).
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return F.layer_norm(x.to(dtype), self.normalized_shape, self.weight.to(dtype), self.bias.to(dtype),
                             self.eps).to(x.dtype)
 
 

@@ -107,6 +107,11 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     return replace(cfg, lr=cfg.lr or lr, weight_decay=wd if cfg.weight_decay < 0 else cfg.weight_decay)
 
 
+def steps_per_epoch(samples: int, world: int, batch_size: int, accum: int) -> int:
+    """Reference accounting (SPEC §9.7): per-rank ceil(N / world) samples, drop_last batches, then steps."""
+    return (math.ceil(samples / world) // batch_size) // accum
+
+
 def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -298,12 +303,11 @@ def train(cfg: TrainConfig, dataset_manifest: str, out_dir: str, resume: str | N
             raise ValueError(f"global_batch {cfg.global_batch} is not batch_size × world × k")
     urls = shard_urls(dataset_manifest)
     samples = cfg.samples_per_epoch or dataset_num_samples(dataset_manifest)
-    # Reference accounting (SPEC §9.7): per-rank ceil(N / world) samples, drop_last batches, then steps.
-    steps_per_epoch = (math.ceil(samples / world) // cfg.batch_size) // accum
-    if steps_per_epoch < 1:
+    spe = steps_per_epoch(samples, world, cfg.batch_size, accum)
+    if spe < 1:
         raise ValueError(f"{samples} samples/epoch is less than one step of {cfg.batch_size}×{world}×{accum}")
-    total_steps = cfg.epochs * steps_per_epoch
-    warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
+    total_steps = cfg.epochs * spe
+    warmup_steps = int(round(cfg.warmup_epochs * spe))
     stop_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
 
     # Seed = seed + rank (SPEC §6); model init uses rank 0's stream and DDP broadcasts it anyway.
@@ -352,17 +356,17 @@ def train(cfg: TrainConfig, dataset_manifest: str, out_dir: str, resume: str | N
                         resampled=cfg.resampled)
     global_batch = cfg.batch_size * world * accum
     if main:
-        print(f"training {cfg.model}: {steps_per_epoch} steps/epoch × {cfg.epochs} epochs = {total_steps} steps "
+        print(f"training {cfg.model}: {spe} steps/epoch × {cfg.epochs} epochs = {total_steps} steps "
               f"(stop at {stop_step}), global batch {global_batch} = {cfg.batch_size}×{world}×{accum}, "
               f"{precision}, {device}", flush=True)
 
     t_start, window, last = time.time(), [], {}
     while step < stop_step:
-        epoch = step // steps_per_epoch
-        loader = EpochLoader(urls, lcfg, epoch=epoch, num_batches=steps_per_epoch * accum, rank=rank,
+        epoch = step // spe
+        loader = EpochLoader(urls, lcfg, epoch=epoch, num_batches=spe * accum, rank=rank,
                              world=world, state=loader_state)
         it = iter(loader)
-        while step < min(stop_step, (epoch + 1) * steps_per_epoch):
+        while step < min(stop_step, (epoch + 1) * spe):
             t0 = time.time()
             micro = [next(it) for _ in range(accum)]
             t1 = time.time()

@@ -56,11 +56,14 @@ def write_group(gpath: str, samples: list[dict], per_shard: int = 50) -> list[di
         with tarfile.open(os.path.join(gpath, "out", f"{sid:05d}.tar"), "w") as tf:
             for j, s in enumerate(samples[s0:s0 + per_shard]):
                 i2d = f"{sid:05d}{j:04d}"
-                w, h = Image.open(io.BytesIO(s["image"])).size
+                try:
+                    w, h = Image.open(io.BytesIO(s["image"])).size
+                except Exception:  # a planted corrupt file: img2dataset would not have written it, but shards
+                    w, h = 0, 0  # are untrusted input all the same
                 ow, oh = s.get("orig_size", (w, h))
                 meta = {"key": i2d, "caption": s["caption"], "sample_id": s["key"], "status": "success",
                         "width": w, "height": h, "original_width": ow, "original_height": oh,
-                        "sha256": s.get("orig_sha256", hashlib.sha256(s["image"]).hexdigest())}
+                        "sha256": s.get("orig_sha256", hashlib.sha256(s["image"]).hexdigest()), **s.get("meta", {})}
                 _add(tf, f"{i2d}.jpg", s["image"])
                 _add(tf, f"{i2d}.txt", s["caption"].encode())
                 _add(tf, f"{i2d}.json", json.dumps(meta).encode())

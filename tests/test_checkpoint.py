@@ -9,7 +9,7 @@ import open_clip
 import pytest
 import torch
 
-from slip_core.checkpoint import (CheckpointError, export_open_clip, load_checkpoint, load_state, open_clip_config,
+from slip_core.checkpoint import (CheckpointError, build_open_clip, export_open_clip, load_checkpoint, load_state, open_clip_config,
                                   save_checkpoint)
 from slip_core.models import build_model
 from slip_core.tokenizer import tokenize
@@ -138,6 +138,7 @@ def test_export_open_clip_embeddings(name):
     m = _trained_tiny(name)
     oc = open_clip.model.CLIP(**open_clip_config(m.config), output_dict=True).eval()
     oc.load_state_dict(export_open_clip(m), strict=True)
+    assert isinstance(build_open_clip(m), open_clip.model.CLIP)
     with torch.no_grad():
         assert (oc.encode_image(IMG) - m.encode_image(IMG)).abs().max().item() < 1e-5
         assert (oc.encode_text(TXT) - m.encode_text(TXT)).abs().max().item() < 1e-5
@@ -156,3 +157,5 @@ def test_export_layout_for_paper_models(name):
         oc = open_clip.model.CLIP(**open_clip_config(m.config))
     exported = {k: tuple(v.shape) for k, v in export_open_clip(m).items()}
     assert exported == {k: tuple(v.shape) for k, v in oc.state_dict().items()}
+    # shapes do not show the head count: the registered timm name must carry it (ViT-S/16: 12 heads)
+    assert {b.attn.num_heads for b in oc.visual.trunk.blocks} == {m.config.vision_heads}

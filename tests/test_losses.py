@@ -137,3 +137,13 @@ def test_tiny_slip_learns_a_small_batch():
         losses.append(out["loss"].item())
     assert losses[-1] < 0.6 * losses[0], losses
     assert out["clip_acc"].item() >= 50 and out["ssl_acc"].item() >= 50
+
+
+@pytest.mark.parametrize("name", ["CLIP_VIT_TINY", "SIMCLR_VIT_TINY"])
+def test_every_parameter_gets_gradient_clip_and_simclr(name):
+    torch.manual_seed(7)
+    model = build_model(name, vision_depth=1, transformer_layers=1)
+    img = torch.randn(4, 3, 64, 64)
+    inputs = (img, tokenize(["a", "b c", "d e f", ""])) if name.startswith("CLIP") else (img, img.flip(-1))
+    build_loss(name)(model(*inputs))["loss"].backward()
+    assert not [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]

@@ -141,11 +141,15 @@ def test_sdpa_equals_straightforward_attention():
     attn = CausalSelfAttention(64, 4)
     nn.init.normal_(attn.in_proj_weight, std=0.2)
     nn.init.normal_(attn.in_proj_bias, std=0.2)
-    x = torch.randn(3, 77, 64)
+    x = torch.randn(3, 77, 64, requires_grad=True)
     fast = attn(x)
+    g_fast = torch.autograd.grad(fast.square().sum(), [x, attn.in_proj_weight])
     attn.use_sdpa = False
     slow = attn(x)
+    g_slow = torch.autograd.grad(slow.square().sum(), [x, attn.in_proj_weight])
     assert (fast - slow).abs().max().item() < 1e-5
+    assert all((a - b).abs().max().item() < 1e-4 * max(1.0, b.abs().max().item()) for a, b in zip(g_fast, g_slow))
+    x = x.detach()
     # and both equal torch's nn.MultiheadAttention (the reference module) with an additive causal mask,
     # sequence-first as in the reference
     mha = nn.MultiheadAttention(64, 4)

@@ -27,7 +27,7 @@ def _hostile_strings(n_random: int = 300, seed: int = 0) -> list[str]:
         "Ǆǅǆ ﬁﬂ ß ẞ İı", "x" * 300, "supercalifragilistic" * 15, "1234567890" * 10, "a1b2c3 4.5e-10 -0",
         "!!!???...,,,;;;:::", "@#$%^&*()_+=[]{}|\\/<>~`", "\x00\x01\x02 control", "\u200b\u200c\u200d zero width",
         "the " * 100, "word " * 74, "word " * 75, "word " * 76, "Ｆｕｌｌｗｉｄｔｈ", "\U0001d400\U0001d401 math",
-        "e\u0301 combining", "\ud7ff\ue000\uffff", "𠀀𠀁 astral CJK", "tab\tsep\tvalues", "'s 't 're", "''''",
+        "\ud800 lone surrogate", "a\udc00b", "\ud83d\ude00 surrogate pair", "e\u0301 combining", "\ud7ff\ue000\uffff", "𠀀𠀁 astral CJK", "tab\tsep\tvalues", "'s 't 're", "''''",
     ]
     rng = random.Random(seed)
     pools = [

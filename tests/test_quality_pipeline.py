@@ -1,0 +1,76 @@
+"""The quality pass on a REAL download: YFCC-format metadata -> local HTTP server -> img2dataset CLI ->
+download.final_ledger -> quality.run_quality. Planted: a resized/re-encoded copy and a byte-identical copy
+of photos, a re-encoded Fashion-MNIST TEST image (eval overlap), a camera-file-name caption."""
+from __future__ import annotations
+
+import os
+
+from PIL import Image
+
+from datasets import download, fingerprint, offline, pipeline, quality
+from datasets.httpserve import serve_directory
+from tests._dataset_util import TEST_CONFIG, Row, write_metadata
+from tests._quality_util import assert_one_status, encode, short_side
+
+QCFG = quality.QualityConfig(exact_dedup=True, near_dup_hamming=20, decontaminate=("fashion_mnist",),
+                             drop_boilerplate_captions=True)
+
+
+def _write(img_dir: str) -> list[tuple[str, str, str, str]]:
+    """(relative path, title, description, expected decision) in row order."""
+    os.makedirs(img_dir, exist_ok=True)
+    photos = offline.photo_corpus()
+    train, _ = offline.fashion_mnist("train")
+    test, _ = offline.fashion_mnist("test")
+    out = []
+
+    def put(rel, data, title, desc, expect):
+        with open(os.path.join(img_dir, rel), "wb") as f:
+            f.write(data)
+        out.append((rel, title, desc, expect))
+    ims = [Image.open(p.path).convert("RGB") for p in photos[:5]]
+    for i, (p, im) in enumerate(zip(photos[:5], ims)):
+        put(f"p{i}.jpg", encode(im, 90), p.title, p.description, "success")
+    for i in range(8):
+        put(f"f{i}.png", encode(train[i], fmt="PNG"), "a photo of clothes", "", "success")
+    put("copy_p0.jpg", encode(ims[0], 60, short_side(ims[0], 200)), "reposted", "", "duplicate_of:p0")
+    put("same_p1.jpg", open(os.path.join(img_dir, "p1.jpg"), "rb").read(), "same file", "", "duplicate_of:p1")
+    put("eval.jpg", encode(test[17], 85, (112, 112)), "a photo of a shirt", "", "eval_overlap:fashion_mnist")
+    put("camera.jpg", encode(ims[3].rotate(90, expand=True), 90), "IMG_4031", "", "boilerplate_caption")
+    return out
+
+
+def test_quality_pass_on_a_real_img2dataset_download(tmp_path, monkeypatch):
+    from datasets import decontaminate
+
+    monkeypatch.setattr(decontaminate, "_cache_path", lambda name, key: tmp_path / "evalfp" / f"{name}-{key}.parquet")
+    img_dir = str(tmp_path / "images")
+    files = _write(img_dir)
+    cfg = download.make_config({**TEST_CONFIG, "name": "qtest"}, "tiny")
+    with serve_directory(img_dir) as base:
+        corpus = write_metadata(str(tmp_path / "yfcc100m_dataset"), str(tmp_path / "subset.tsv"),
+                                [Row(f"{base}/{rel}", t, d) for rel, t, d, _ in files])
+        store = str(tmp_path / "store")
+        tm = pipeline.prepare_table(corpus.metadata, store, cfg, corpus.subset)
+        work = download.work_dir(store, cfg)
+        for group in download.plan(pipeline.table_of(tm), work, cfg):
+            download.run_group(group, cfg)
+    ledger = download.final_ledger(pipeline.table_of(tm), work)
+    assert ledger["status"].to_pylist() == ["success"] * len(files)
+
+    out, fps, report = quality.run_quality(ledger, QCFG)
+    assert_one_status(ledger, out)
+    key_of = {rel.split(".")[0]: k for (rel, *_), k in zip(files, sorted(corpus.keys))}
+    got = {k: (r or s) for k, s, r in zip(out["key"].to_pylist(), out["status"].to_pylist(), out["reason"].to_pylist())}
+    want = {}
+    for (rel, _, _, expect), k in zip(files, sorted(corpus.keys)):
+        want[k] = f"duplicate_of:{key_of[expect.split(':')[1]]}" if expect.startswith("duplicate_of") else expect
+    assert got == want
+    assert report["decontamination"]["datasets"]["fashion_mnist"]["examples"][0]["eval_id"] == "17"
+    # img2dataset's own original-bytes sha256 is what exact dedup used for the byte-identical copy
+    fp = {r["key"]: r for r in fps.to_pylist()}
+    assert fp[key_of["same_p1"]]["orig_sha256"] == fp[key_of["p1"]]["orig_sha256"] != ""
+    assert (fp[key_of["p0"]]["width"], fp[key_of["p0"]]["orig_width"]) == (64, Image.open(os.path.join(img_dir, "p0.jpg")).size[0])
+    # fingerprints stored in the ledger, ready to be the next version's `previous`
+    published = fingerprint.attach_to_ledger(out, fps)
+    assert all(len(p) == 64 for p in published["phash"].to_pylist())

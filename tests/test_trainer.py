@@ -1,0 +1,190 @@
+"""Trainer on real shards, CPU: learning in all three modes, exact resume after SIGKILL, 2-process gloo DDP."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from slip_core import config as cfgmod
+from slip_core import trainer as T
+from slip_core.checkpoint import load_checkpoint, load_state
+from slip_core.optim import lr_at, param_groups
+from tests._train_util import fashion_samples, photo_samples, write_dataset
+
+# A very small SLIP (32 px, 2 ViT blocks, 1 text layer) so that every step costs ~0.1 s on one core.
+SMALL = {"image_size": 32, "vision_depth": 2, "transformer_layers": 1, "ssl_mlp_dim": 64, "ssl_emb_dim": 32}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("trainds"))
+    return write_dataset(root, fashion_samples(300, seed=3) + photo_samples(short_side=96), per_shard=40)
+
+
+def small_cfg(model="SLIP_VIT_TINY", **kw) -> T.TrainConfig:
+    base = dict(model=model, model_overrides=SMALL, epochs=1, samples_per_epoch=320, batch_size=16, lr=2e-3,
+                weight_decay=0.1, warmup_epochs=0.2, num_workers=0, log_every=1, ckpt_every=1000,
+                shuffle_chunk=40, threads=1)
+    return T.TrainConfig(**{**base, **kw})
+
+
+def read_metrics(out_dir) -> list[dict]:
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _falls(recs: list[dict], key: str) -> bool:
+    vals = [r[key] for r in recs]
+    return sum(vals[-5:]) / 5 < sum(vals[:5]) / 5 - 0.05
+
+
+# ------------------------------------------------------------------------------------------- units
+def test_lr_schedule_and_param_groups():
+    total, warm = 100, 10
+    lrs = [lr_at(s, total, warm, 3e-3) for s in range(total + 1)]
+    assert lrs[0] == pytest.approx(1e-6) and lrs[warm - 1] == pytest.approx(3e-3)  # linspace endpoints
+    assert all(a < b for a, b in zip(lrs[:warm - 1], lrs[1:warm]))
+    assert lrs[warm] == pytest.approx(3e-3) and lrs[total] == pytest.approx(1e-5)
+    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))
+    model = T.build_model("SLIP_VIT_TINY")
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    dn = {names[id(p)] for p in decay["params"]}
+    nn_ = {names[id(p)] for p in no_decay["params"]}
+    assert {"visual.cls_token", "visual.pos_embed", "token_embedding.weight", "positional_embedding",
+            "image_projection", "image_mlp.layer1.weight"} <= dn  # SPEC §9.5: decayed by the name+rank rule
+    assert {"logit_scale", "image_mlp.bn1.weight", "ln_final.weight", "visual.blocks.0.attn.qkv.bias"} <= nn_
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
+
+
+def test_presets_and_paper_step_count():
+    assert {"tiny", "clip_tiny", "simclr_tiny", "slip_vitb16_yfcc15m_25ep", "clip_vits16_yfcc15m_25ep"} <= set(T.TRAIN_PRESETS)
+    paper = T.resolve(T.TRAIN_PRESETS["slip_vitb16_yfcc15m_25ep"])
+    assert (paper.lr, paper.weight_decay, paper.betas, paper.eps) == (3e-3, 0.1, (0.9, 0.98), 1e-8)
+    assert T.resolve(T.TRAIN_PRESETS["clip_vitb16_yfcc15m_25ep"]).weight_decay == 0.5
+    # SPEC §9.7: 14,689,580 samples, 64 ranks × 64 → 3,586 steps/epoch, 25 epochs = 89,650 steps
+    assert T.steps_per_epoch(14_689_580, world=64, batch_size=64, accum=1) == 3586
+    assert cfgmod.from_dict(T.TrainConfig, cfgmod.to_dict(paper)) == paper
+    assert T.parse_sets(["lr=0.001", "model=CLIP_VIT_TINY", "betas=[0.9, 0.95]"]) == {
+        "lr": 0.001, "model": "CLIP_VIT_TINY", "betas": [0.9, 0.95]}
+
+
+# ------------------------------------------------------------------------------------------- learning
+def test_tiny_slip_learns_on_real_shards(ds, tmp_path):
+    torch.set_num_threads(1)
+    final = T.train(small_cfg(), ds, str(tmp_path), resume=None)
+    recs = read_metrics(tmp_path)
+    assert [r["step"] for r in recs] == list(range(1, 21))
+    assert _falls(recs, "loss") and _falls(recs, "clip_loss") and _falls(recs, "ssl_loss")
+    for key in ("loss", "clip_loss", "clip_acc", "ssl_loss", "ssl_acc", "lr", "samples_per_s", "data_time"):
+        assert key in recs[-1] and math.isfinite(recs[-1][key])
+    assert final["steps"] == 20 and 0 < recs[-1]["logit_scale"] <= 100.0001
+    model = load_checkpoint(str(tmp_path / "checkpoint.pt"))
+    assert model.config.kind == "slip" and model.config.image_size == 32
+
+
+@pytest.mark.parametrize("model,losses", [("CLIP_VIT_TINY", ("clip_loss",)), ("SIMCLR_VIT_TINY", ("ssl_loss",))])
+def test_single_objective_modes(ds, tmp_path, model, losses):
+    torch.set_num_threads(1)
+    T.train(small_cfg(model), ds, str(tmp_path), resume=None)
+    recs = read_metrics(tmp_path)
+    assert _falls(recs, "loss")
+    present = {k for k in ("clip_loss", "ssl_loss") if k in recs[-1]}
+    assert present == set(losses)
+    assert load_checkpoint(str(tmp_path / "checkpoint.pt")).config.kind == model.split("_")[0].lower()
+
+
+def test_non_finite_loss_stops_training(ds, tmp_path):
+    torch.set_num_threads(1)
+    cfg = small_cfg(lr=1e12, start_lr=1e12, warmup_epochs=0, samples_per_epoch=160)
+    with pytest.raises(T.NonFiniteLoss):
+        T.train(cfg, ds, str(tmp_path), resume=None)
+
+
+# ------------------------------------------------------------------------------------------- resume
+def _launch(cfg_path: str, ds: str, out: str, extra: list[str] | None = None, nproc: int = 1) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    cmd = [sys.executable, "-m", "slip_core.trainer"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "slip_core.trainer"]
+    cmd += ["--dataset", ds, "--out", out, "--config-json", cfg_path, *(extra or [])]
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def _kill_at_step(proc: subprocess.Popen, out: str, step: int, timeout: float = 120) -> int:
+    path = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited ({proc.returncode}) before step {step}:\n{proc.stdout.read()}")
+        if os.path.exists(path):
+            with open(path) as f:
+                steps = [json.loads(line)["step"] for line in f if line.strip()]
+            if steps and steps[-1] >= step:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return steps[-1]
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def test_sigkill_at_three_steps_then_resume_is_bit_identical(ds, tmp_path):
+    # 3 epochs of 8 steps (epoch boundaries are crossed), checkpoints every 3 steps, 2 loader workers.
+    cfg = small_cfg(epochs=3, samples_per_epoch=128, num_workers=2, ckpt_every=3, warmup_epochs=0.5)
+    cfg_path = str(tmp_path / "cfg.json")
+    with open(cfg_path, "w") as f:
+        json.dump(cfgmod.to_dict(cfg), f)
+    ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "run")
+    ref = _launch(cfg_path, ds, ref_dir)  # uninterrupted reference, same launcher
+    killed_at = []
+    for target in (5, 11, 17):  # between checkpoints (3, 6, 9, ...): work after the checkpoint is lost
+        killed_at.append(_kill_at_step(_launch(cfg_path, ds, run_dir), run_dir, target))
+    last = _launch(cfg_path, ds, run_dir)
+    out_last, _ = last.communicate(timeout=300)
+    out_ref, _ = ref.communicate(timeout=300)
+    assert ref.returncode == 0, out_ref
+    assert last.returncode == 0, out_last
+    assert "resumed from" in out_last and len(set(killed_at)) == 3, (killed_at, out_last)
+    a = load_state(os.path.join(ref_dir, "checkpoint.pt"))["state_dict"]
+    b = load_state(os.path.join(run_dir, "checkpoint.pt"))["state_dict"]
+    assert a.keys() == b.keys()
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, f"parameters differ after resume: {diff[:5]}"
+    ref_m, run_m = read_metrics(ref_dir), read_metrics(run_dir)
+    assert [r["step"] for r in run_m] == list(range(1, 25))  # no gap, no duplicate
+    for x, y in zip(ref_m, run_m):
+        assert (x["loss"], x["clip_acc"], x["ssl_loss"], x["lr"]) == (y["loss"], y["clip_acc"], y["ssl_loss"], y["lr"])
+    ck = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
+    assert ck == ["latest", "step_00000021.pt", "step_00000024.pt"]  # keep_checkpoints=2, pointer last
+    assert not [n for n in os.listdir(run_dir) if n.endswith(".tmp")]
+
+
+# ------------------------------------------------------------------------------------------- DDP
+def test_two_process_gloo_ddp(ds, tmp_path):
+    cfg = small_cfg(samples_per_epoch=192, batch_size=8, num_workers=1, ckpt_every=4)
+    cfg_path = str(tmp_path / "cfg.json")
+    with open(cfg_path, "w") as f:
+        json.dump(cfgmod.to_dict(cfg), f)
+    out = str(tmp_path / "ddp")
+    proc = _launch(cfg_path, ds, out, nproc=2)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log
+    final = json.load(open(os.path.join(out, "final_metrics.json")))
+    assert final["world_size"] == 2 and final["global_batch"] == 16 and final["steps"] == 12
+    state = load_state(os.path.join(out, "checkpoints", "step_00000012.pt"))
+    assert set(state["loader"]) == {"0", "1"} and set(state["rng"]) == {"0", "1"}
+    assert state["loader"]["0"]["positions"] != state["loader"]["1"]["positions"]  # ranks read their own streams
+    assert not torch.equal(state["rng"]["0"]["torch"], state["rng"]["1"]["torch"])  # seed + rank
+    recs = read_metrics(out)
+    assert [r["step"] for r in recs] == list(range(1, 13)) and all(math.isfinite(r["loss"]) for r in recs)
+    assert load_checkpoint(os.path.join(out, "checkpoint.pt")).config.kind == "slip"

@@ -1,0 +1,149 @@
+"""YFCC100M metadata parsing/cleaning, generic caption tables, the demo corpus and the filter CLI."""
+from __future__ import annotations
+
+import bz2
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+
+import fsspec
+import pyarrow.parquet as pq
+import pytest
+
+from datasets import captions, demo_corpus, offline, pipeline, yfcc
+from datasets.httpserve import serve_directory
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ("Hello+World", "Hello World"),
+    ("a%2Bb", "a b"),  # unquote first, then '+' -> ' ': an encoded plus becomes a space too (SPEC §1)
+    ("caf%C3%A9+%26amp%3B+tea", "café &amp; tea"),  # entities stay in slip mode
+    ("%3Ca+href%3D%22http%3A%2F%2Fx.com%22%3Elink%3C%2Fa%3E+here", "link here"),
+    ("%3Cabbr%3Eshort%3C%2Fabbr%3E", "short</abbr>"),  # <a.*?> also eats <abbr>, as the reference does
+    ("%3Cb%3Ebold%3C%2Fb%3E+%3Ci%3Eit%3C%2Fi%3E+%3Cbr%3E", "bold it <br>"),
+    ("see+http%3A%2F%2Fexample.com%2Fa+and+www.flickr.com+now", "see  and  now"),
+    ("++two++spaces++", "  two  spaces  "),  # no trimming in slip mode
+    ("", ""),
+])
+def test_slip_cleaning_is_reference_exact(raw, expected):
+    assert yfcc.clean_slip(raw) == expected
+
+
+def test_strict_cleaning():
+    assert yfcc.clean_strict("++caf%C3%A9+%26amp%3B%0A%09tea++http%3A%2F%2Fx+") == "café & tea"
+
+
+def _rows(n, base="http://127.0.0.1:1", columns=25):
+    return [yfcc.format_row(i, 100 + i, f"{i:032x}", f"title {i}", f"<b>desc</b> {i} http://x.y", f"{base}/{i}.jpg",
+                            columns=columns) for i in range(n)]
+
+
+def test_filter_25_columns_subset_join_and_malformed_rows(tmp_path):
+    lines = _rows(10)
+    lines.insert(3, "garbage\twith\tthree")  # physical line 3
+    lines.insert(7, "\t".join(["x"] * 25))  # 25 fields but no line number: malformed
+    meta = tmp_path / "meta"
+    meta.write_text("\n".join(lines) + "\n")
+    sub = tmp_path / "sub.tsv"
+    sub.write_text("".join(f"{i}\t{100 + i}\t{i:032x}\n" for i in (0, 2, 5, 9, 42)))
+    rep = yfcc.filter_yfcc(str(meta), str(tmp_path / "out.parquet"), subset=str(sub))
+    t = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert [r["line_number"] for r in t] == [0, 2, 5, 9]
+    assert t[1] == {"key": "000000002", "line_number": 2, "photo_id": 102, "photo_hash": f"{2:032x}", "title": "title 2",
+                    "description": "desc 2 ", "caption": "title 2", "download_url": "http://127.0.0.1:1/2.jpg"}
+    assert rep.layout == "consolidated" and rep.malformed == 2 and rep.malformed_lines == [3, 7]
+    assert rep.rows_read == 12 and rep.written == 4 and rep.not_in_subset == 6
+    assert json.loads((tmp_path / "out.parquet.report.json").read_text())["malformed_lines"] == [3, 7]
+
+
+def test_filter_23_columns_bz2_and_fsspec_url(tmp_path):
+    data = ("\n".join(_rows(6, columns=23)) + "\n").encode()
+    with fsspec.open("memory://yfcc/meta.bz2", "wb") as f:
+        f.write(bz2.compress(data))
+    with fsspec.open("memory://yfcc/sub.tsv", "w") as f:
+        f.write("1\t101\th\n4\t104\th\n")
+    rep = yfcc.filter_yfcc("memory://yfcc/meta.bz2", "memory://yfcc/out.parquet", subset="memory://yfcc/sub.tsv")
+    with fsspec.open("memory://yfcc/out.parquet", "rb") as f:
+        t = pq.read_table(f).to_pylist()
+    assert rep.layout == "legacy" and rep.malformed == 0
+    assert [(r["line_number"], r["photo_id"], r["photo_hash"]) for r in t] == [(1, 101, ""), (4, 104, "")]
+    assert pipeline.detect_source("memory://yfcc/meta.bz2") == "yfcc"
+
+
+def test_strict_mode_drops_empty_and_non_utf8_is_counted(tmp_path):
+    lines = [yfcc.format_row(0, 1, "h", "", "", "http://a/0.jpg"),
+             yfcc.format_row(1, 2, "h", "ok", "", "http://a/1.jpg").replace("ok", "caf\udce9", 1)]
+    (tmp_path / "m").write_bytes(b"\n".join(l.encode("utf-8", "surrogateescape") for l in lines))
+    rep = yfcc.filter_yfcc(str(tmp_path / "m"), str(tmp_path / "o.parquet"), mode="strict")
+    t = pq.read_table(tmp_path / "o.parquet").to_pylist()
+    assert rep.dropped_empty == 1 and rep.decode_errors == 1 and [r["title"] for r in t] == ["caf\ufffd"]
+    rep = yfcc.filter_yfcc(str(tmp_path / "m"), str(tmp_path / "o2.parquet"), mode="slip")
+    assert rep.written == 2  # slip mode keeps empty captions (SPEC §1)
+
+
+def test_cc3m_and_cc12m_tables(tmp_path):
+    (tmp_path / "cc3m.tsv").write_text("a dog on a beach\thttp://x/1.jpg\n\"two\nlines\"\thttp://x/2.jpg\n")
+    (tmp_path / "cc12m.tsv").write_text("http://x/1.jpg\ta dog <PERSON>\nftp://x/2.jpg\tcat\n")
+    (tmp_path / "t.csv").write_text("url,caption,extra\nhttp://x/1.jpg,hi,7\n")
+    for name, n in (("cc3m.tsv", 2), ("cc12m.tsv", 2), ("t.csv", 1)):
+        out = str(tmp_path / (name + ".parquet"))
+        assert captions.normalize_table(str(tmp_path / name), out)["rows"] == n
+        t = pq.read_table(out).to_pylist()
+        assert t[0]["url"] == "http://x/1.jpg" and len(t[0]["key"]) == 20
+    assert pq.read_table(str(tmp_path / "cc3m.tsv.parquet"))["caption"].to_pylist()[1] == "two\nlines"
+    assert pq.read_table(str(tmp_path / "t.csv.parquet"))["extra"].to_pylist() == ["7"]
+    # keys are stable across snapshots: same url + caption -> same key
+    assert captions.row_keys(["http://x/1.jpg"], ["a dog on a beach"]).to_pylist() == \
+        pq.read_table(str(tmp_path / "cc3m.tsv.parquet"))["key"].to_pylist()[:1]
+
+
+def test_filter_cli(tmp_path):
+    (tmp_path / "m").write_text("\n".join(_rows(4)) + "\nbad line\n")
+    (tmp_path / "s").write_text("1\t101\tx\n3\t103\tx\n")
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "dataset", "filter-yfcc", "--metadata", str(tmp_path / "m"),
+                        "--subset", str(tmp_path / "s"), "--output", str(tmp_path / "o.parquet")],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["written"] == 2 and rep["malformed_lines"] == [4]
+    assert pq.read_table(tmp_path / "o.parquet")["line_number"].to_pylist() == [1, 3]
+
+
+def test_demo_corpus(tmp_path):
+    c = demo_corpus.build_demo_corpus(str(tmp_path / "demo"), n_fashion=40, port=18791)
+    assert c.n_fashion == 40 and c.n_photos == len(offline.photo_corpus()) and c.n_rows == 40 + c.n_photos + 3
+    rep = yfcc.filter_yfcc(c.metadata, str(tmp_path / "t.parquet"), subset=c.subset)
+    assert rep.malformed == 1 and rep.written == c.n_in_subset < c.n_rows
+    rows = pq.read_table(tmp_path / "t.parquet").to_pylist()
+    labels = json.loads(open(c.labels).read())
+    for r in rows:
+        if str(r["line_number"]) in labels:
+            cls = labels[str(r["line_number"])]
+            assert cls in r["title"] or cls in r["description"], r
+            assert "<b>" not in r["description"] and "http" not in r["description"].replace(c.base_url, "")
+        assert r["download_url"].startswith(c.base_url)
+    # reused, not rewritten, when asked again with the same arguments
+    mtime = os.path.getmtime(c.metadata)
+    assert demo_corpus.build_demo_corpus(str(tmp_path / "demo"), n_fashion=40, port=18791) == c
+    assert os.path.getmtime(c.metadata) == mtime
+    with c.serve() as base:
+        assert base == c.base_url
+        with urllib.request.urlopen(rows[0]["download_url"], timeout=5) as resp:
+            assert resp.status == 200 and len(resp.read()) > 100
+
+
+def test_httpserve_faults(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"\xff\xd8" + b"x" * 300)
+    with serve_directory(str(tmp_path), faults=True) as base:
+        with urllib.request.urlopen(base + "/_fault/truncated/a.jpg") as r:
+            assert len(r.read()) == 302 // 3
+        with urllib.request.urlopen(base + "/_fault/noai/a.jpg") as r:
+            assert r.headers["X-Robots-Tag"] == "noai"
+        with pytest.raises(urllib.error.HTTPError, match="500"):
+            urllib.request.urlopen(base + "/_fault/500")
+    with pytest.raises(OSError):
+        urllib.request.urlopen(base + "/a.jpg", timeout=2)  # stopped cleanly
