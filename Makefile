@@ -23,7 +23,7 @@ $(PY):
 
 # Re-install only when the package definition changes.
 $(INSTALLED): pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,scale]'
 	# img2dataset pulls the Python-3.6 `dataclasses` backport, which shadows the stdlib inside
 	# Prefect's server subprocess (ENVIRONMENT.md 0.1); it is never needed on 3.11.
 	$(PY) -m pip uninstall -q -y dataclasses || true

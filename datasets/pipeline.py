@@ -6,6 +6,7 @@ benchmark and `python -m datasets.pipeline` use directly, and the single place t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 
@@ -29,11 +30,26 @@ def detect_source(source: str) -> str:
     return "table"
 
 
+def file_sha256(url: str, store: str) -> str:
+    """sha256 of a file's contents, remembered in `<store>/.hashcache/` under (url, size, mtime/ETag) so
+    an unchanged 50 GB metadata file is hashed once, not on every scheduled rerun."""
+    fs, p = storage.url_to_fs(url)
+    info = fs.info(p)
+    stamp = json.dumps([str(url), info.get("size"), info.get("mtime"), info.get("ETag") or info.get("etag"),
+                        info.get("LastModified") and str(info.get("LastModified"))], sort_keys=True)
+    memo = storage.join(store, ".hashcache", hashlib.sha256(stamp.encode()).hexdigest()[:32])
+    if storage.exists(memo):
+        return storage.read_text(memo).strip()
+    digest = storage.sha256_file(url)
+    storage.atomic_write_text(memo, digest)
+    return digest
+
+
 def prepare_table(source: str, store: str, cfg: download.DatasetConfig, subset: str | None = None) -> str:
     """Caption-table artifact (captions.parquet + filter_report.json) for `source`; returns its manifest URL.
     Keyed on the contents of source and subset and the cleaning mode; an existing one is reused."""
-    src_sha = storage.sha256_file(source)
-    sub_sha = storage.sha256_file(subset) if subset else ""
+    src_sha = file_sha256(source, store)
+    sub_sha = file_sha256(subset, store) if subset else ""
     kind = detect_source(source)
     root = artifacts.stage_root(store, "caption-table", cfg.name, src_sha, sub_sha, cfg.clean_mode, kind)
     murl = artifacts.manifest_url(root)

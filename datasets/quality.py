@@ -13,8 +13,11 @@ dataset gets `previous` from it (`load_previous(manifest)`, or `QualityConfig.pr
 """
 from __future__ import annotations
 
+import argparse
 import collections
+import json
 import math
+import sys
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -93,10 +96,31 @@ def run_quality(ledger: pa.Table, cfg: QualityConfig) -> tuple[pa.Table, pa.Tabl
     return out, fps, report
 
 
+def audit(dataset_manifest: str, cfg: QualityConfig) -> dict:
+    """What the quality pass would remove from an already published dataset (its shards are read; nothing
+    is written): the report of apply_quality_report on the published ledger."""
+    root = artifacts.artifact_root(dataset_manifest)
+    fs, p = storage.url_to_fs(storage.join(root, "ledger.parquet"))
+    with fs.open(p, "rb") as f:
+        ledger = pq.read_table(f)
+    shards = sorted({s for s, st in zip(ledger["shard"].to_pylist(), ledger["status"].to_pylist()) if st == "success"})
+    fps = fingerprint.fingerprint_tars([storage.join(root, s) for s in shards])  # published keys = dataset keys
+    scores = None
+    if cfg.clip_score_checkpoint:
+        samples = ((k, _image(s), s.get("txt", b"").decode("utf-8", "replace"))
+                   for sh in shards for k, s in fingerprint.iter_tar_samples(storage.join(root, sh)))
+        scores = dict(quality_filters.clip_scores(samples, cfg.clip_score_checkpoint))
+    previous = load_previous(cfg.previous_dataset) if cfg.previous_dataset else None
+    return apply_quality_report(ledger, fps, cfg, previous, scores=scores)[1]
+
+
+def _image(sample: dict) -> bytes:
+    return next((sample[e] for e in fingerprint.IMAGE_EXTS if e in sample), b"")
+
+
 def clip_scores_for_ledger(ledger: pa.Table, checkpoint, batch_size: int = 64) -> dict[str, float]:
     """{key: CLIP score} of the ledger's success rows (reads the shards; pass to apply_quality(scores=))."""
-    samples = ((k, s.get("jpg") or s.get("jpeg") or s.get("png") or s.get("webp") or b"",
-                s["txt"].decode("utf-8", "replace") if "txt" in s else "")
+    samples = ((k, _image(s), s["txt"].decode("utf-8", "replace") if "txt" in s else "")
                for k, s in fingerprint.iter_ledger_samples(ledger))
     return dict(quality_filters.clip_scores(samples, checkpoint, batch_size))
 
@@ -187,3 +211,18 @@ def _subset(table: pa.Table, keys: list[str]) -> pa.Table:
 def _mean(values) -> float | None:
     v = [x for x in values if x is not None and not math.isnan(x)]
     return round(sum(v) / len(v), 6) if v else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="audit a published dataset: what the quality pass would remove, and why")
+    ap.add_argument("manifest", help="dataset manifest URL")
+    ap.add_argument("--preset", default="default", choices=sorted(QUALITY_PRESETS))
+    ap.add_argument("--config", default="{}", help="JSON dict of QualityConfig overrides")
+    a = ap.parse_args(argv)
+    report = audit(a.manifest, make_quality_config(json.loads(a.config), a.preset))
+    print(json.dumps(report, indent=1, sort_keys=True, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,8 +1,8 @@
 """Prefect flow for the dataset stage: filter -> plan -> download (mapped over shard groups) -> verify -> publish.
 
 The logic lives in datasets/ (pipeline.py, download.py, yfcc.py); the tasks only call it. Caching: the
-filter and publish tasks use flows.caching.STAGE_CACHE (input files by sha256, manifests by manifest
-sha256, config by value, plus code version), and publish is keyed on the ledger fingerprint, so an
+filter and publish tasks use flows.caching's content policy (input sha256s, manifests by manifest sha256,
+config by value, task source, code version); publish is also keyed on the ledger fingerprint, so an
 unchanged rerun is two cache hits and a ledger read. Plan/download are never cached by Prefect: their
 cache is img2dataset's per-shard `_stats.json` markers (kill-and-rerun resumes, see download.py).
 """
@@ -15,8 +15,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from datasets import download, pipeline
-from flows.caching import STAGE_CACHE, stage_cache
-from slip_core import artifacts, storage
+from flows.caching import stage_cache
+from slip_core import artifacts
 from slip_core.config import to_dict
 
 
@@ -25,17 +25,10 @@ def _cfg(config: dict | None) -> download.DatasetConfig:
     return download.make_config(config, config.pop("preset", None) or "yfcc15m")
 
 
-def _remote_info(url: str | None) -> str:
-    """Cheap change detector for remote inputs (a local file is hashed by content by the cache policy)."""
-    if not url or storage.is_local(url):
-        return ""
-    fs, p = storage.url_to_fs(url)
-    info = fs.info(p)
-    return str({k: info.get(k) for k in ("ETag", "etag", "size", "LastModified", "mtime")})
-
-
-@task(name="filter", cache_policy=STAGE_CACHE, persist_result=True)
-def filter_task(source: str, subset: str | None, store: str, config: dict, remote_info: str) -> str:
+@task(name="filter", cache_policy=stage_cache("source", "subset"), persist_result=True)
+def filter_task(source: str, subset: str | None, store: str, config: dict, source_sha256: str, subset_sha256: str) -> str:
+    """Keyed on the CONTENT hashes of source and subset (memoised per size/mtime, see pipeline.file_sha256),
+    not on their paths: a renamed copy is a hit, an edited file a miss, a 50 GB file is not re-read."""
     return pipeline.prepare_table(source, store, _cfg(config), subset)
 
 
@@ -91,7 +84,8 @@ def build_dataset(source: str, store: str, config: dict | None = None, subset: s
     log = get_run_logger()
     cfg = _cfg(config)
     cfg_dict = {**to_dict(cfg)}
-    table = filter_task(source, subset, store, cfg_dict, _remote_info(source) + _remote_info(subset))
+    sha = (pipeline.file_sha256(source, store), pipeline.file_sha256(subset, store) if subset else "")
+    table = filter_task(source, subset, store, cfg_dict, *sha)
     groups = plan_task(table, store, cfg_dict, retry_failed)
     log.info("%d shard group(s) to download (%d rows)", len(groups), sum(g["n_rows"] for g in groups))
     for start in range(0, len(groups), max(1, cfg.parallel_groups)):

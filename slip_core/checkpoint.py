@@ -141,12 +141,17 @@ def open_clip_config(cfg: ModelConfig) -> dict:
     """
     if cfg.kind == "simclr":
         raise ValueError("SimCLR models have no text tower / joint embedding to export to open_clip")
+    if cfg.vision_layers:  # CLIP's modified ResNet (slip_core/resnet_clip.py) is open_clip's own class
+        vision_cfg = {"layers": list(cfg.vision_layers), "width": cfg.vision_width, "image_size": cfg.image_size,
+                      "head_width": cfg.vision_width * 32 // cfg.vision_heads}
+    else:
+        vision_cfg = {"timm_model_name": timm_model_name(cfg), "timm_model_pretrained": False,
+                      "timm_pool": "token", "timm_proj": "linear", "timm_proj_bias": False,
+                      "image_size": cfg.image_size}
     return {
         "embed_dim": cfg.embed_dim,
         "quick_gelu": True,
-        "vision_cfg": {"timm_model_name": timm_model_name(cfg), "timm_model_pretrained": False,
-                       "timm_pool": "token", "timm_proj": "linear", "timm_proj_bias": False,
-                       "image_size": cfg.image_size},
+        "vision_cfg": vision_cfg,
         "text_cfg": {"context_length": cfg.context_length, "vocab_size": cfg.vocab_size,
                      "width": cfg.transformer_width, "heads": cfg.transformer_heads,
                      "layers": cfg.transformer_layers, "pool_type": "argmax"},
@@ -159,12 +164,13 @@ def export_open_clip(model: nn.Module) -> dict:
     if model.config.kind == "simclr":
         raise ValueError("SimCLR models have no text tower / joint embedding to export to open_clip")
     out = {}
+    resnet = bool(model.config.vision_layers)
     for k, v in model.state_dict().items():
         if k.startswith("visual."):
-            out["visual.trunk." + k[len("visual."):]] = v.clone()
+            out[k if resnet else "visual.trunk." + k[len("visual."):]] = v.clone()
         elif k == "image_projection":
             out["visual.head.proj.weight"] = v.t().contiguous().clone()
-        elif not k.startswith("image_mlp."):
+        elif not k.startswith(("image_mlp.", "image_predictor.", "target_", "ema_", "mim_")):  # SSL-only parts
             # token_embedding, positional_embedding, transformer.resblocks.* (nn.MultiheadAttention names),
             # ln_final, text_projection, logit_scale: identical names and layout
             out[k] = v.clone()

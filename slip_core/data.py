@@ -261,8 +261,7 @@ class EpochLoader:
                          self.positions, worker_offset=self.batches_done % w)
         kwargs = dict(num_workers=self.cfg.num_workers)
         if self.cfg.num_workers:
-            kwargs.update(prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False,
-                          worker_init_fn=_worker_init)
+            kwargs.update(prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False)
         # An explicit generator: creating the loader must not consume the global torch RNG (exact resume).
         dl = DataLoader(ds, batch_size=None, generator=torch.Generator().manual_seed(0), **kwargs)
         it = iter(dl)
@@ -276,8 +275,3 @@ class EpochLoader:
         finally:
             del it  # shuts the workers down
 
-
-def _worker_init(_: int) -> None:
-    import cv2
-
-    cv2.setNumThreads(1)

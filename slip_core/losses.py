@@ -104,8 +104,17 @@ def _kind(model_name_or_kind: str) -> str:
 
 
 def build_loss(model_name_or_kind: str, ssl_scale: float = 1.0, ssl_temp: float = 0.1,
-               clip_gather_with_grad: bool = False) -> nn.Module:
-    """Loss module for a model preset name ("SLIP_VITB16") or kind ("slip" | "clip" | "simclr")."""
+               clip_gather_with_grad: bool = False, **variant_kwargs) -> nn.Module:
+    """Loss module for a model preset name ("SLIP_VITB16") or kind ("slip" | "clip" | "simclr", or a SLIP
+    variant "slip_mocov3" | "slip_byol" | "slip_beit", whose losses live in slip_core/ssl_variants.py;
+    `variant_kwargs` go to those, e.g. moco_temp)."""
+    from slip_core import ssl_variants  # imports models, which this module must not import at load time
+
+    variant = ssl_variants.variant_kind(model_name_or_kind)
+    if variant:
+        return ssl_variants.build_variant_loss(variant, ssl_scale, clip_gather_with_grad, **variant_kwargs)
+    if variant_kwargs:
+        raise TypeError(f"unexpected arguments {sorted(variant_kwargs)} for {model_name_or_kind!r}")
     kind = _kind(model_name_or_kind)
     if kind == "clip":
         return CLIPLoss(clip_gather_with_grad)

@@ -24,10 +24,14 @@ import torch.nn.functional as F
 from slip_core.distributed import SyncBatchNorm
 
 
+VARIANT_KINDS = ("slip_mocov3", "slip_byol", "slip_beit")  # slip_core/ssl_variants.py, slip_core/mim.py
+KINDS = ("clip", "simclr", "slip") + VARIANT_KINDS
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
-    kind: str  # "clip" | "simclr" | "slip"
+    kind: str  # "clip" | "simclr" | "slip" | "slip_mocov3" | "slip_byol" | "slip_beit" (KINDS)
     image_size: int = 224
     patch_size: int = 16
     vision_width: int = 768
@@ -41,10 +45,19 @@ class ModelConfig:
     transformer_heads: int = 8
     ssl_mlp_dim: int = 4096
     ssl_emb_dim: int = 256
+    # --- SLIP variants (slip_core/ssl_variants.py, slip_core/mim.py, slip_core/resnet_clip.py); defaults = off
+    vision_layers: tuple[int, ...] = ()  # non-empty: CLIP's modified ResNet with these blocks per stage
+    ema_momentum: float = 0.0  # base momentum of the EMA target network (MoCo v3 0.99, BYOL 0.996)
+    mim_vocab: int = 0  # BEiT-style MIM: visual-token vocabulary size
+    mim_mask_ratio: float = 0.4  # fraction of patches masked (BEiT: 75 of 196)
+    mim_min_block: int = 16  # min patches per masking block (BEiT pretraining: 16)
+    mim_tokenizer: str = ""  # local path of a tokenizer file ("" = built-in random-projection quantizer)
 
     def __post_init__(self):
-        if self.kind not in ("clip", "simclr", "slip"):
+        if self.kind not in KINDS:
             raise ValueError(f"unknown model kind {self.kind!r}")
+        # JSON / torch.load give lists; keep the field hashable and comparable
+        object.__setattr__(self, "vision_layers", tuple(int(x) for x in self.vision_layers))
         if self.vision_width % self.vision_heads or self.transformer_width % self.transformer_heads:
             raise ValueError(f"{self.name}: width must be divisible by heads")
         if self.image_size % self.patch_size:
@@ -70,6 +83,28 @@ for _kind in ("clip", "simclr", "slip"):
         _name = f"{_kind.upper()}_{_vit}"
         MODEL_PRESETS[_name] = ModelConfig(name=_name, kind=_kind, **_dims)
     MODEL_PRESETS[f"{_kind.upper()}_VIT_TINY"] = ModelConfig(name=f"{_kind.upper()}_VIT_TINY", kind=_kind, **_TINY)
+
+# SLIP with other SSL objectives (paper Table 6; slip_core/ssl_variants.py, slip_core/mim.py). ViT-B/16 uses
+# the MoCo v3 / BYOL / BEiT papers' defaults (the SLIP notes give none for Table 6): EMA momentum 0.99 / 0.996;
+# BEiT masks 40 % of the patches in blocks of >= 16 with DALL-E's 8192-token vocabulary. Tiny: an 8x8 grid,
+# so blocks of >= 4 patches (BEiT's MaskingGenerator default) and 256 tokens.
+_SSL_VARIANTS = {
+    "slip_mocov3": (dict(ema_momentum=0.99), dict(ema_momentum=0.99)),
+    "slip_byol": (dict(ema_momentum=0.996), dict(ema_momentum=0.996)),
+    "slip_beit": (dict(mim_vocab=8192, mim_mask_ratio=0.4, mim_min_block=16),
+                  dict(mim_vocab=256, mim_mask_ratio=0.4, mim_min_block=4)),
+}
+for _kind, (_paper, _tiny) in _SSL_VARIANTS.items():
+    _name = _kind.upper()
+    MODEL_PRESETS[f"{_name}_VITB16"] = ModelConfig(name=f"{_name}_VITB16", kind=_kind, **_VISION["VITB16"], **_paper)
+    MODEL_PRESETS[f"{_name}_VIT_TINY"] = ModelConfig(name=f"{_name}_VIT_TINY", kind=_kind, **{**_TINY, **_tiny})
+# CLIP's modified ResNet (slip_core/resnet_clip.py), dims of open_clip's RN50 config: layers (3, 4, 6, 3),
+# width 64, 224 px, embed 1024, attention-pool heads = width·32/64. patch_size = the ResNet's stride 32.
+MODEL_PRESETS["CLIP_RN50"] = ModelConfig(name="CLIP_RN50", kind="clip", image_size=224, patch_size=32,
+                                         vision_layers=(3, 4, 6, 3), vision_width=64, vision_heads=32, embed_dim=1024)
+MODEL_PRESETS["CLIP_RN_TINY"] = ModelConfig(
+    name="CLIP_RN_TINY", kind="clip", image_size=64, patch_size=32, vision_layers=(1, 1, 1, 1), vision_width=16,
+    vision_heads=8, embed_dim=128, **{k: _TINY[k] for k in ("transformer_width", "transformer_layers", "transformer_heads")})
 
 
 class LayerNorm(nn.LayerNorm):
@@ -225,7 +260,8 @@ class CLIP(nn.Module):
             nn.init.zeros_(block.attn.out_proj.bias)
             nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
-        nn.init.normal_(self.image_projection, std=self.config.vision_width ** -0.5)
+        if isinstance(getattr(self, "image_projection", None), nn.Parameter):  # CLIP's ResNet projects in its attnpool
+            nn.init.normal_(self.image_projection, std=self.config.vision_width ** -0.5)
         nn.init.normal_(self.text_projection, std=width ** -0.5)
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
@@ -287,6 +323,10 @@ def get_config(name: str, **overrides) -> ModelConfig:
 
 
 def build_model_from_config(cfg: ModelConfig) -> nn.Module:
+    if cfg.kind not in _CLASSES or cfg.vision_layers:
+        from slip_core import ssl_variants  # SLIP-MoCo v3 / BYOL / BEiT and CLIP's ResNet (imports this module)
+
+        return ssl_variants.build_variant(cfg)
     return _CLASSES[cfg.kind](cfg)
 
 

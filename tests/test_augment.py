@@ -74,20 +74,22 @@ def test_clip_view_matches_torchvision_pil_pipeline(photo):
     assert (ours - ref).abs().mean() < 0.05  # resampling differences only (normalised units)
 
 
-def test_color_ops_match_pil_within_quantisation(photo):
-    small = photo[::4, ::4].copy()
-    x = A.to_float_chw(small)
+def test_color_ops_match_reference_pil_ops(photo):
+    small = np.ascontiguousarray(photo[::4, ::4])
     pil = Image.fromarray(small)
-    for ours, ref in [
-        (A.TF.adjust_brightness(x, 1.3), TVF.adjust_brightness(pil, 1.3)),
-        (A.TF.adjust_contrast(x, 0.7), TVF.adjust_contrast(pil, 0.7)),
-        (A.TF.adjust_saturation(x, 1.4), TVF.adjust_saturation(pil, 1.4)),
-        (A.TF.adjust_hue(x, 0.08), TVF.adjust_hue(pil, 0.08)),
+    as_f = lambda a: np.asarray(a, dtype=np.float32)  # noqa: E731
+    for ours, ref, tol in [
+        (A.adjust_brightness(small, 1.3), TVF.adjust_brightness(pil, 1.3), 0.6),
+        (A.adjust_contrast(small, 0.7), TVF.adjust_contrast(pil, 0.7), 0.6),
+        (A.adjust_contrast(small, 1.4), TVF.adjust_contrast(pil, 1.4), 0.6),
+        (A.adjust_saturation(small, 1.4), TVF.adjust_saturation(pil, 1.4), 0.6),
+        (A.adjust_hue(small, 0.08), TVF.adjust_hue(pil, 0.08), 1.0),
+        (A.adjust_hue(small, -0.1), TVF.adjust_hue(pil, -0.1), 1.0),
+        (A.to_grayscale(small), TVF.to_grayscale(pil, num_output_channels=3), 0.6),
+        (A.gaussian_blur(small, 1.5), pil.filter(ImageFilter.GaussianBlur(radius=1.5)), 1.0),
     ]:
-        assert (ours - TVF.to_tensor(ref)).abs().mean() < 0.02
-    blurred = A.gaussian_blur(x, 1.5)
-    ref = TVF.to_tensor(pil.filter(ImageFilter.GaussianBlur(radius=1.5)))
-    assert (blurred - ref).abs().mean() < 0.02
+        assert ours.dtype == np.uint8 and ours.shape == small.shape
+        assert np.abs(as_f(ours) - as_f(ref)).mean() < tol  # grey levels out of 255
 
 
 def test_views_deterministic_per_rng_and_distinct(photo):

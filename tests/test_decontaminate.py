@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from datasets import decontaminate, fingerprint, offline
 from datasets.quality import QualityConfig, apply_quality_report
@@ -12,9 +13,11 @@ from tests._quality_util import assert_one_status, encode, failed_rows, ledger, 
 
 @pytest.fixture(autouse=True, scope="module")
 def evalfp_cache(tmp_path_factory):
-    """Eval fingerprints cached in a temporary folder shared by this module's tests (not in .data/)."""
+    """The eval catalog's data root and the eval fingerprint cache in temporary folders shared by this
+    module's tests (not in .data/): the local eval sets are materialised there by catalog.prepare."""
     d = tmp_path_factory.mktemp("evalfp")
     with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SLIP_EVAL_DATA", str(d / "eval"))
         mp.setattr(decontaminate, "_cache_path", lambda name, key: d / f"{name}-{key}.parquet")
         yield d
 
@@ -27,7 +30,11 @@ def _decisions(led):
 def test_planted_eval_images_are_removed_with_their_dataset(tmp_path, evalfp_cache):
     train, _ = offline.fashion_mnist("train")
     test, _ = offline.fashion_mnist("test")
-    digits, _ = offline.sklearn_digits()
+    from datasets import catalog
+
+    digit_file = sorted((catalog.prepare("digits") / "test").rglob("*.png"))[100]  # a digit of its TEST split
+    digit_id = str(digit_file.relative_to(catalog.data_root() / "digits" / "test"))
+    n_digits_test = len(list((catalog.data_root() / "digits" / "test").rglob("*.png")))
     rng = np.random.default_rng(7)
     samples = [{"key": f"t{j:04d}", "image": encode(train[i], 90, (64, 64)), "caption": "a photo of clothes"}
                for j, i in enumerate(rng.choice(len(train), 200, replace=False))]
@@ -36,8 +43,8 @@ def test_planted_eval_images_are_removed_with_their_dataset(tmp_path, evalfp_cac
         samples.append({"key": k, "image": encode(test[int(i)], 90, (64, 64)), "caption": "a photo of clothes"})
     samples.append({"key": "e_fm_low_q", "image": encode(test[123], 55, (96, 96)), "caption": "blurry"})
     planted["e_fm_low_q"] = ("fashion_mnist", "123")
-    samples.append({"key": "e_digit", "image": encode(digits[1500], 85, (64, 64)), "caption": "a digit"})
-    planted["e_digit"] = ("digits", "1500")
+    samples.append({"key": "e_digit", "image": encode(Image.open(digit_file), 85, (64, 64)), "caption": "a digit"})
+    planted["e_digit"] = ("digits", digit_id)
     led = ledger(write_group(str(tmp_path / "g0"), samples) + failed_rows(["f1"]))
     fps = fingerprint.fingerprint_ledger(led)
 
@@ -48,7 +55,7 @@ def test_planted_eval_images_are_removed_with_their_dataset(tmp_path, evalfp_cac
     flagged = {k: v for k, v in got.items() if v.startswith("eval_overlap:")}
     assert flagged == {k: f"eval_overlap:{ds}" for k, (ds, _) in planted.items()}
     rep = report["decontamination"]["datasets"]
-    assert rep["fashion_mnist"]["eval_images"] == 10000 and rep["digits"]["eval_images"] == 1797
+    assert rep["fashion_mnist"]["eval_images"] == 10000 and rep["digits"]["eval_images"] == n_digits_test
     assert rep["fashion_mnist"]["overlapping_samples"] == 5 and rep["digits"]["overlapping_samples"] == 1
     ids = {e["key"]: e["eval_id"] for d in rep.values() for e in d["examples"]}
     assert ids == {k: i for k, (_, i) in planted.items()}  # the report names the exact eval image
@@ -77,25 +84,23 @@ def test_false_positive_rate_train_vs_eval():
     assert len(overlaps) <= 2 and all(d < 15 for d in diffs.values())
 
 
-def test_wildcard_skips_unavailable_sets_but_named_ones_must_exist(monkeypatch, tmp_path):
-    def missing():
-        raise offline.OfflineDataMissing("not installed here")
-    monkeypatch.setattr(decontaminate, "OFFLINE_EVAL_SOURCES", {"digits": decontaminate._offline_digits, "nowhere": missing})
-    monkeypatch.setattr(decontaminate, "available_datasets", lambda: ["digits", "nowhere"])
+def test_wildcard_skips_unavailable_sets_but_named_ones_must_exist(monkeypatch):
+    from datasets import catalog
+
+    monkeypatch.setattr(catalog, "CATALOG", {n: catalog.CATALOG[n] for n in ("digits", "cifar10", "imagenet")})
     index = decontaminate.load_eval_index(("*",))
-    assert index.checked == {"digits": 1797} and "nowhere" in index.unavailable
+    assert index.checked == {"digits": 539} and set(index.unavailable) == {"cifar10", "imagenet"}
+    assert "not found" in index.unavailable["imagenet"]
     report = decontaminate.overlap_report({}, index)
-    assert report["datasets"]["digits"]["overlapping_samples"] == 0 and "nowhere" in report["unavailable"]
-    with pytest.raises(offline.OfflineDataMissing):
-        decontaminate.load_eval_index(("nowhere",))
-    with pytest.raises(offline.OfflineDataMissing):
+    assert report["datasets"]["digits"]["overlapping_samples"] == 0 and set(report["unavailable"]) == {"cifar10", "imagenet"}
+    with pytest.raises(decontaminate.EvalUnavailable):
+        decontaminate.load_eval_index(("cifar10",))
+    with pytest.raises(decontaminate.EvalUnavailable):
         decontaminate.load_eval_index(("no_such_dataset",))
 
 
 def test_image_folder_eval_set(tmp_path):
-    """An ImageFolder-style materialised eval set (what the catalog writes) is fingerprinted from files."""
-    from PIL import Image
-
+    """An ImageFolder-style eval set is fingerprinted from its files (test split only)."""
     images, labels = offline.fashion_mnist("test")
     for i in range(60):
         d = tmp_path / "fm" / "test" / offline.FASHION_CLASSES[labels[i]]

@@ -157,3 +157,35 @@ def test_run_quality_with_a_published_previous_version(corpus, tmp_path):
     assert fps2.sort_by("key").equals(fps.sort_by("key"))
     with pytest.raises(KeyError, match="without the quality pass"):
         dedup.previous_table(v1_out)
+
+
+def test_audit_a_published_dataset(tmp_path, capsys):
+    """`python -m datasets.quality MANIFEST`: the report for a dataset published without the pass."""
+    import io
+    import json
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    from datasets import quality
+    from slip_core import artifacts
+
+    photos = [Image.open(p.path).convert("RGB") for p in offline.photo_corpus()[:4]]
+    blobs = {"a": encode(photos[0], 90, (96, 96)), "b": encode(photos[1], 90, (96, 96)),
+             "c": encode(photos[0], 50, (64, 64)), "d": encode(photos[2], 90, (96, 96))}  # c is a copy of a
+    root = tmp_path / "ds"
+    (root / "shards").mkdir(parents=True)
+    with tarfile.open(root / "shards" / "00000.tar", "w") as tf:
+        for k, data in blobs.items():
+            for ext, payload in (("jpg", data), ("txt", b"a photo")):
+                ti = tarfile.TarInfo(f"{k}.{ext}")
+                ti.size = len(payload)
+                tf.addfile(ti, io.BytesIO(payload))
+    rows = [{"key": k, "url": "", "status": "success", "reason": "", "attempt": "", "source": "",
+             "shard": "shards/00000.tar", "width": 96, "height": 96} for k in blobs]
+    pq.write_table(ledger(rows + failed_rows(["e"])), root / "ledger.parquet")
+    murl = artifacts.publish(artifacts.build_manifest(str(root), ["shards/00000.tar", "ledger.parquet"], kind="dataset",
+                                                      name="audit"), str(root))
+    assert quality.main([murl, "--preset", "off", "--config", '{"exact_dedup": true, "near_dup_hamming": 20}']) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["success_in"] == 4 and report["filtered"] == 1 and report["by_reason"] == {"duplicate_of": 1}

@@ -44,6 +44,7 @@ def test_quality_pass_on_a_real_img2dataset_download(tmp_path, monkeypatch):
     from datasets import decontaminate
 
     monkeypatch.setattr(decontaminate, "_cache_path", lambda name, key: tmp_path / "evalfp" / f"{name}-{key}.parquet")
+    monkeypatch.setenv("SLIP_EVAL_DATA", str(tmp_path / "eval"))  # catalog.prepare materialises Fashion-MNIST here
     img_dir = str(tmp_path / "images")
     files = _write(img_dir)
     cfg = download.make_config({**TEST_CONFIG, "name": "qtest"}, "tiny")

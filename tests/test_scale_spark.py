@@ -23,11 +23,14 @@ from datasets.httpserve import serve_directory
 from slip_core import artifacts
 from tests._dataset_util import TEST_CONFIG, Row, write_images, write_metadata
 
-pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="Spark needs a Java runtime (JDK 17)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(shutil.which("java") is None, reason="Spark needs a Java runtime (JDK 17)")]
 
 
 def _cfg(distributor: str):
-    return download.make_config({**TEST_CONFIG, "name": "scale", "processes_count": 2, "distributor": distributor}, "tiny")
+    # Spark: local[2] (processes_count); multiprocessing: one worker process is enough to compare (2 shared cores).
+    procs = 2 if distributor == "pyspark" else 1
+    return download.make_config({**TEST_CONFIG, "name": "scale", "processes_count": procs, "distributor": distributor}, "tiny")
 
 
 def _samples(manifest_url: str) -> dict[str, dict]:
@@ -81,6 +84,7 @@ def test_pyspark_runs_our_wrapper_and_stays_out_of_the_work_folder_identity():
     mp, sp = _cfg("multiprocessing"), _cfg("pyspark")
     cmd = download.img2dataset_command("in.parquet", "out", sp, [])
     assert cmd[1:3] == ["-m", "datasets.img2dataset_spark"] and "--distributor=pyspark" in cmd
+    assert "--processes_count=2" in cmd
     assert download.img2dataset_command("in.parquet", "out", mp, [])[1:3] == ["-m", "img2dataset.main"]
     assert download.work_dir("/s", mp) == download.work_dir("/s", sp)  # parallelism, not content
     with pytest.raises(ValueError, match="distributor"):

@@ -15,6 +15,7 @@ import torch
 from slip_core import config as cfgmod
 from slip_core import trainer as T
 from slip_core.checkpoint import load_checkpoint, load_state
+from slip_core.data import LoaderConfig, ShardStream, shard_urls
 from slip_core.optim import lr_at, param_groups
 from tests._train_util import fashion_samples, photo_samples, write_dataset
 
@@ -183,8 +184,19 @@ def test_two_process_gloo_ddp(ds, tmp_path):
     assert final["world_size"] == 2 and final["global_batch"] == 16 and final["steps"] == 12
     state = load_state(os.path.join(out, "checkpoints", "step_00000012.pt"))
     assert set(state["loader"]) == {"0", "1"} and set(state["rng"]) == {"0", "1"}
-    assert state["loader"]["0"]["positions"] != state["loader"]["1"]["positions"]  # ranks read their own streams
+    assert state["loader"]["0"]["batches_done"] == state["loader"]["1"]["batches_done"] == 12
+    # ranks read their own resampled shard streams (seeded by rank)
+    urls, lc = shard_urls(ds), LoaderConfig(batch_size=8, seed=cfg.seed)
+    assert [ShardStream(urls, lc, 0, 0, 2)._shard_for_block(0, 1, b) for b in range(4)] != \
+        [ShardStream(urls, lc, 0, 1, 2)._shard_for_block(0, 1, b) for b in range(4)]
     assert not torch.equal(state["rng"]["0"]["torch"], state["rng"]["1"]["torch"])  # seed + rank
     recs = read_metrics(out)
     assert [r["step"] for r in recs] == list(range(1, 13)) and all(math.isfinite(r["loss"]) for r in recs)
     assert load_checkpoint(os.path.join(out, "checkpoint.pt")).config.kind == "slip"
+
+
+def test_bf16_autocast_grad_checkpointing_and_accumulation_run(ds, tmp_path):
+    torch.set_num_threads(1)
+    cfg = small_cfg(precision="bf16", grad_checkpointing=True, accum_steps=2, batch_size=8, samples_per_epoch=64)
+    final = T.train(cfg, ds, str(tmp_path), resume=None)
+    assert final["steps"] == 4 and final["global_batch"] == 16 and math.isfinite(final["loss"])

@@ -1,0 +1,282 @@
+"""End-to-end fine-tuning of the pretrained ViT, BEiT recipe (SPEC §7, REFERENCE_NOTES §7.4).
+
+Launched with torchrun (`launch(...)` builds the command; `python -m slip_core.evaluation.finetune` is the
+per-rank entry point), DDP over gloo (CPU) or NCCL (GPU). Like pretraining it checkpoints every
+`save_every` epochs (and on the last) to `<out>/checkpoint.pt`, loadable with `torch.load(weights_only=True)`,
+and resumes from it automatically. Per-epoch metrics go to `<out>/metrics.jsonl`; the final result to
+`<out>/result.json`.
+
+Recipe: timm ViT with the pretrained `visual.*` weights (class-token pooling, absolute position embeddings,
+no layer scale), new head trunc-normal(0.02) x 0.001; AdamW (0.9, 0.999), wd 0.05 with no decay on 1-D
+params, pos_embed and cls_token; layer-wise lr decay (scale = decay^(L+1-id): 0 for the embeddings, i+1 for
+block i, L+1 for the final norm and head); per-step linear warmup from 0 then cosine to min_lr; timm's
+RandAugment "rand-m9-mstd0.5-inc1" + bicubic RandomResizedCrop + flip, random erasing 0.25, Mixup 0.8 /
+CutMix 1.0 (switch 0.5, per batch) with label smoothing 0.1 folded into soft-target cross-entropy; eval
+Resize(size x 256/224, bicubic) + CenterCrop. Not reproduced: DeepSpeed's fp16 loss scaling (we run fp32 on CPU,
+bf16 autocast optional on GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from slip_core import augment, checkpoint, config as cfg_util, storage
+
+
+@dataclass
+class FinetuneConfig:
+    dataset: str = "imagenet"
+    data_root: str | None = None
+    epochs: int = 100
+    warmup_epochs: int = 20
+    batch_size: int = 128  # per rank
+    lr: float = 4e-3  # absolute peak lr, no batch scaling (reference)
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    layer_decay: float = 0.65
+    drop_path: float = 0.0
+    smoothing: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_switch_prob: float = 0.5
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.25
+    image_size: int | None = None  # None: the pretrained model's (position embeddings resampled otherwise)
+    max_train_samples: int | None = None
+    max_test_samples: int | None = None
+    num_workers: int = 8
+    save_every: int = 5
+    stop_after_epochs: int | None = None  # stop early (as if interrupted) -- used to test resume
+    seed: int = 0
+    threads: int | None = None
+
+
+FINETUNE_PRESETS: dict[str, FinetuneConfig] = {
+    "vits16": FinetuneConfig(drop_path=0.0, layer_decay=0.65),
+    "vitb16": FinetuneConfig(drop_path=0.1, layer_decay=0.65),
+    "vitl16": FinetuneConfig(epochs=50, warmup_epochs=5, drop_path=0.1, layer_decay=0.75),
+    # CPU demo: a few epochs on a small local set; heavy regularisation (mixup/cutmix/RandAugment) is
+    # turned down because it needs many epochs to pay off. Same code path otherwise.
+    "tiny": FinetuneConfig(dataset="digits", epochs=12, warmup_epochs=1, batch_size=64, lr=2e-3, layer_decay=0.75,
+                           mixup=0.0, cutmix=0.0, auto_augment=None, reprob=0.0, smoothing=0.1, image_size=32,
+                           num_workers=0, save_every=1),
+}
+
+
+def preset_for(model_name: str) -> str:
+    for key in ("VITS16", "VITB16", "VITL16"):
+        if key in model_name:
+            return key.lower()
+    return "tiny"
+
+
+# ------------------------------------------------------------------------------------------ model
+def build_classifier(state: dict, num_classes: int, image_size: int | None, drop_path: float) -> nn.Module:
+    """timm ViT with the checkpoint's vision weights (ours or released-SLIP `module.visual.*`)."""
+    import timm.models.vision_transformer as tv
+    from timm.layers import resample_abs_pos_embed
+
+    mcfg = checkpoint.config_from_state(state)
+    size = image_size or mcfg.image_size
+    vit = tv.VisionTransformer(img_size=size, patch_size=mcfg.patch_size, embed_dim=mcfg.vision_width,
+                               depth=mcfg.vision_depth, num_heads=mcfg.vision_heads, mlp_ratio=4.0, qkv_bias=True,
+                               num_classes=num_classes, global_pool="token", drop_path_rate=drop_path)
+    sd = checkpoint.strip_prefix(state["state_dict"])
+    visual = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.") and not k.startswith("visual.head")}
+    if not visual:
+        raise checkpoint.CheckpointError("checkpoint has no visual.* weights")
+    if visual["pos_embed"].shape != vit.pos_embed.shape:
+        grid = size // mcfg.patch_size
+        visual["pos_embed"] = resample_abs_pos_embed(visual["pos_embed"], (grid, grid), num_prefix_tokens=1)
+    missing, unexpected = vit.load_state_dict(visual, strict=False)
+    if set(missing) != {"head.weight", "head.bias"} or unexpected:
+        raise checkpoint.CheckpointError(f"vision weights do not fit: missing {missing}, unexpected {unexpected}")
+    nn.init.trunc_normal_(vit.head.weight, std=0.02)
+    with torch.no_grad():
+        vit.head.weight.mul_(0.001)  # BEiT init_scale
+    nn.init.zeros_(vit.head.bias)
+    return vit
+
+
+def build_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    from timm.optim import param_groups_layer_decay
+
+    groups = param_groups_layer_decay(model, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay,
+                                      no_weight_decay_list=list(model.no_weight_decay()))
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def lr_at(step: int, total: int, warmup: int, cfg: FinetuneConfig) -> float:
+    if step < warmup:
+        return cfg.lr * step / max(1, warmup)
+    t = (step - warmup) / max(1, total - warmup)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+# ------------------------------------------------------------------------------------------ data
+def transforms(size: int, cfg: FinetuneConfig):
+    from timm.data import create_transform
+
+    train = create_transform(size, is_training=True, auto_augment=cfg.auto_augment, re_prob=cfg.reprob,
+                             re_mode="pixel", re_count=1, interpolation="bicubic", color_jitter=0.4,
+                             mean=augment.MEAN, std=augment.STD)
+    test = create_transform(size, is_training=False, interpolation="bicubic", crop_pct=224 / 256,
+                            mean=augment.MEAN, std=augment.STD)
+    return train, test
+
+
+def _rank() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+# ------------------------------------------------------------------------------------------ training
+_RUNTIME_ONLY = ("stop_after_epochs", "threads", "num_workers")  # may differ between a run and its resume
+
+
+def _identity(d: dict) -> dict:
+    return {k: v for k, v in d.items() if k not in _RUNTIME_ONLY}
+
+
+def run(pretrained: str, out_dir: str, cfg: FinetuneConfig, log=print) -> dict:
+    """One rank's fine-tune (call under torchrun for DDP, or directly for one process)."""
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    from datasets import catalog
+    from slip_core.evaluation import metrics
+
+    rank, world = _rank()
+    torch.manual_seed(cfg.seed + rank)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    state = checkpoint.load_state(pretrained)
+    size = cfg.image_size or checkpoint.config_from_state(state).image_size
+    train_tf, test_tf = transforms(size, cfg)
+    train = catalog.load(cfg.dataset, "train", train_tf, cfg.data_root, cfg.max_train_samples, cfg.seed)
+    test = catalog.load(cfg.dataset, "test", test_tf, cfg.data_root, cfg.max_test_samples, cfg.seed)
+    model = build_classifier(state, train.entry.num_classes, size, cfg.drop_path)
+    opt = build_optimizer(model, cfg)
+    ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    sampler = torch.utils.data.DistributedSampler(train.dataset, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(train.dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+    mixup_on = cfg.mixup > 0 or cfg.cutmix > 0
+    mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=1.0, switch_prob=cfg.mixup_switch_prob,
+                  mode="batch", label_smoothing=cfg.smoothing, num_classes=train.entry.num_classes) if mixup_on else None
+    criterion = SoftTargetCrossEntropy() if mixup_on else (
+        LabelSmoothingCrossEntropy(cfg.smoothing) if cfg.smoothing > 0 else nn.CrossEntropyLoss())
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{cfg.dataset}: fewer training samples than one batch of {cfg.batch_size} x {world} ranks")
+    total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+    ckpt_path = storage.join(out_dir, "checkpoint.pt")
+    start_epoch, history = 0, []
+    if storage.exists(ckpt_path):  # auto-resume, like pretraining
+        resume = torch.load(storage.url_to_fs(ckpt_path)[1], map_location="cpu", weights_only=True)
+        if _identity(resume["config"]) != _identity(cfg_util.to_dict(cfg)):
+            raise ValueError(f"{ckpt_path} was written with a different fine-tune config; use a new --out")
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        torch.set_rng_state(resume["rng"])
+        start_epoch, history = int(resume["epoch"]), list(resume["history"])
+        log(f"resumed from {ckpt_path} at epoch {start_epoch}")
+    step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, cfg.epochs):
+        if cfg.stop_after_epochs is not None and epoch >= cfg.stop_after_epochs:
+            log(f"stopping after {epoch} epochs (stop_after_epochs)")
+            return {"stopped_at_epoch": epoch}
+        ddp.train()
+        sampler.set_epoch(epoch)
+        t0, loss_sum = time.time(), 0.0
+        for images, y in loader:
+            lr = lr_at(step, total, warmup, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr * g.get("lr_scale", 1.0)
+            y = torch.as_tensor(y)
+            if mixup is not None:
+                images, y = mixup(images, y)
+            loss = criterion(ddp(images), y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite fine-tune loss at step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step, loss_sum = step + 1, loss_sum + float(loss)
+        model.eval()
+        from slip_core.evaluation.common import extract
+
+        logits, labels = extract(model, test.dataset, batch_size=256)
+        res = metrics.compute(test.entry.metric, logits, labels)
+        row = {"epoch": epoch + 1, "step": step, "lr": lr, "loss": loss_sum / steps_per_epoch,
+               "epoch_s": round(time.time() - t0, 2), **res}
+        history.append(row)
+        if rank == 0:
+            log(json.dumps(row))
+            with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
+                with storage.atomic_open(ckpt_path, "wb") as f:
+                    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                                "rng": torch.get_rng_state(), "config": cfg_util.to_dict(cfg),
+                                "history": history}, f)
+    final = history[-1]
+    result = {"metric": test.entry.metric, "value": final["value"], "top1": final["top1"],
+              "best_value": max(h["value"] for h in history), "epochs": cfg.epochs, "num_samples": int(len(labels)),
+              "chance": test.entry.chance(), "image_size": size, "world_size": world,
+              "recipe": "BEiT fine-tune (layer decay, drop path, mixup/cutmix, label smoothing, warmup+cosine)"}
+    if rank == 0:
+        storage.atomic_write_text(storage.join(out_dir, "result.json"), json.dumps(result, indent=2))
+    return result
+
+
+# ------------------------------------------------------------------------------------------ launching
+def launch(pretrained: str, out_dir: str, cfg: FinetuneConfig, nproc: int = 1, timeout_s: float | None = None,
+           log=print) -> dict:
+    """Run the fine-tune under torchrun in a subprocess (killed on timeout); returns result.json."""
+    from datasets import catalog
+    from slip_core.launch import default_threads, run_logged
+
+    catalog.ensure(cfg.dataset, cfg.data_root)  # materialise local sets once, before the ranks start
+    os.makedirs(out_dir, exist_ok=True)
+    cfg = dataclasses.replace(cfg, threads=cfg.threads or default_threads(nproc, cfg.num_workers))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "slip_core.evaluation.finetune", "--pretrained", pretrained, "--out", out_dir,
+           "--config-json", json.dumps(cfg_util.to_dict(cfg))]
+    env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads)}
+    run_logged(cmd, log, timeout_s=timeout_s, env=env)
+    result_path = os.path.join(out_dir, "result.json")
+    if not os.path.exists(result_path):
+        return {"stopped": True}
+    with open(result_path) as f:
+        return json.load(f)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="BEiT-style fine-tune of a pretrained SLIP/CLIP/SimCLR ViT (one rank)")
+    p.add_argument("--pretrained", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--config-json", default="{}")
+    args = p.parse_args(argv)
+    cfg = cfg_util.from_dict(FinetuneConfig, json.loads(args.config_json))
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        run(args.pretrained, args.out, cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Zero-shot classification (SPEC §7, REFERENCE_NOTES §7.1).
+
+Per class: fill every template with every class-name synonym, encode, L2-normalise each row, average,
+L2-normalise again. Logits = normalised image embedding · classifierᵀ (no logit scale; the argmax and the
+reference's metrics do not depend on it). The classifier is cached per (checkpoint sha256, dataset,
+class names + templates), and image embeddings per (checkpoint, dataset files, split, transform).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from datasets import prompts
+from slip_core.evaluation import common, metrics
+from slip_core.tokenizer import tokenize
+
+
+class NotApplicable(ValueError):
+    """The task does not apply to this model (e.g. zero-shot on a SimCLR model without a text tower)."""
+
+
+@torch.no_grad()
+def text_classifier(model: torch.nn.Module, classnames: list, templates: list[str],
+                    batch_size: int = 256) -> torch.Tensor:
+    """[num_classes, embed_dim] unit-norm class embeddings, prompts encoded in batches."""
+    if not hasattr(model, "encode_text"):
+        raise NotApplicable(f"{type(model).__name__} has no text encoder: zero-shot needs CLIP or SLIP")
+    ctx = model.config.context_length
+    texts, owner = [], []
+    for c, name in enumerate(classnames):
+        filled = prompts.fill(templates, name)
+        texts += filled
+        owner += [c] * len(filled)
+    emb = torch.cat([F.normalize(model.encode_text(tokenize(texts[i:i + batch_size], context_length=ctx)).float(), dim=-1)
+                     for i in range(0, len(texts), batch_size)])
+    owner_t = torch.tensor(owner)
+    sums = torch.zeros(len(classnames), emb.shape[1]).index_add_(0, owner_t, emb)
+    counts = torch.bincount(owner_t, minlength=len(classnames)).clamp(min=1).unsqueeze(1)
+    return F.normalize(sums / counts, dim=-1)
+
+
+def cached_text_classifier(lm: common.LoadedModel, dataset: str, classnames: list, templates: list[str],
+                           cache_dir: str | None = None, batch_size: int = 256) -> np.ndarray:
+    key = common.cache_key(ckpt=lm.sha256, dataset=dataset, classnames=classnames, templates=templates)
+    path = common.cache_root(cache_dir) / "zeroshot" / lm.sha256[:16] / f"{dataset}-{key}.npz"
+    return common.cached_arrays(
+        path, lambda: {"w": text_classifier(lm.model, classnames, templates, batch_size).numpy()})["w"]
+
+
+def logits(image_embed: np.ndarray, classifier: np.ndarray) -> np.ndarray:
+    x = image_embed / np.linalg.norm(image_embed, axis=1, keepdims=True).clip(min=1e-12)
+    return x @ classifier.T
+
+
+def evaluate(lm: common.LoadedModel, loaded, batch_size: int = 256, num_workers: int = 0,
+             cache_dir: str | None = None, dataset_sha256: str = "") -> dict:
+    """Zero-shot result for one loaded dataset split: {metric, value, top1[, top5], num_samples, chance}."""
+    classifier = cached_text_classifier(lm, loaded.name, loaded.classnames, loaded.templates, cache_dir)
+    x, y = common.features(lm, loaded, "embed", batch_size, num_workers, cache_dir, dataset_sha256)
+    scores = metrics.compute(loaded.entry.metric, logits(x, classifier), y)
+    return {"metric": loaded.entry.metric, **scores, "num_samples": int(len(y)), "chance": loaded.entry.chance(),
+            "num_templates": len(loaded.templates)}
