@@ -49,6 +49,11 @@ class EvalDataset:
     note: str = ""
     aliases: tuple[str, ...] = field(default=())
 
+    def how_to_obtain(self, base: Path | str) -> str:
+        if self.local:
+            return f"run datasets.catalog.prepare({self.name!r}) or `slip eval prepare {self.name}`"
+        return self.obtain.format(cls=self.torchvision, path=base)
+
     def chance(self) -> float:
         """The score of a random guesser, in the metric's units (x100)."""
         if self.metric == ROC_AUC:
@@ -148,8 +153,7 @@ def locate(name: str, split: str = "test", root: str | None = None) -> tuple[str
             looked.append(f"{base / wsplit}/nshards.txt + {{0..n-1}}.tar (CLIP_benchmark webdataset)")
             if (base / wsplit / "nshards.txt").exists():
                 return fmt, base
-    hint = f"run datasets.catalog.prepare({name!r})" if entry.local else entry.obtain.format(
-        cls=entry.torchvision, path=base)
+    hint = entry.how_to_obtain(base)
     raise DatasetMissing(f"eval dataset {name!r} ({split}) not found. Looked for:\n  " + "\n  ".join(looked)
                          + f"\nTo obtain it: {hint}. (Set SLIP_EVAL_DATA or --data-root to change the root.)")
 

@@ -107,6 +107,29 @@ def work_dir(store: str, cfg: DatasetConfig) -> str:
     return storage.join(store, "dataset-work", f"{cfg.name}-{h}")
 
 
+@contextlib.contextmanager
+def work_lock(work: str):
+    """Exclusive lock on a local work folder for the whole build: a second build of the same dataset
+    (a scheduled rebuild overlapping a manual one) fails fast instead of killing the first one's
+    img2dataset as 'stale' or planning the same rows twice. Object stores: no lock (run one at a time)."""
+    if not storage.is_local(work):
+        yield
+        return
+    import fcntl
+
+    path = os.path.join(artifacts.local_path(work), ".lock")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another dataset build holds {path}; wait for it or stop it") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 # ----------------------------------------------------------------------------------------------- plan
 
 @dataclass
@@ -351,7 +374,9 @@ def run_group(group: Group, cfg: DatasetConfig, progress: bool = False) -> dict:
                 fs.rm(p, recursive=True)
     t0 = time.time()
     if not done >= set(range(group.n_shards)):
-        env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+        # PYTHONWARNINGS: runpy warns that img2dataset.main is already imported by its package (noise)
+        env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", OMP_NUM_THREADS="1", WANDB_MODE="disabled",
+                   PYTHONWARNINGS="ignore::RuntimeWarning:runpy")
         log_url = storage.join(group.path, "img2dataset.log")
         log = None if progress or not storage.is_local(log_url) else open(artifacts.local_path(log_url), "ab")
         proc = subprocess.Popen(_img2dataset_args(group, cfg), stdout=log or subprocess.DEVNULL, stderr=log,
@@ -547,14 +572,13 @@ def publish(table_path: str, work: str, cfg: DatasetConfig, store: str, upstream
     murl = artifacts.manifest_url(root)
     if storage.exists(murl):
         return murl
-    t0 = time.time()
     ledger, sizes = repack(ledger, root, cfg.number_sample_per_shard)
     with storage.atomic_open(storage.join(root, "ledger.parquet"), "wb") as f:
         pq.write_table(ledger, f)
     storage.atomic_write_text(storage.join(root, "sizes.json"), json.dumps(sizes, indent=1, sort_keys=True))
     stats = {**_status_summary(ledger), "shards": len(sizes), "num_samples": sum(sizes.values()),
              "attempts": sorted(set(a for a in ledger["attempt"].to_pylist() if a)), "input_table_sha256": table_sha,
-             "work_dir": work, "repack_seconds": round(time.time() - t0, 2), **(extra_stats or {})}
+             "work_dir": work, **(extra_stats or {})}  # no timings: same inputs -> byte-identical artifact
     storage.atomic_write_text(storage.join(root, "stats.json"), json.dumps(stats, indent=1, sort_keys=True, default=str))
     files = sorted(sizes) + ["ledger.parquet", "sizes.json", "stats.json"]
     m = artifacts.build_manifest(root, files, kind="dataset", name=cfg.name, config=to_dict(cfg), upstream=upstream or {},

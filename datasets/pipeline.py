@@ -53,7 +53,7 @@ def prepare_table(source: str, store: str, cfg: download.DatasetConfig, subset: 
     kind = detect_source(source)
     root = artifacts.stage_root(store, "caption-table", cfg.name, src_sha, sub_sha, cfg.clean_mode, kind)
     murl = artifacts.manifest_url(root)
-    if storage.exists(murl):
+    if storage.exists(murl) and not artifacts.verify(murl):  # complete and intact: reuse
         return murl
     out = storage.join(root, "captions.parquet")
     if kind == "yfcc":
@@ -86,9 +86,10 @@ def build(source: str, store: str, cfg: download.DatasetConfig, subset: str | No
           retry_failed: bool = False, progress: bool = False) -> str:
     """The whole stage in this process; returns the dataset manifest URL."""
     tm = prepare_table(source, store, cfg, subset)
-    for group in download.plan(table_of(tm), download.work_dir(store, cfg), cfg, retry_failed=retry_failed):
-        download.run_group(group, cfg, progress=progress)
-    return publish(tm, store, cfg)
+    with download.work_lock(download.work_dir(store, cfg)):
+        for group in download.plan(table_of(tm), download.work_dir(store, cfg), cfg, retry_failed=retry_failed):
+            download.run_group(group, cfg, progress=progress)
+        return publish(tm, store, cfg)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,13 +86,14 @@ def build_dataset(source: str, store: str, config: dict | None = None, subset: s
     cfg_dict = {**to_dict(cfg)}
     sha = (pipeline.file_sha256(source, store), pipeline.file_sha256(subset, store) if subset else "")
     table = filter_task(source, subset, store, cfg_dict, *sha)
-    groups = plan_task(table, store, cfg_dict, retry_failed)
-    log.info("%d shard group(s) to download (%d rows)", len(groups), sum(g["n_rows"] for g in groups))
-    for start in range(0, len(groups), max(1, cfg.parallel_groups)):
-        wave = groups[start:start + max(1, cfg.parallel_groups)]
-        for r in download_task.map(wave, config=unmapped(cfg_dict), progress=unmapped(progress)).result():
-            log.info("group %s: %d/%d ok in %.1fs", r["group"].rsplit("/", 2)[-2:], r["successes"], r["rows"], r["seconds"])
-    summary = verify_task(table, store, cfg_dict)
-    url = publish_task(table, store, cfg_dict, summary["fingerprint"], summary)
+    with download.work_lock(download.work_dir(store, cfg)):  # one build per work folder at a time
+        groups = plan_task(table, store, cfg_dict, retry_failed)
+        log.info("%d shard group(s) to download (%d rows)", len(groups), sum(g["n_rows"] for g in groups))
+        for start in range(0, len(groups), max(1, cfg.parallel_groups)):
+            wave = groups[start:start + max(1, cfg.parallel_groups)]
+            for r in download_task.map(wave, config=unmapped(cfg_dict), progress=unmapped(progress)).result():
+                log.info("group %s: %d/%d ok in %.1fs", r["group"].rsplit("/", 2)[-2:], r["successes"], r["rows"], r["seconds"])
+        summary = verify_task(table, store, cfg_dict)
+        url = publish_task(table, store, cfg_dict, summary["fingerprint"], summary)
     log.info("dataset: %s (%s)", url, summary["by_status"])
     return url

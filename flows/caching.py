@@ -59,3 +59,11 @@ STAGE_CACHE = ContentInputs() + TASK_SOURCE
 def stage_cache(*exclude: str):
     """STAGE_CACHE ignoring some arguments (e.g. a progress flag or a log path)."""
     return ContentInputs(exclude=tuple(exclude)) + TASK_SOURCE
+
+
+def refreshing() -> bool:
+    """True inside a forced rebuild (`reproduce --rebuild`, PREFECT_TASKS_REFRESH_CACHE): stages must then
+    recompute even when a complete artifact for the same inputs already exists."""
+    from prefect.settings import PREFECT_TASKS_REFRESH_CACHE
+
+    return bool(PREFECT_TASKS_REFRESH_CACHE.value())

@@ -21,12 +21,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def register(subparsers, name: str) -> None:
-    from slip_core.trainer import TRAIN_PRESETS
-
     p = subparsers.add_parser(name, help="pretrain CLIP / SimCLR / SLIP on a dataset manifest (torchrun)",
                               description="Launch torchrun from a Prefect flow; publish a checkpoint artifact.")
     p.add_argument("--dataset", required=True, help="dataset manifest URL (or its folder)")
-    p.add_argument("--preset", default="tiny", help=f"one of: {', '.join(sorted(TRAIN_PRESETS))}")
+    p.add_argument("--preset", default="tiny",
+                   help="tiny | clip_tiny | simclr_tiny (CPU demo) or <slip|clip|simclr>_<vits16|vitb16|vitl16>_"
+                        "<yfcc15m_25ep|yfcc15m_50ep|yfcc15m_100ep|cc3m_40ep|cc12m_35ep> (paper recipes)")
     p.add_argument("--out", default=DEFAULT_STORE, help="artifact store root (local folder or s3://...)")
     p.add_argument("--nproc", type=int, default=1, help="processes per node (GPUs, or CPU ranks with gloo)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",

@@ -17,7 +17,7 @@ import shutil
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.caching import stage_cache
+from flows.caching import refreshing, stage_cache
 from slip_core import artifacts, storage
 from slip_core.config import from_dict, override, to_dict
 from slip_core.launch import default_threads, plot_loss_curve, run_logged, torchrun_command
@@ -25,6 +25,7 @@ from slip_core.trainer import TRAIN_PRESETS, TrainConfig
 
 FILES = ["checkpoint.pt", "metrics.jsonl", "loss_curve.png", "config.json", "final_metrics.json"]
 DEFAULT_TIMEOUT_S = {"tiny": 3600.0}  # presets not listed: 14 days
+VERIFY_MAX_BYTES = 2 << 30
 
 
 def make_config(preset: str, config: dict | None) -> TrainConfig:
@@ -36,6 +37,20 @@ def make_config(preset: str, config: dict | None) -> TrainConfig:
     dotted = {k: v for k, v in config.items() if "." in k}
     cfg = from_dict(TrainConfig, {**to_dict(base), **{k: v for k, v in config.items() if "." not in k}})
     return override(cfg, dotted) if dotted else cfg
+
+
+def _check_dataset(url: str) -> artifacts.Manifest:
+    """Re-hash a small dataset fully; for a large one (TBs at paper scale) check that every file exists with
+    its recorded size — a full re-hash is the dataset stage's job, not something to repeat per training run."""
+    m = artifacts.load_manifest(url)
+    if sum(f.size for f in m.files) <= VERIFY_MAX_BYTES:
+        return artifacts.load_verified(url)
+    root = artifacts.artifact_root(artifacts.manifest_url(url))
+    bad = [f.path for f in m.files if not storage.exists(storage.join(root, f.path))
+           or storage.file_size(storage.join(root, f.path)) != f.size]
+    if bad:
+        raise artifacts.ManifestError(f"dataset {url}: missing or resized files {bad[:5]}")
+    return m
 
 
 def _work_dir(root: str) -> str:
@@ -50,9 +65,9 @@ def _work_dir(root: str) -> str:
 def train_task(dataset: str, store: str, config: dict, nproc: int, timeout_s: float, resume: str = "latest") -> str:
     log = get_run_logger()
     cfg = from_dict(TrainConfig, config)
-    ds_manifest = artifacts.load_verified(dataset)
+    ds_manifest = _check_dataset(dataset)
     root = artifacts.stage_root(store, "checkpoint", cfg.model.lower(), ds_manifest.sha256, config, nproc)
-    if storage.exists(artifacts.manifest_url(root)) and not artifacts.verify(root):
+    if not refreshing() and storage.exists(artifacts.manifest_url(root)) and not artifacts.verify(root):
         log.info("checkpoint artifact already complete: %s", root)
         return artifacts.manifest_url(root)
     work = _work_dir(root)
@@ -79,7 +94,7 @@ def train_task(dataset: str, store: str, config: dict, nproc: int, timeout_s: fl
                                  config={**config, "nproc": nproc},
                                  upstream={"dataset": artifacts.upstream_ref(dataset, ds_manifest)}, metrics=final)
     url = artifacts.publish(m, root)
-    shutil.rmtree(os.path.join(work, "checkpoints"), ignore_errors=True)  # resume state is no longer needed
+    shutil.rmtree(work, ignore_errors=True)  # resume state and copies are no longer needed
     return url
 
 
@@ -114,6 +129,9 @@ def pretrain(dataset: str, store: str, config: dict | None = None, preset: str =
     url = run(artifacts.manifest_url(dataset), store, cfg, nproc, timeout, resume)
     if artifacts.verify(url):  # cached result whose files were deleted since: train again
         log.warning("cached checkpoint %s no longer verifies; retraining", url)
+        create_markdown_artifact(key="rebuilt-checkpoint", description="artifact failed verification",
+                                 markdown=f"# checkpoint rebuilt\n\n`{url}` failed verification: "
+                                 + "; ".join(artifacts.verify(url)))
         url = run.with_options(refresh_cache=True)(artifacts.manifest_url(dataset), store, cfg, nproc, timeout, resume)
     _report(url)
     log.info("checkpoint: %s", url)

@@ -88,7 +88,8 @@ def load_state(path_or_url: str, map_location="cpu") -> dict:
                 f"refusing to load {url}: it contains a pickled object outside the allow-list "
                 f"({[c.__module__ + '.' + c.__name__ for c in SAFE_GLOBALS]}): {culprit}") from e
         raise CheckpointError(f"corrupt checkpoint {url}: {msg}") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, IndexError, KeyError) as e:
+        # (random bytes can also surface as IndexError / KeyError from the weights_only unpickler)
         raise CheckpointError(f"corrupt or truncated checkpoint {url} ({size} bytes): {e}") from e
     if not isinstance(state, dict) or "state_dict" not in state:
         raise CheckpointError(f"{url} is not a SLIP checkpoint (expected a dict with a 'state_dict')")
@@ -122,7 +123,12 @@ def load_checkpoint(path_or_url: str, map_location="cpu") -> nn.Module:
     """Rebuild the model of a checkpoint (ours or released SLIP format), load weights strictly, eval mode."""
     state = load_state(path_or_url, map_location=map_location)
     cfg = config_from_state(state)
-    model = build_model_from_config(cfg)
+    if cfg.mim_tokenizer and "mim_tokenizer.codebook" in state["state_dict"]:
+        # SLIP-BEiT with a codebook file: the codebook travels in the state dict, the file is not needed
+        model = build_model_from_config(dataclasses.replace(cfg, mim_tokenizer=""))
+        model.config = cfg
+    else:
+        model = build_model_from_config(cfg)
     missing, unexpected = model.load_state_dict(strip_prefix(state["state_dict"]), strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path_or_url}: state_dict does not match {cfg.name}: "

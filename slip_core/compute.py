@@ -6,6 +6,7 @@ Backward ~ 2x forward, so training ~ 3x forward. Used by `slip reproduce --dry-r
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 # Dense peak TFLOP/s per device, bf16/fp16 tensor cores (vendor datasheets, no sparsity).
@@ -17,10 +18,28 @@ def transformer_flops(tokens: int, width: int, layers: int) -> float:
 
 
 def vision_forward_flops(cfg) -> float:
+    if getattr(cfg, "vision_layers", ()):  # CLIP's modified ResNet (CLIP_RN50): counted by torch, see below
+        return _resnet_forward_flops(cfg)
     grid = cfg.image_size // cfg.patch_size
     tokens = grid * grid + 1
     patch_embed = 2.0 * grid * grid * (3 * cfg.patch_size**2) * cfg.vision_width
     return patch_embed + transformer_flops(tokens, cfg.vision_width, cfg.vision_depth)
+
+
+@functools.lru_cache(maxsize=None)
+def _resnet_forward_flops(cfg) -> float:
+    """Convolutions + attention pool of one image, counted by torch's FlopCounterMode on meta tensors
+    (shapes only, nothing allocated): 12.2 GFLOPs for CLIP_RN50 at 224 px."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from slip_core.models import build_model_from_config
+
+    with torch.device("meta"):
+        visual = build_model_from_config(cfg).visual
+        with FlopCounterMode(display=False) as counter:
+            visual(torch.empty(1, 3, cfg.image_size, cfg.image_size))
+    return float(counter.get_total_flops())
 
 
 def text_forward_flops(cfg) -> float:
@@ -49,7 +68,9 @@ def flops_per_sample(cfg) -> SampleFlops:
     else:
         fwd = (v + proj + text_forward_flops(cfg) + 2.0 * cfg.transformer_width * cfg.embed_dim
                + 2 * (v + ssl_head_flops(cfg)))
-    return SampleFlops(forward=fwd, train=3.0 * fwd)
+    # EMA targets of SLIP-MoCo v3 / BYOL (slip_core/ssl_variants.py): forward only, both SSL views
+    target = 2 * (v + ssl_head_flops(cfg)) if cfg.kind in ("slip_mocov3", "slip_byol") else 0.0
+    return SampleFlops(forward=fwd + target, train=3.0 * fwd + target)
 
 
 def gpu_hours(cfg, samples: int, device: str = "A100", mfu: float = 0.4) -> float:

@@ -76,3 +76,18 @@ def override(cfg: T, overrides: dict[str, Any]) -> T:
             raise ConfigError(f"override {key!r}: unknown field {leaf!r}")
         node[leaf] = value
     return from_dict(type(cfg), data)
+
+
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """Command-line overrides ['lr=1e-3', 'betas=[0.9, 0.95]', 'name=x'] -> dict; values parsed as JSON
+    when they parse, else kept as strings."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -96,6 +97,7 @@ class LoaderConfig:
     shuffle_chunk: int = 1000  # samples permuted together (memory: chunk × encoded size)
     resampled: bool = True
     prefetch_factor: int = 2
+    uint8: bool = True  # views as uint8 CHW; the trainer normalises on its device (augment.normalize_uint8_batch)
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -187,7 +189,7 @@ class ShardStream(IterableDataset):
         except BadImage as e:
             counts[e.reason] += 1
             return None
-        item.update(make_views(arr, c.views, c.aug, rng))
+        item.update(make_views(arr, c.views, c.aug, rng, uint8=c.uint8))
         counts["ok"] += 1
         return item
 
@@ -261,7 +263,8 @@ class EpochLoader:
                          self.positions, worker_offset=self.batches_done % w)
         kwargs = dict(num_workers=self.cfg.num_workers)
         if self.cfg.num_workers:
-            kwargs.update(prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False)
+            kwargs.update(prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False,
+                          worker_init_fn=_ignore_stop_signals)
         # An explicit generator: creating the loader must not consume the global torch RNG (exact resume).
         dl = DataLoader(ds, batch_size=None, generator=torch.Generator().manual_seed(0), **kwargs)
         it = iter(dl)
@@ -275,3 +278,9 @@ class EpochLoader:
         finally:
             del it  # shuts the workers down
 
+
+def _ignore_stop_signals(_: int) -> None:
+    """Workers ignore SIGTERM/SIGUSR1 sent to the whole process group: the trainer handles them (checkpoint
+    at the next step boundary), and workers exit with their parent anyway (torch's parent watchdog)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)

@@ -16,18 +16,21 @@ The visual tokenizer — NOT DALL-E's dVAE unless you provide it:
   over patch features of the training images (`fit_kmeans_tokenizer`, scikit-learn's KMeans).
 * `mim_tokenizer = "path/to/encoder.pkl"`: DALL-E's dVAE encoder as BEiT uses it, loaded with OpenAI's
   `dall_e` package (`pip install DALL-E`; not a dependency of this project, and not exercised by our tests
-  since the weights cannot be fetched here). The image is un-normalised, resized to 8 px per ViT patch,
+  since the weights cannot be fetched here). OpenAI's file is a pickled module: it is unpickled in full,
+  so point this only at a file you trust. The image is un-normalised, resized to 8 px per ViT patch,
   `map_pixels`-ed, and tokens are the argmax of the encoder's logits (BEiT). Its weights stay outside our
   state dict; the checkpoint records the path.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models import checkpoint_seq
 
 from slip_core.augment import MEAN, STD
 from slip_core.losses import _accuracy, _upcast
@@ -82,10 +85,11 @@ def patch_features(images: torch.Tensor, patch_size: int, pool: int = 4) -> torc
 class PatchQuantizer(nn.Module):
     """tokens = argmax_k cos(patch_features(x) @ proj, codebook_k). Buffers only: frozen, in the state dict."""
 
-    def __init__(self, vocab: int, patch_size: int, pool: int = 4, code_dim: int = 16, seed: int = 0):
+    def __init__(self, vocab: int, patch_size: int, pool: int = 4, code_dim: int | None = None, seed: int = 0):
         super().__init__()
         self.patch_size, self.pool = patch_size, pool
         in_dim = 3 * pool * pool
+        code_dim = code_dim or in_dim  # same buffer shapes as a k-means codebook: checkpoints load either
         g = torch.Generator().manual_seed(seed)  # independent of the global RNG: same tokenizer for every run
         self.register_buffer("proj", torch.randn(in_dim, code_dim, generator=g) / math.sqrt(in_dim))
         self.register_buffer("codebook", F.normalize(torch.randn(vocab, code_dim, generator=g), dim=-1))
@@ -121,7 +125,7 @@ def fit_kmeans_tokenizer(images: torch.Tensor, vocab: int, patch_size: int, pool
     if feats.shape[0] < vocab:
         raise ValueError(f"{feats.shape[0]} patches are too few for a {vocab}-token codebook")
     km = KMeans(n_clusters=vocab, n_init=1, random_state=seed, max_iter=100).fit(feats.numpy())
-    q = PatchQuantizer(vocab, patch_size, pool, code_dim=3 * pool * pool)
+    q = PatchQuantizer(vocab, patch_size, pool)
     q.set_codebook(torch.eye(3 * pool * pool), torch.from_numpy(km.cluster_centers_))
     return q
 
@@ -151,12 +155,17 @@ class DallETokenizer(nn.Module):
     def __init__(self, path: str, grid: int):
         super().__init__()
         try:
-            from dall_e import load_model, map_pixels
+            from dall_e import map_pixels
         except ImportError as e:
             raise ImportError(f"{path} looks like a DALL-E dVAE encoder; loading it needs OpenAI's `dall_e` "
                               f"package (pip install DALL-E)") from e
-        # a full pickled module (OpenAI's format): kept out of our state dict and our module tree
-        object.__setattr__(self, "encoder", load_model(path, "cpu").eval().requires_grad_(False))
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"DALL-E dVAE encoder not found: {path}")
+        # OpenAI's file is a whole pickled module (what dall_e.load_model reads), so it can only be loaded with
+        # full unpickling: done only for this explicitly configured LOCAL file, which must be trusted.
+        encoder = torch.load(path, map_location="cpu", weights_only=False)
+        # kept out of our state dict and module tree (its weights are the user's file, not ours)
+        object.__setattr__(self, "encoder", encoder.eval().requires_grad_(False))
         self.map_pixels, self.grid = map_pixels, grid
 
     @torch.no_grad()
@@ -210,12 +219,14 @@ class SLIPBEiT(CLIP):
         return torch.from_numpy(m).to(device)
 
     def encode_masked(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Patch tokens [N, L, D] of the shared timm ViT with masked patch embeddings replaced."""
+        """Patch tokens [N, L, D] of the shared timm ViT with masked patch embeddings replaced
+        (timm's `forward_features`, with the mask applied between patch embedding and position embedding)."""
         v = self.visual
         x = v.patch_embed(image)
         x = torch.where(mask.unsqueeze(-1), self.mim_mask_token.to(x.dtype).expand_as(x), x)
         x = v.norm_pre(v.patch_drop(v._pos_embed(x)))
-        x = v.norm(v.blocks(x))
+        x = checkpoint_seq(v.blocks, x) if v.grad_checkpointing and self.training else v.blocks(x)
+        x = v.norm(x)
         return x[:, v.num_prefix_tokens:]
 
     def mim(self, view: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

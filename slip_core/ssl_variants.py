@@ -10,7 +10,8 @@ SPEC §5) and evaluation treat them exactly like SLIP. Only the SSL branch diffe
   ctr(q1, k2) + ctr(q2, k1) with ctr(q, k) = 2τ · CE(q·gather(k)ᵀ/τ, labels), keys gathered across ranks
   without gradient. Numbers are the MoCo v3 paper's / repository's ViT defaults (Chen, Xie & He 2021:
   τ = 0.2, m = 0.99 raised to 1 by a half-cosine, MLP 4096, output 256, bias-free Linear layers); the
-  SLIP notes do not give Table 6's hyper-parameters.
+  SLIP notes do not give Table 6's hyper-parameters. MoCo v3's frozen random patch projection is NOT
+  used: the ViT is shared with the CLIP branch, which trains it.
 * **SLIP-BYOL** (`slip_byol`): online ViT → projector (Linear-BN-ReLU-Linear, 4096 → 256) → predictor
   (same shape); EMA target ViT + projector; loss (2 − 2cos(p1, z2')) + (2 − 2cos(p2, z1')), batch means,
   summed over the two directions as in the BYOL paper (Grill et al. 2020: τ_base = 0.996 raised to 1 by
@@ -29,7 +30,6 @@ BatchNorm layers keep their own batch statistics (as MoCo v3's momentum encoder)
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 from collections import OrderedDict
 
@@ -92,8 +92,8 @@ class SLIPWithTarget(CLIP):
     def ema_update(self, momentum: float) -> None:
         """target ← m·target + (1 − m)·online, parameters only (BN running stats are the target's own)."""
         for online, target in self._pairs():
-            t = [p for p in target.parameters()]
-            o = [p.detach().to(p.dtype) for p in online.parameters()]
+            t = list(target.parameters())
+            o = [p.detach() for p in online.parameters()]
             torch._foreach_mul_(t, momentum)
             torch._foreach_add_(t, o, alpha=1.0 - momentum)
         self.ema_last_momentum.fill_(momentum)

@@ -4,7 +4,6 @@ bench/download.py."""
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import shutil
 from dataclasses import dataclass, field

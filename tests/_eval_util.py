@@ -40,7 +40,7 @@ def to_model_input(u8: np.ndarray, size: int = 64) -> torch.Tensor:
 
 
 def train_tiny_clip(out_path: str, steps: int = 250, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
-                    context_length: int = 16) -> dict:
+                    context_length: int = 16, verbose: bool = False) -> dict:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = build_model("CLIP_VIT_TINY", context_length=context_length)
@@ -66,7 +66,9 @@ def train_tiny_clip(out_path: str, steps: int = 250, batch_size: int = 32, lr: f
         opt.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
-        losses.append(float(out["loss"]))
+        losses.append(out["loss"].item())
+        if verbose and step % 25 == 0:
+            print(f"step {step} loss {losses[-1]:.3f} {time.time() - t0:.1f}s", flush=True)
     model.eval()
     save_checkpoint(out_path, model, train_steps=steps, train_data="fashion_mnist train, templated captions")
     return {"path": out_path, "steps": steps, "first_loss": float(np.mean(losses[:10])),
@@ -77,9 +79,14 @@ def train_tiny_clip(out_path: str, steps: int = 250, batch_size: int = 32, lr: f
 @functools.lru_cache(maxsize=1)
 def tiny_checkpoint() -> dict:
     """Train once per session; returns {"path", "steps", "first_loss", "last_loss", "wall_s", "cpu_s"}."""
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # One intra-op thread: on a shared 2-core box busy-waiting OpenMP threads make a step many times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     out = os.path.join(tempfile.mkdtemp(prefix="slip-eval-tiny-"), "checkpoint.pt")
-    info = train_tiny_clip(out)
+    try:
+        info = train_tiny_clip(out)
+    finally:
+        torch.set_num_threads(threads)
     print(f"[eval fixture] trained tiny CLIP: {info}")
     return info
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from slip_core import data as D
-from slip_core.augment import AugmentConfig
+from slip_core.augment import AugmentConfig, normalize_uint8_batch
 from slip_core.tokenizer import EOT_ID, SOT_ID, decode
 from tests._train_util import fashion_samples, jpeg_bytes, photo_samples, write_dataset
 
@@ -88,6 +88,11 @@ def test_batches_views_and_tokens(clean_ds):
     b = batches[0]
     assert set(b) == {"image", "aug1", "aug2", "text"}
     assert b["image"].shape == b["aug1"].shape == (8, 3, 32, 32) and b["text"].shape == (8, 77)
+    assert b["image"].dtype == torch.uint8  # normalised on the trainer's device
+    as_float = next(iter(D.EpochLoader(D.shard_urls(clean_ds), _cfg(uint8=False), epoch=0, num_batches=1)))
+    for v in ("image", "aug1", "aug2"):
+        assert as_float[v].dtype == torch.float32
+        assert torch.allclose(normalize_uint8_batch(b[v]), as_float[v], atol=1e-5)  # same views either way
     assert (b["text"][:, 0] == SOT_ID).all() and (b["text"] == EOT_ID).sum() == 8
     captions = {decode(t) for bb in batches for t in bb["text"]}
     assert captions and all(c.strip() for c in captions)  # strict mode: never an empty caption
@@ -109,7 +114,7 @@ def test_bad_samples_are_skipped_and_counted(dirty_ds):
     assert c["ok"] == 30 * 4
 
 
-def test_workers_get_their_own_streams(dirty_ds):
+def test_unresampled_split_needs_enough_shards(dirty_ds):
     urls = D.shard_urls(dirty_ds)
     with pytest.raises(ValueError, match="shards"):  # 3 shards cannot feed 2 ranks × 2 workers unresampled
         next(iter(D.ShardStream(urls, _cfg(resampled=False), 0, rank=0, world=4)))

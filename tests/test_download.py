@@ -94,10 +94,13 @@ def test_shards_open_with_plain_webdataset(built):
     assert len({k for k, *_ in samples}) == len(samples)
 
 
-def test_unchanged_rerun_downloads_nothing(built):
+def test_unchanged_rerun_downloads_nothing_and_concurrent_builds_are_refused(built):
     before = sum(built["hits"].values())
     assert pipeline.build(built["corpus"].metadata, built["store"], _cfg(), subset=built["corpus"].subset) == built["manifest"]
     assert sum(built["hits"].values()) == before
+    with download.work_lock(download.work_dir(built["store"], _cfg())):
+        with pytest.raises(RuntimeError, match="another dataset build"):
+            pipeline.build(built["corpus"].metadata, built["store"], _cfg(), subset=built["corpus"].subset)
 
 
 def _copy_store(built, name):

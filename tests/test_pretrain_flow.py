@@ -47,7 +47,7 @@ def test_pretrain_flow_publishes_and_caches(prefect_server, ds, tmp_path):
     with open(os.path.join(root, "loss_curve.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert load_checkpoint(os.path.join(root, "checkpoint.pt")).config.kind == "slip"
-    assert not os.path.exists(os.path.join(root, "run", "checkpoints"))  # resume state cleaned after publish
+    assert not os.path.exists(os.path.join(root, "run"))  # resume state cleaned up after publish
     art = Artifact.get("pretrain-slip-vit-tiny")
     assert art is not None and "data:image/png;base64," in art.data and "steps" in art.data
 

@@ -92,6 +92,11 @@ def test_presets_registered():
     with torch.device("meta"):  # full-size shapes without allocating
         m = build_model("CLIP_RN50")
     assert sum(p.numel() for p in m.visual.parameters()) == 38_316_896  # open_clip RN50's image tower
+    from slip_core import compute
+
+    assert compute.vision_forward_flops(rn) == pytest.approx(12.22e9, rel=1e-3)  # convs + attention pool
+    slip, moco = (compute.flops_per_sample(MODEL_PRESETS[n]) for n in ("SLIP_VITB16", "SLIP_MOCOV3_VITB16"))
+    assert slip.train < moco.train < slip.train + moco.forward  # + EMA target passes, forward only
 
 
 def test_moco_v3_loss_by_hand():
@@ -185,6 +190,33 @@ def test_tokenizers(tmp_path):
     assert torch.equal(m.mim_tokenizer(imgs), km(imgs))
     with pytest.raises(FileNotFoundError):
         build_model("SLIP_BEIT_VIT_TINY", mim_tokenizer=str(tmp_path / "missing.pt"))
+    # a checkpoint carries the codebook: it loads (and tokenizes the same) after the codebook file is gone
+    save_checkpoint(str(tmp_path / "beit.pt"), m)
+    os.remove(path)
+    loaded = load_checkpoint(str(tmp_path / "beit.pt"))
+    assert loaded.config.mim_tokenizer == path and torch.equal(loaded.mim_tokenizer(imgs), km(imgs))
+
+
+def test_beit_masked_forward_is_timms_forward():
+    torch.manual_seed(0)
+    m = build_model("SLIP_BEIT_VIT_TINY", **SMALL["SLIP_BEIT_VIT_TINY"]).eval()
+    x = torch.randn(3, 3, 32, 32)
+    none = torch.zeros(3, 16, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(m.encode_masked(x, none), m.visual.forward_features(x)[:, 1:])
+        masked = m.sample_masks(3, "cpu")
+        assert masked.shape == (3, 16) and (masked.sum(1) >= 4).all()
+        out = m.encode_masked(x, masked)
+        # a masked patch's input is the mask token: its content does not matter, unmasked ones do
+        y = x.clone()
+        j = int(masked[0].nonzero()[0])
+        y[0, :, (j // 4) * 8:(j // 4) * 8 + 8, (j % 4) * 8:(j % 4) * 8 + 8] += 5.0
+        torch.testing.assert_close(m.encode_masked(y, masked), out)
+    m.train().visual.set_grad_checkpointing(True)
+    torch.manual_seed(3)
+    a = m.mim(x, masked)[0]
+    a.sum().backward()
+    assert m.mim_mask_token.grad.abs().sum() > 0
 
 
 def _fashion_tensors(n: int):
@@ -286,3 +318,47 @@ def test_two_rank_ddp_equals_full_batch_reference(dist_result, name):
     # the MoCo keys of the other rank matter: the loss differs from a per-rank (local keys only) loss
     if name == "SLIP_MOCOV3_VIT_TINY":
         assert dist_result[0][name]["local_keys_loss_gap"] > 1e-3
+
+
+# ------------------------------------------------------------------------------------------- trainer
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    from tests._train_util import write_dataset
+
+    return write_dataset(str(tmp_path_factory.mktemp("variant_ds")), fashion_samples(64, seed=3), per_shard=32)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_trainer_trains_variant_and_calls_ema_hook(name, shards, tmp_path):
+    from slip_core import trainer as T
+
+    cfg = T.TrainConfig(model=name, model_overrides=SMALL[name], epochs=1, samples_per_epoch=48, batch_size=16,
+                        lr=2e-3, weight_decay=0.1, warmup_epochs=0.4, num_workers=0, log_every=1, ckpt_every=2,
+                        shuffle_chunk=32, threads=1)
+    final = T.train(cfg, shards, str(tmp_path))
+    assert final["steps"] == 3 and math.isfinite(final["loss"])
+    model = load_checkpoint(str(tmp_path / "checkpoint.pt"))
+    if hasattr(model, "ema_last_momentum"):  # the trainer called after_optimizer_step(step / total) each step
+        assert model.ema_last_momentum.item() == pytest.approx(cosine_momentum(model.config.ema_momentum, 2 / 3))
+    if model.config.kind != "clip":
+        assert "ssl_loss" in final
+
+
+@pytest.mark.parametrize("name", ["SLIP_MOCOV3_VIT_TINY", "SLIP_BEIT_VIT_TINY"])
+def test_trainer_resume_is_exact_with_ema_and_masks(name, shards, tmp_path, capsys):
+    """Stop after 2 of 3 steps and resume from the step-2 checkpoint = an uninterrupted run, bit for bit
+    (EMA target, its momentum and the BEiT masks' RNG all come back)."""
+    from slip_core import trainer as T
+
+    base = dict(model=name, model_overrides=SMALL[name], epochs=1, samples_per_epoch=48, batch_size=16, lr=2e-3,
+                weight_decay=0.1, warmup_epochs=0.4, num_workers=0, log_every=1, ckpt_every=2, shuffle_chunk=32,
+                threads=1)
+    T.train(T.TrainConfig(**base), shards, str(tmp_path / "full"))
+    T.train(T.TrainConfig(**base, max_steps=2), shards, str(tmp_path / "cut"))
+    capsys.readouterr()
+    T.train(T.TrainConfig(**base), shards, str(tmp_path / "cut"))  # resumes from checkpoints/latest (step 2)
+    assert "at step 2" in capsys.readouterr().out
+    a = load_state(str(tmp_path / "full" / "checkpoint.pt"))["state_dict"]
+    b = load_state(str(tmp_path / "cut" / "checkpoint.pt"))["state_dict"]
+    assert set(a) == set(b)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []

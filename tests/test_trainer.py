@@ -67,7 +67,8 @@ def test_lr_schedule_and_param_groups():
 
 
 def test_presets_and_paper_step_count():
-    assert {"tiny", "clip_tiny", "simclr_tiny", "slip_vitb16_yfcc15m_25ep", "clip_vits16_yfcc15m_25ep"} <= set(T.TRAIN_PRESETS)
+    assert {"tiny", "clip_tiny", "simclr_tiny", "slip_vitb16_yfcc15m_25ep", "clip_vits16_yfcc15m_25ep",
+            "slip_vitb16_cc3m_40ep"} <= set(T.TRAIN_PRESETS)
     paper = T.resolve(T.TRAIN_PRESETS["slip_vitb16_yfcc15m_25ep"])
     assert (paper.lr, paper.weight_decay, paper.betas, paper.eps) == (3e-3, 0.1, (0.9, 0.98), 1e-8)
     assert T.resolve(T.TRAIN_PRESETS["clip_vitb16_yfcc15m_25ep"]).weight_decay == 0.5
@@ -200,3 +201,69 @@ def test_bf16_autocast_grad_checkpointing_and_accumulation_run(ds, tmp_path):
     cfg = small_cfg(precision="bf16", grad_checkpointing=True, accum_steps=2, batch_size=8, samples_per_epoch=64)
     final = T.train(cfg, ds, str(tmp_path), resume=None)
     assert final["steps"] == 4 and final["global_batch"] == 16 and math.isfinite(final["loss"])
+
+
+def test_launch_templates_are_valid():
+    import yaml
+
+    from slip_core.launch import torchrun_command
+
+    infra = os.path.join(REPO, "infra")
+    for name in ("torchrun_multinode.sh", "slurm_train.sbatch"):
+        path = os.path.join(infra, name)
+        subprocess.run(["bash", "-n", path], check=True)  # syntax
+        assert "slip_core.trainer" in open(path).read() or "torchrun_multinode.sh" in open(path).read()
+    for name in ("k8s_pytorchjob.yaml", "k8s_indexed_job.yaml"):
+        docs = [d for d in yaml.safe_load_all(open(os.path.join(infra, name))) if d]
+        assert docs and all("kind" in d and "spec" in d for d in docs)
+    multi = torchrun_command("M", "OUT", "c.json", nproc=8, nnodes=4, rdzv_endpoint="h:29400")
+    assert "--nnodes=4" in multi and "--rdzv_endpoint=h:29400" in multi and "--standalone" not in multi
+    assert torchrun_command("M", "OUT", "c.json")[3:5] == ["--nproc_per_node=1", "--standalone"]
+
+
+def test_trains_and_resumes_on_object_store(ds, tmp_path, capsys):
+    """Shards read and checkpoints/metrics written through fsspec on a real S3 API (moto server)."""
+    from slip_core import artifacts, storage
+    from tests._s3_util import s3_server
+
+    torch.set_num_threads(1)
+    with s3_server() as bucket:
+        fs, _ = storage.url_to_fs(bucket)
+        fs.put(artifacts.artifact_root(ds) + "/", f"{bucket}/ds/", recursive=True)
+        s3_ds, out = f"{bucket}/ds/manifest.json", f"{bucket}/run"
+        cfg = small_cfg(samples_per_epoch=96, ckpt_every=2, keep_checkpoints=1)
+        T.train(T.TrainConfig(**{**cfgmod.to_dict(cfg), "max_steps": 4, "betas": tuple(cfg.betas)}), s3_ds, out)
+        assert storage.read_text(f"{out}/checkpoints/latest") == "step_00000004.pt"
+        capsys.readouterr()
+        final = T.train(cfg, s3_ds, out)  # resume="latest" from the bucket
+        assert final["steps"] == 6 and "step_00000004.pt at step 4" in capsys.readouterr().out
+        steps = [json.loads(line)["step"] for line in storage.read_text(f"{out}/metrics.jsonl").splitlines()]
+        assert steps == [1, 2, 3, 4, 5, 6]
+        names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{out}/checkpoints", detail=False))
+        assert names == ["latest", "step_00000006.pt"]
+        assert load_state(f"{out}/checkpoint.pt")["step"] == 6
+
+
+def test_sigterm_checkpoints_at_step_boundary_and_exits_143(ds, tmp_path):
+    cfg = small_cfg(samples_per_epoch=320, num_workers=1, ckpt_every=1000)
+    cfg_path = str(tmp_path / "cfg.json")
+    with open(cfg_path, "w") as f:
+        json.dump(cfgmod.to_dict(cfg), f)
+    out = str(tmp_path / "run")
+    proc = _launch(cfg_path, ds, out)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(os.path.join(out, "metrics.jsonl"))
+                                          and len(read_metrics(out)) >= 3):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)  # the whole group, loader worker included, as launch.py does
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, log
+    with open(os.path.join(out, "checkpoints", "latest")) as f:
+        name = f.read().strip()
+    step = int(name[5:13])
+    assert step >= 3 and "stop requested by signal" in log  # no ckpt_every boundary before step 20
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, step + 1))
+    done = _launch(cfg_path, ds, out)
+    log, _ = done.communicate(timeout=300)
+    assert done.returncode == 0 and f"at step {step}" in log, log
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, 21))

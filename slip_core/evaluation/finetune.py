@@ -211,7 +211,7 @@ def run(pretrained: str, out_dir: str, cfg: FinetuneConfig, log=print) -> dict:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            step, loss_sum = step + 1, loss_sum + float(loss)
+            step, loss_sum = step + 1, loss_sum + loss.item()
         model.eval()
         from slip_core.evaluation.common import extract
 
