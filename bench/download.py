@@ -55,7 +55,8 @@ def main() -> None:
             out = os.path.join(tmp, f"raw{r}")
             t0 = time.perf_counter()
             subprocess.run(download.img2dataset_command(raw_input, out, cfg, []), check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=RAW_ENV)
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=RAW_ENV,
+                           start_new_session=True)  # as run_group: own session = own CPU autogroup on Linux
             t_raw.append(time.perf_counter() - t0)
             return sum(json.load(open(os.path.join(out, f)))["successes"] for f in os.listdir(out) if f.endswith("_stats.json"))
 

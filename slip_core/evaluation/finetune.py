@@ -51,6 +51,8 @@ class FinetuneConfig:
     mixup_switch_prob: float = 0.5
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"
     reprob: float = 0.25
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
+    hflip: float = 0.5
     image_size: int | None = None  # None: the pretrained model's (position embeddings resampled otherwise)
     max_train_samples: int | None = None
     max_test_samples: int | None = None
@@ -69,6 +71,7 @@ FINETUNE_PRESETS: dict[str, FinetuneConfig] = {
     # turned down because it needs many epochs to pay off. Same code path otherwise.
     "tiny": FinetuneConfig(dataset="digits", epochs=12, warmup_epochs=1, batch_size=64, lr=2e-3, layer_decay=0.75,
                            mixup=0.0, cutmix=0.0, auto_augment=None, reprob=0.0, smoothing=0.1, image_size=32,
+                           crop_scale=(0.5, 1.0), hflip=0.0,
                            num_workers=0, save_every=1),
 }
 
@@ -108,12 +111,27 @@ def build_classifier(state: dict, num_classes: int, image_size: int | None, drop
     return vit
 
 
-def build_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    from timm.optim import param_groups_layer_decay
+def layer_id(name: str, depth: int) -> int:
+    """BEiT's layer ids: 0 for the embeddings, i + 1 for block i, depth + 1 for the final norm and head."""
+    if name.startswith(("cls_token", "pos_embed", "patch_embed")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
 
-    groups = param_groups_layer_decay(model, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay,
-                                      no_weight_decay_list=list(model.no_weight_decay()))
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+
+def build_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    """AdamW over groups of (layer id, decay or not); each group carries lr_scale = decay^(depth + 1 - id)."""
+    depth, skip = len(model.blocks), set(model.no_weight_decay())
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lid, decay = layer_id(name, depth), not (p.ndim <= 1 or name in skip)
+        g = groups.setdefault((lid, decay), {"params": [], "weight_decay": cfg.weight_decay if decay else 0.0,
+                                             "lr_scale": cfg.layer_decay ** (depth + 1 - lid)})
+        g["params"].append(p)
+    return torch.optim.AdamW([groups[k] for k in sorted(groups)], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
 
 
 def lr_at(step: int, total: int, warmup: int, cfg: FinetuneConfig) -> float:
@@ -128,6 +146,7 @@ def transforms(size: int, cfg: FinetuneConfig):
     from timm.data import create_transform
 
     train = create_transform(size, is_training=True, auto_augment=cfg.auto_augment, re_prob=cfg.reprob,
+                             scale=tuple(cfg.crop_scale), hflip=cfg.hflip,
                              re_mode="pixel", re_count=1, interpolation="bicubic", color_jitter=0.4,
                              mean=augment.MEAN, std=augment.STD)
     test = create_transform(size, is_training=False, interpolation="bicubic", crop_pct=224 / 256,
