@@ -24,6 +24,9 @@ $(PY):
 # Re-install only when the package definition changes.
 $(INSTALLED): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[dev,scale]'
+	# clip-benchmark ships class names / prompt templates for the 26-dataset catalog as JSON; its own
+	# dependency tree (transformers, pycocoevalcap) is not needed to read them.
+	$(PY) -m pip install -q --no-deps clip-benchmark==1.6.2
 	# img2dataset pulls the Python-3.6 `dataclasses` backport, which shadows the stdlib inside
 	# Prefect's server subprocess (ENVIRONMENT.md 0.1); it is never needed on 3.11.
 	$(PY) -m pip uninstall -q -y dataclasses || true

@@ -33,7 +33,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 from slip_core import artifacts, storage
 from slip_core.config import from_dict, to_dict
 
+from datasets import quality as quality_pass  # issue 10: dedup, decontamination, filters
 from datasets import tarshards
 
 RESERVED = {"key", "caption", "url", "width", "height", "original_width", "original_height", "status",
@@ -73,6 +74,9 @@ class DatasetConfig:
     shards_per_group: int = 64  # one img2dataset call (one mapped Prefect task) per group
     parallel_groups: int = 1
     subprocess_timeout_s: int = 7 * 24 * 3600
+    # Dataset quality (datasets/quality.py, issue 10; off by default): applied when publishing, it only turns
+    # `success` rows into `filtered` + reason. Not part of the work-folder identity: nothing is re-downloaded.
+    quality: quality_pass.QualityConfig = field(default_factory=quality_pass.QualityConfig)
     distributor: str = "multiprocessing"  # img2dataset distributor: multiprocessing | pyspark (datasets/img2dataset_spark.py)
 
     def __post_init__(self):
@@ -97,12 +101,14 @@ _PARALLEL_FIELDS = {"processes_count", "thread_count", "shards_per_group", "para
 def make_config(config: dict | None = None, preset: str | None = None) -> DatasetConfig:
     base = to_dict(DATASET_PRESETS[preset or "yfcc15m"])
     base.update(config or {})
+    if isinstance(base.get("quality"), str):  # a quality preset name: "off" | "default" | "strict"
+        base["quality"] = to_dict(quality_pass.QUALITY_PRESETS[base["quality"]])
     return from_dict(DatasetConfig, base)
 
 
 def work_dir(store: str, cfg: DatasetConfig) -> str:
     """Work folder identity = the settings that change what a download produces."""
-    ident = {k: v for k, v in to_dict(cfg).items() if k not in _PARALLEL_FIELDS}
+    ident = {k: v for k, v in to_dict(cfg).items() if k not in _PARALLEL_FIELDS | {"quality"}}
     h = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     return storage.join(store, "dataset-work", f"{cfg.name}-{h}")
 
@@ -547,7 +553,8 @@ def repack(ledger: pa.Table, root: str, samples_per_shard: int) -> tuple[pa.Tabl
 
 def _status_summary(ledger: pa.Table) -> dict:
     st = collections.Counter(ledger["status"].to_pylist())
-    reasons = collections.Counter((s, r) for s, r in zip(ledger["status"].to_pylist(), ledger["reason"].to_pylist()) if s != "success")
+    reasons = collections.Counter((s, "duplicate_of:*" if r.startswith("duplicate_of:") else r)  # one per kept key otherwise
+                                  for s, r in zip(ledger["status"].to_pylist(), ledger["reason"].to_pylist()) if s != "success")
     return {"rows": len(ledger), "by_status": {k: st.get(k, 0) for k in STATUSES},
             "success_rate": round(st.get("success", 0) / max(1, len(ledger)), 4),
             "reasons": [{"status": s, "reason": r, "count": c} for (s, r), c in reasons.most_common(50)]}
@@ -566,6 +573,9 @@ def publish(table_path: str, work: str, cfg: DatasetConfig, store: str, upstream
     """Repack, write ledger/sizes/stats and the dataset manifest (last). Returns the manifest URL; an
     identical earlier publication (same table, settings and ledger) is returned as is."""
     ledger = final_ledger(table_path, work)
+    qual = quality_pass.run_quality(ledger, cfg.quality) if cfg.quality.enabled else None  # (ledger, fingerprints, report)
+    if qual:
+        ledger = qual[0]
     table_sha = storage.sha256_file(table_path)
     ident = {k: v for k, v in to_dict(cfg).items() if k not in _PARALLEL_FIELDS}
     root = artifacts.stage_root(store, "dataset", cfg.name, table_sha, ident, ledger_fingerprint(ledger))
@@ -573,14 +583,18 @@ def publish(table_path: str, work: str, cfg: DatasetConfig, store: str, upstream
     if storage.exists(murl) and not artifacts.verify(murl):  # published before and intact
         return murl
     ledger, sizes = repack(ledger, root, cfg.number_sample_per_shard)
+    if qual:  # fingerprint columns in the ledger + quality.json
+        ledger = quality_pass.publish_outputs(ledger, qual, root)
     with storage.atomic_open(storage.join(root, "ledger.parquet"), "wb") as f:
         pq.write_table(ledger, f)
     storage.atomic_write_text(storage.join(root, "sizes.json"), json.dumps(sizes, indent=1, sort_keys=True))
     stats = {**_status_summary(ledger), "shards": len(sizes), "num_samples": sum(sizes.values()),
              "attempts": sorted(set(a for a in ledger["attempt"].to_pylist() if a)), "input_table_sha256": table_sha,
              "work_dir": work, **(extra_stats or {})}  # no timings: same inputs -> byte-identical artifact
+    if qual:
+        stats["quality"] = quality_pass.summary(qual[2])
     storage.atomic_write_text(storage.join(root, "stats.json"), json.dumps(stats, indent=1, sort_keys=True, default=str))
-    files = sorted(sizes) + ["ledger.parquet", "sizes.json", "stats.json"]
+    files = sorted(sizes) + ["ledger.parquet", "sizes.json", "stats.json"] + ([quality_pass.REPORT_FILE] if qual else [])
     m = artifacts.build_manifest(root, files, kind="dataset", name=cfg.name, config=to_dict(cfg), upstream=upstream or {},
                                  metrics={"num_samples": stats["num_samples"], "num_rows": stats["rows"],
                                           "success_rate": stats["success_rate"], "shards": len(sizes),

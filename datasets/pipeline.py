@@ -65,7 +65,9 @@ def prepare_table(source: str, store: str, cfg: download.DatasetConfig, subset: 
     report.update(source=source, source_sha256=src_sha, subset=subset or "", subset_sha256=sub_sha, kind=kind)
     storage.atomic_write_text(storage.join(root, "filter_report.json"), json.dumps(report, indent=1))
     m = artifacts.build_manifest(root, ["captions.parquet", "filter_report.json"], kind="caption-table", name=cfg.name,
-                                 config={"clean_mode": cfg.clean_mode, "subset_name": cfg.subset_name, "kind": kind},
+                                 config={"clean_mode": cfg.clean_mode, "subset_name": cfg.subset_name, "kind": kind,
+                                         "source": source, "source_sha256": src_sha,
+                                         "subset": subset or "", "subset_sha256": sub_sha},
                                  metrics={k: report[k] for k in ("rows", "written", "malformed", "in_subset") if k in report})
     return artifacts.publish(m, root)
 

@@ -41,12 +41,14 @@ CLIP_BENCHMARK_KEYS = {
 OUR_CLASSNAMES: dict[str, list[str]] = {
     "fashion_mnist": list(FASHION_CLASSES),
     "digits": list(DIGIT_CLASSES),
+    "mnist": list(DIGIT_CLASSES),  # the local sets never need clip-benchmark
     "hateful_memes": ["meme", "hatespeech meme"],  # SPEC §7 / REFERENCE_NOTES §7.2 (score = logit1 - logit0)
     "rendered_sst2": ["negative", "positive"],
 }
 OUR_TEMPLATES: dict[str, list[str]] = {
     "fashion_mnist": ["a photo of a {}."],  # SLIP has no Fashion-MNIST template (OFFLINE_DATA §2)
     "digits": ['a photo of the number: "{}".'],
+    "mnist": ['a photo of the number: "{}".'],  # SLIP's single MNIST template (OFFLINE_DATA §2)
     "cub200": ["a photo of a {}, a type of bird."],
     "ucf101_frames": ["a photo of a person {}.", "a video of a person {}.", "a person doing {}.",
                       "a photo of a person doing {}.", "an example of a person doing {}."],

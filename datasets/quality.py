@@ -96,6 +96,19 @@ def run_quality(ledger: pa.Table, cfg: QualityConfig) -> tuple[pa.Table, pa.Tabl
     return out, fps, report
 
 
+def publish_outputs(ledger: pa.Table, result: tuple[pa.Table, pa.Table, dict], root: str) -> pa.Table:
+    """For the dataset stage after repacking: writes root/quality.json (the report) and returns the ledger
+    with its fingerprint columns (fingerprint.attach_to_ledger), which the next version reads as `previous`."""
+    _, fps, report = result
+    storage.atomic_write_text(storage.join(root, REPORT_FILE), json.dumps(report, indent=1, sort_keys=True, default=str))
+    return fingerprint.attach_to_ledger(ledger, fps)
+
+
+def summary(report: dict) -> dict:
+    """The few numbers of a report worth keeping in the dataset's stats.json."""
+    return {k: report.get(k) for k in ("success_in", "success_out", "filtered", "by_reason")}
+
+
 def audit(dataset_manifest: str, cfg: QualityConfig) -> dict:
     """What the quality pass would remove from an already published dataset (its shards are read; nothing
     is written): the report of apply_quality_report on the published ledger."""

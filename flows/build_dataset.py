@@ -15,6 +15,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from datasets import download, pipeline
+from datasets.fingerprint import fingerprint_ledger
 from flows.caching import stage_cache
 from slip_core import artifacts
 from slip_core.config import to_dict
@@ -51,6 +52,8 @@ def verify_task(table_manifest: str, store: str, config: dict) -> dict:
     ledger = download.final_ledger(pipeline.table_of(table_manifest), download.work_dir(store, cfg))
     summary = download._status_summary(ledger)
     summary["fingerprint"] = download.ledger_fingerprint(ledger)
+    if cfg.quality.enabled:  # issue 10: hash every image once, here (cached per shard; publish's quality pass reuses it)
+        summary["images_fingerprinted"] = len(fingerprint_ledger(ledger))
     return summary
 
 

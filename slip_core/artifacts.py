@@ -219,6 +219,9 @@ def format_lineage(root_or_url: str) -> str:
         metrics = ", ".join(f"{k}={v}" for k, v in list(m.metrics.items())[:6])
         lines.append(f"{pad}- {m.kind} '{m.name}' sha256={m.sha256[:12]} code={m.code_version} at {m.created_at}")
         lines.append(f"{pad}  {url}  ({len(m.files)} files{'; ' + metrics if metrics else ''}){'  [' + note + ']' if note else ''}")
+        if m.config.get("source"):  # a stage read raw input that is not itself an artifact
+            lines.append(f"{pad}  raw input: {m.config['source']} (sha256 {str(m.config.get('source_sha256', ''))[:12]})"
+                         + (f" + subset {m.config['subset']}" if m.config.get("subset") else ""))
     return "\n".join(lines)
 
 

@@ -71,7 +71,8 @@ def result_bars(results: list[dict]):
 
 def _table(rows: list[dict], cols: list[str]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in cols) + "</tr>" for r in rows)
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(r.get(c, '')))}</td>" for c in cols) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -115,10 +116,14 @@ def build_report(dataset_url: str, checkpoint_url: str, eval_url: str) -> str:
     results = []
     if results_path:
         results = json.loads(storage.read_text(storage.join(artifacts.artifact_root(artifacts.manifest_url(eval_url)), results_path)))
+    missing = [r for r in results if r.get("value") is None]  # not evaluated: reason recorded
+    results = [r for r in results if r.get("value") is not None]
     if results:
         parts.append(f"<img alt='per-dataset results' src='{_png_data_uri(result_bars(results))}'>")
         cols = [c for c in ("dataset", "task", "metric", "value", "chance", "num_samples") if any(c in r for r in results)]
         parts.append(_table(results, cols))
+    if missing:
+        parts.append("<h3>Not evaluated</h3>" + _table(missing, ["dataset", "task", "reason"]))
 
     parts.append("<h2>Lineage</h2><pre>" + html.escape(artifacts.format_lineage(eval_url)) + "</pre>")
     parts.append("</body></html>")

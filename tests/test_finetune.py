@@ -71,11 +71,11 @@ def test_finetune_under_torchrun_beats_linear_probe(tmp_path):
     probe = linear_probe.fast_probe(lm, catalog.load("mnist", "train", tf, max_samples=n_train),
                                     catalog.load("mnist", "test", tf, max_samples=n_test), cache_dir=str(tmp_path))
     cfg = dataclasses.replace(finetune.FINETUNE_PRESETS["tiny"], dataset="mnist", max_train_samples=n_train,
-                              max_test_samples=n_test, epochs=6, threads=1)
+                              max_test_samples=n_test, epochs=20, threads=1)
     lines = []
     res = finetune.launch(lm.path, str(tmp_path / "ft"), cfg, nproc=1, timeout_s=600, log=lines.append)
     print(f"\nmnist (npm) {n_train} train / {n_test} test: fine-tune {res['value']:.1f}% "
           f"vs linear probe {probe['value']:.1f}% (chance 10)")
-    assert res["world_size"] == 1 and res["epochs"] == 6 and res["num_samples"] == n_test
+    assert res["world_size"] == 1 and res["epochs"] == 20 and res["num_samples"] == n_test
     assert os.path.exists(tmp_path / "ft" / "checkpoint.pt")
     assert res["value"] > probe["value"] + 2.0, (res, probe["value"])

@@ -10,6 +10,7 @@ from PIL import Image
 from datasets import download, fingerprint, offline, pipeline, quality
 from datasets.httpserve import serve_directory
 from tests._dataset_util import TEST_CONFIG, Row, write_metadata
+from slip_core.config import to_dict
 from tests._quality_util import assert_one_status, encode, short_side
 
 QCFG = quality.QualityConfig(exact_dedup=True, near_dup_hamming=20, decontaminate=("fashion_mnist",),
@@ -75,3 +76,32 @@ def test_quality_pass_on_a_real_img2dataset_download(tmp_path, monkeypatch):
     # fingerprints stored in the ledger, ready to be the next version's `previous`
     published = fingerprint.attach_to_ledger(out, fps)
     assert all(len(p) == 64 for p in published["phash"].to_pylist())
+
+    # The dataset stage's hook (download.publish with DatasetConfig.quality): same work folder (quality is
+    # not part of the download identity, nothing is re-downloaded), filtered samples are not in the shards,
+    # the ledger carries the decisions and the fingerprints, quality.json is part of the manifest.
+    import json
+
+    import pyarrow.parquet as pq
+    import webdataset as wds
+
+    from slip_core import artifacts
+
+    qcfg = download.make_config({**TEST_CONFIG, "name": "qtest", "quality": to_dict(QCFG)}, "tiny")
+    assert download.work_dir(store, qcfg) == work
+    murl = pipeline.publish(tm, store, qcfg)
+    root = artifacts.artifact_root(murl)
+    m = artifacts.load_verified(murl)
+    assert "quality.json" in {f.path for f in m.files} and m.config["quality"]["near_dup_hamming"] == 20
+    led = pq.read_table(os.path.join(root, "ledger.parquet"))
+    assert {k: (r or s) for k, s, r in zip(led["key"].to_pylist(), led["status"].to_pylist(), led["reason"].to_pylist())} == want
+    assert led["phash"].to_pylist() == published["phash"].to_pylist()
+    tars = sorted(os.path.join(root, p) for p in json.load(open(os.path.join(root, "sizes.json"))))
+    in_shards = sorted(s["__key__"] for s in wds.WebDataset(tars, shardshuffle=False))
+    assert in_shards == sorted(k for k, v in want.items() if v == "success") and m.metrics["num_samples"] == len(in_shards)
+    assert json.load(open(os.path.join(root, "quality.json")))["by_reason"] == report["by_reason"]
+    # the next version keeps v1's decisions: previous_dataset = this manifest
+    v2 = download.make_config({**TEST_CONFIG, "name": "qtest", "quality": {**to_dict(QCFG), "previous_dataset": murl}}, "tiny")
+    assert download.work_dir(store, v2) == work
+    led2 = pq.read_table(os.path.join(artifacts.artifact_root(pipeline.publish(tm, store, v2)), "ledger.parquet"))
+    assert led2["reason"].to_pylist() == led["reason"].to_pylist()

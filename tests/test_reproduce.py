@@ -59,6 +59,7 @@ def test_lineage_reaches_the_raw_url_table(first_run):
     exe = os.path.join(os.path.dirname(sys.executable), "slip")
     out = subprocess.run([exe, "lineage", r["report"].rsplit("/", 1)[0]], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "caption-table" in out.stdout, out.stderr
+    assert "raw input:" in out.stdout and "demo-corpus" in out.stdout  # back to the raw URL table
 
 
 def test_unchanged_rerun_is_all_cache_hits(first_run):

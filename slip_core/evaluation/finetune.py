@@ -69,7 +69,7 @@ FINETUNE_PRESETS: dict[str, FinetuneConfig] = {
     "vitl16": FinetuneConfig(epochs=50, warmup_epochs=5, drop_path=0.1, layer_decay=0.75),
     # CPU demo: a few epochs on a small local set; heavy regularisation (mixup/cutmix/RandAugment) is
     # turned down because it needs many epochs to pay off. Same code path otherwise.
-    "tiny": FinetuneConfig(dataset="digits", epochs=12, warmup_epochs=1, batch_size=64, lr=2e-3, layer_decay=0.75,
+    "tiny": FinetuneConfig(dataset="digits", epochs=20, warmup_epochs=1, batch_size=64, lr=2e-3, layer_decay=0.75,
                            mixup=0.0, cutmix=0.0, auto_augment=None, reprob=0.0, smoothing=0.1, image_size=32,
                            crop_scale=(0.5, 1.0), hflip=0.0,
                            num_workers=0, save_every=1),
@@ -142,8 +142,25 @@ def lr_at(step: int, total: int, warmup: int, cfg: FinetuneConfig) -> float:
 
 
 # ------------------------------------------------------------------------------------------ data
+def _posterize_compat(img, bits_to_keep, **_):
+    """timm's 'inc1' RandAugment asks for 0 bits at top magnitude; Pillow >= 11 rejects that, while the
+    Pillow of the reference gave the all-zero image -- which is what we return."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep < 1:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
 def transforms(size: int, cfg: FinetuneConfig):
+    import timm.data.auto_augment as aa
     from timm.data import create_transform
+
+    for name, fn in list(aa.NAME_TO_OP.items()):
+        if fn is aa.posterize:
+            aa.NAME_TO_OP[name] = _posterize_compat
 
     train = create_transform(size, is_training=True, auto_augment=cfg.auto_augment, re_prob=cfg.reprob,
                              scale=tuple(cfg.crop_scale), hflip=cfg.hflip,
@@ -237,7 +254,7 @@ def run(pretrained: str, out_dir: str, cfg: FinetuneConfig, log=print) -> dict:
         logits, labels = extract(model, test.dataset, batch_size=256)
         res = metrics.compute(test.entry.metric, logits, labels)
         row = {"epoch": epoch + 1, "step": step, "lr": lr, "loss": loss_sum / steps_per_epoch,
-               "epoch_s": round(time.time() - t0, 2), **res}
+               "epoch_s": round(time.time() - t0, 2), "num_samples": int(len(labels)), **res}
         history.append(row)
         if rank == 0:
             log(json.dumps(row))
@@ -250,7 +267,7 @@ def run(pretrained: str, out_dir: str, cfg: FinetuneConfig, log=print) -> dict:
                                 "history": history}, f)
     final = history[-1]
     result = {"metric": test.entry.metric, "value": final["value"], "top1": final["top1"],
-              "best_value": max(h["value"] for h in history), "epochs": cfg.epochs, "num_samples": int(len(labels)),
+              "best_value": max(h["value"] for h in history), "epochs": cfg.epochs, "num_samples": final["num_samples"],
               "chance": test.entry.chance(), "image_size": size, "world_size": world,
               "recipe": "BEiT fine-tune (layer decay, drop path, mixup/cutmix, label smoothing, warmup+cosine)"}
     if rank == 0:
