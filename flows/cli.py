@@ -56,7 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.parse_args([stage, "--help"])
         return 2
-    result = args.func(args)
+    from slip_core.config import ConfigError
+
+    try:
+        result = args.func(args)
+    except ConfigError as e:  # a typo in --set or a config file: say so, no traceback
+        print(f"slip {stage}: invalid configuration: {e}", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 

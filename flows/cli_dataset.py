@@ -12,16 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-
-def _parse_sets(items: list[str]) -> dict:
-    out = {}
-    for item in items or []:
-        k, _, v = item.partition("=")
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
+from slip_core.config import parse_sets
 
 
 def _filter(a) -> int:
@@ -35,7 +26,7 @@ def _filter(a) -> int:
 
 
 def _build(a) -> int:
-    config = {"preset": a.preset, **_parse_sets(a.set)}
+    config = {"preset": a.preset, **parse_sets(a.set)}
     if a.no_prefect:
         from datasets import download, pipeline
 

@@ -18,20 +18,9 @@ import json
 import os
 import sys
 
+from slip_core.config import parse_sets
+
 DEFAULT_STORE = os.environ.get("SLIP_STORE", os.path.join(os.getcwd(), "out", "store"))
-
-
-def _parse_sets(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def _direct(args: argparse.Namespace) -> int:
@@ -49,7 +38,7 @@ def _direct(args: argparse.Namespace) -> int:
             cfg.reference_probe.epochs = args.epochs
     if args.action == "finetune":
         cfg.finetune_preset, cfg.finetune_nproc = args.preset, args.nproc
-        cfg.finetune_overrides = _parse_sets(args.sets)
+        cfg.finetune_overrides = parse_sets(args.sets)
     lm = common.load_model(args.checkpoint)
     records, status = [], 0
     for ds in args.dataset or (["photos"] if args.action == "retrieval" else []):
@@ -72,7 +61,7 @@ def _direct(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from flows.evaluate import evaluate, make_config
 
-    overrides = _parse_sets(args.sets)
+    overrides = parse_sets(args.sets)
     make_config(args.preset, overrides)  # fail fast on a typo, before Prefect starts
     url = evaluate(checkpoint=args.checkpoint, store=args.store, config=overrides or None, preset=args.preset)
     print(json.dumps({"eval": url}))

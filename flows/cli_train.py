@@ -10,7 +10,7 @@ DEFAULT_STORE = os.environ.get("SLIP_STORE", os.path.join(os.getcwd(), "out", "s
 
 def _train(args: argparse.Namespace) -> int:
     from flows.pretrain import make_config, pretrain
-    from slip_core.trainer import parse_sets
+    from slip_core.config import parse_sets
 
     overrides = parse_sets(args.sets)
     make_config(args.preset, overrides)  # fail fast on a typo, before Prefect starts

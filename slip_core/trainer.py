@@ -443,21 +443,7 @@ def config_from_args(preset: str, config_json: str | None, sets: list[str]) -> T
     cfg = TRAIN_PRESETS[preset]
     if config_json:
         cfg = cfgmod.from_dict(TrainConfig, {**cfgmod.to_dict(cfg), **json.loads(storage.read_text(config_json))})
-    return cfgmod.override(cfg, parse_sets(sets)) if sets else cfg
-
-
-def parse_sets(sets: list[str]) -> dict:
-    """['lr=1e-3', 'model_overrides={"ssl_mlp_dim": 64}'] -> {'lr': 0.001, ...} (values parsed as JSON)."""
-    out = {}
-    for s in sets:
-        if "=" not in s:
-            raise SystemExit(f"--set expects key=value, got {s!r}")
-        k, v = s.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except ValueError:
-            out[k] = v
-    return out
+    return cfgmod.override(cfg, cfgmod.parse_sets(sets)) if sets else cfg
 
 
 def main(argv: list[str] | None = None) -> int:

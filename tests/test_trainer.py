@@ -75,7 +75,7 @@ def test_presets_and_paper_step_count():
     # SPEC §9.7: 14,689,580 samples, 64 ranks × 64 → 3,586 steps/epoch, 25 epochs = 89,650 steps
     assert T.steps_per_epoch(14_689_580, world=64, batch_size=64, accum=1) == 3586
     assert cfgmod.from_dict(T.TrainConfig, cfgmod.to_dict(paper)) == paper
-    assert T.parse_sets(["lr=0.001", "model=CLIP_VIT_TINY", "betas=[0.9, 0.95]"]) == {
+    assert cfgmod.parse_sets(["lr=0.001", "model=CLIP_VIT_TINY", "betas=[0.9, 0.95]"]) == {
         "lr": 0.001, "model": "CLIP_VIT_TINY", "betas": [0.9, 0.95]}
 
 
