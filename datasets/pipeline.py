@@ -12,7 +12,7 @@ import sys
 
 from slip_core import artifacts, storage
 
-from datasets import captions, download, yfcc
+from datasets import captions, download, ledger, yfcc
 
 
 def detect_source(source: str) -> str:
@@ -78,7 +78,7 @@ def table_of(table_manifest: str) -> str:
 
 def publish(table_manifest: str, store: str, cfg: download.DatasetConfig) -> str:
     report = json.loads(storage.read_text(storage.join(artifacts.artifact_root(table_manifest), "filter_report.json")))
-    return download.publish(table_of(table_manifest), download.work_dir(store, cfg), cfg, store,
+    return ledger.publish(table_of(table_manifest), download.work_dir(store, cfg), cfg, store,
                             upstream={"captions": artifacts.upstream_ref(table_manifest)},
                             extra_stats={"filter": {k: v for k, v in report.items() if k != "malformed_lines"},
                                          "malformed_lines": report.get("malformed_lines", [])})

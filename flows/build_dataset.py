@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from datasets import download, pipeline
+from datasets import download, ledger, pipeline
 from datasets.fingerprint import fingerprint_ledger
 from flows.caching import stage_cache
 from slip_core import artifacts
@@ -49,11 +49,11 @@ def download_task(group: dict, config: dict, progress: bool) -> dict:
 def verify_task(table_manifest: str, store: str, config: dict) -> dict:
     """Every input row has exactly one status (raises otherwise); returns the summary + ledger fingerprint."""
     cfg = _cfg(config)
-    ledger = download.final_ledger(pipeline.table_of(table_manifest), download.work_dir(store, cfg))
-    summary = download._status_summary(ledger)
-    summary["fingerprint"] = download.ledger_fingerprint(ledger)
+    fates = ledger.final_ledger(pipeline.table_of(table_manifest), download.work_dir(store, cfg))
+    summary = ledger._status_summary(fates)
+    summary["fingerprint"] = ledger.ledger_fingerprint(fates)
     if cfg.quality.enabled:  # issue 10: hash every image once, here (cached per shard; publish's quality pass reuses it)
-        summary["images_fingerprinted"] = len(fingerprint_ledger(ledger))
+        summary["images_fingerprinted"] = len(fingerprint_ledger(fates))
     return summary
 
 

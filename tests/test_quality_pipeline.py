@@ -1,5 +1,5 @@
 """The quality pass on a REAL download: YFCC-format metadata -> local HTTP server -> img2dataset CLI ->
-download.final_ledger -> quality.run_quality. Planted: a resized/re-encoded copy and a byte-identical copy
+ledger.final_ledger -> quality.run_quality. Planted: a resized/re-encoded copy and a byte-identical copy
 of photos, a re-encoded Fashion-MNIST TEST image (eval overlap), a camera-file-name caption."""
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 from PIL import Image
 
 from datasets import download, fingerprint, offline, pipeline, quality
+from datasets import ledger as ledger_mod
 from datasets.httpserve import serve_directory
 from tests._dataset_util import TEST_CONFIG, Row, write_metadata
 from slip_core.config import to_dict
@@ -57,7 +58,7 @@ def test_quality_pass_on_a_real_img2dataset_download(tmp_path, monkeypatch):
         work = download.work_dir(store, cfg)
         for group in download.plan(pipeline.table_of(tm), work, cfg):
             download.run_group(group, cfg)
-    ledger = download.final_ledger(pipeline.table_of(tm), work)
+    ledger = ledger_mod.final_ledger(pipeline.table_of(tm), work)
     assert ledger["status"].to_pylist() == ["success"] * len(files)
 
     out, fps, report = quality.run_quality(ledger, QCFG)
@@ -77,7 +78,7 @@ def test_quality_pass_on_a_real_img2dataset_download(tmp_path, monkeypatch):
     published = fingerprint.attach_to_ledger(out, fps)
     assert all(len(p) == 64 for p in published["phash"].to_pylist())
 
-    # The dataset stage's hook (download.publish with DatasetConfig.quality): same work folder (quality is
+    # The dataset stage's hook (ledger.publish with DatasetConfig.quality): same work folder (quality is
     # not part of the download identity, nothing is re-downloaded), filtered samples are not in the shards,
     # the ledger carries the decisions and the fingerprints, quality.json is part of the manifest.
     import json
