@@ -149,6 +149,25 @@ def load_tokenizer_state(path: str) -> dict:
     return torch.load(io.BytesIO(storage.read_bytes(str(path))), map_location="cpu", weights_only=True)
 
 
+def _load_dalle_encoder(path: str) -> nn.Module:
+    """Load OpenAI's dVAE encoder.pkl with torch's restricted unpickler and an explicit allow-list."""
+    import collections
+    import functools
+
+    import dall_e.encoder as dalle_encoder
+    import dall_e.utils as dalle_utils
+
+    allowed = [collections.OrderedDict, functools.partial, nn.Sequential, nn.ReLU, nn.MaxPool2d, nn.Identity,
+               nn.Upsample, torch.device]
+    for mod in (dalle_encoder, dalle_utils):
+        allowed += [v for v in vars(mod).values() if isinstance(v, type) and v.__module__ == mod.__name__]
+    with torch.serialization.safe_globals(allowed):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # an object outside the allow-list: refuse rather than run it
+            raise RuntimeError(f"{path}: refusing to unpickle objects outside the DALL-E encoder allow-list ({e})") from e
+
+
 class DallETokenizer(nn.Module):
     """DALL-E dVAE encoder from a local `encoder.pkl` (needs OpenAI's `dall_e` package; see module doc)."""
 
@@ -161,9 +180,9 @@ class DallETokenizer(nn.Module):
                               f"package (pip install DALL-E)") from e
         if not os.path.isfile(path):
             raise FileNotFoundError(f"DALL-E dVAE encoder not found: {path}")
-        # OpenAI's file is a whole pickled module (what dall_e.load_model reads), so it can only be loaded with
-        # full unpickling: done only for this explicitly configured LOCAL file, which must be trusted.
-        encoder = torch.load(path, map_location="cpu", weights_only=False)
+        # OpenAI's file is a whole pickled module (what dall_e.load_model reads). We still never unpickle
+        # arbitrary objects: only the dall_e encoder classes and torch's own layers are allow-listed.
+        encoder = _load_dalle_encoder(path)
         # kept out of our state dict and module tree (its weights are the user's file, not ours)
         object.__setattr__(self, "encoder", encoder.eval().requires_grad_(False))
         self.map_pixels, self.grid = map_pixels, grid

@@ -98,6 +98,9 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     "tiny": TrainConfig(model="SLIP_VIT_TINY", **_TINY),
     "clip_tiny": TrainConfig(model="CLIP_VIT_TINY", **_TINY),
     "simclr_tiny": TrainConfig(model="SIMCLR_VIT_TINY", **_TINY),
+    # Other SSL objectives inside SLIP (paper Table 6) and CLIP's ResNet (slip_core/ssl_variants.py, resnet_clip.py).
+    **{f"{v.lower()}_tiny": TrainConfig(model=f"SLIP_{v}_VIT_TINY", **_TINY) for v in ("MOCOV3", "BYOL", "BEIT")},
+    "clip_rn_tiny": TrainConfig(model="CLIP_RN_TINY", **_TINY),
 }
 # Paper recipes (SPEC §6): 64 per device, global 4096 (accumulation fills the gap on fewer devices),
 # reference lr/wd per kind (resolve()), YFCC15M 25/50/100 epochs, CC3M 40, CC12M 35.

@@ -62,17 +62,17 @@ def _kind(model) -> str:
 
 
 def _train(model, batches, steps: int, lr: float = 2e-3) -> list[dict]:
-    """`steps` optimizer steps of trainer.train_step (fp32, no scaler), the EMA hook after each step."""
+    """`steps` optimizer steps of trainer.train_step (fp32, no scaler)."""
     opt = build_optimizer(model, lr, 0.1)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     loss_fn = build_loss(model.config.name)
     model.train()
     hist = []
     for s in range(steps):
+        # train_step calls model.after_optimizer_step(progress) (the EMA hook) after the optimizer step
         hist.append(train_step(model, loss_fn, opt, scaler, [batches[s % len(batches)]], kind=_kind(model),
-                               device=torch.device("cpu"), autocast=contextlib.nullcontext, lr=lr))
-        if hasattr(model, "after_optimizer_step"):
-            model.after_optimizer_step(s / steps)
+                               device=torch.device("cpu"), autocast=contextlib.nullcontext, lr=lr,
+                               progress=s / steps))
     return hist
 
 
@@ -338,8 +338,8 @@ def test_trainer_trains_variant_and_calls_ema_hook(name, shards, tmp_path):
     final = T.train(cfg, shards, str(tmp_path))
     assert final["steps"] == 3 and math.isfinite(final["loss"])
     model = load_checkpoint(str(tmp_path / "checkpoint.pt"))
-    if hasattr(model, "ema_last_momentum"):  # the trainer called after_optimizer_step(step / total) each step
-        assert model.ema_last_momentum.item() == pytest.approx(cosine_momentum(model.config.ema_momentum, 2 / 3))
+    if hasattr(model, "ema_last_momentum"):  # train() passes progress = (step + 1) / total: 1.0 at the end
+        assert model.ema_last_momentum.item() == pytest.approx(cosine_momentum(model.config.ema_momentum, 3 / 3))
     if model.config.kind != "clip":
         assert "ssl_loss" in final
 
