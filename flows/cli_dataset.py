@@ -26,11 +26,13 @@ def _filter(a) -> int:
 
 
 def _build(a) -> int:
-    config = {"preset": a.preset, **parse_sets(a.set)}
-    if a.no_prefect:
-        from datasets import download, pipeline
+    from datasets import download
 
-        cfg = download.make_config({k: v for k, v in config.items() if k != "preset"}, a.preset)
+    config = {"preset": a.preset, **parse_sets(a.set)}
+    cfg = download.make_config({k: v for k, v in config.items() if k != "preset"}, a.preset)  # fail before Prefect starts
+    if a.no_prefect:
+        from datasets import pipeline
+
         print(pipeline.build(a.source, a.store, cfg, a.subset, a.retry_failed, progress=True))
         return 0
     from flows.build_dataset import build_dataset

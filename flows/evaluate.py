@@ -16,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.caching import refreshing, stage_cache
 from slip_core import artifacts, storage
-from slip_core.config import from_dict, override, to_dict
+from slip_core.config import ConfigError, from_dict, override, to_dict
 from slip_core.evaluation import common, report
 from slip_core.evaluation.tasks import EVAL_PRESETS, TASKS, EvalConfig, run_task
 
@@ -26,7 +26,7 @@ __all__ = ["evaluate", "EVAL_PRESETS", "make_config"]
 
 def make_config(preset: str, config: dict | None) -> EvalConfig:
     if preset not in EVAL_PRESETS:
-        raise ValueError(f"unknown eval preset {preset!r}; choose from {sorted(EVAL_PRESETS)}")
+        raise ConfigError(f"unknown eval preset {preset!r}; choose from {sorted(EVAL_PRESETS)}")
     base, config = EVAL_PRESETS[preset], config or {}
     cfg = from_dict(EvalConfig, {**to_dict(base), **{k: v for k, v in config.items() if "." not in k}})
     dotted = {k: v for k, v in config.items() if "." in k}

@@ -19,7 +19,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.caching import refreshing, stage_cache
 from slip_core import artifacts, storage
-from slip_core.config import from_dict, override, to_dict
+from slip_core.config import ConfigError, from_dict, override, to_dict
 from slip_core.launch import default_threads, plot_loss_curve, run_logged, torchrun_command
 from slip_core.trainer import TRAIN_PRESETS, TrainConfig
 
@@ -30,7 +30,7 @@ VERIFY_MAX_BYTES = 2 << 30
 
 def make_config(preset: str, config: dict | None) -> TrainConfig:
     if preset not in TRAIN_PRESETS:
-        raise ValueError(f"unknown training preset {preset!r}; choose from {sorted(TRAIN_PRESETS)}")
+        raise ConfigError(f"unknown training preset {preset!r}; choose from {sorted(TRAIN_PRESETS)}")
     base = TRAIN_PRESETS[preset]
     if not config:
         return base

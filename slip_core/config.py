@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import types
 import typing
 from typing import Any, TypeVar
 
@@ -49,11 +50,53 @@ def from_dict(cls: type[T], data: dict) -> T:
             value = from_dict(hint, value)
         elif (hint is tuple or typing.get_origin(hint) is tuple) and isinstance(value, list):
             value = tuple(value)
+        if not _matches(value, hint):
+            raise ConfigError(f"{cls.__name__}.{f.name}: expected {_hint_name(hint)}, got {value!r:.80}")
         kwargs[f.name] = value
     try:
         return cls(**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"{cls.__name__}: {e}") from e
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, KeyError) as e:  # incl. range checks in a config's __post_init__
+        raise ConfigError(str(e) if str(e).startswith(cls.__name__) else f"{cls.__name__}: {e}") from e
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether `value` fits a field's type hint. Checked at load time so `--set lr=abc` fails with the
+    field's name instead of a TypeError deep inside training; hints we do not model are accepted."""
+    if hint is None or hint is Any:
+        return True
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint in (str, bool):
+        return isinstance(value, hint)
+    base = origin or hint
+    if base in (tuple, list):
+        if not isinstance(value, (tuple, list)):
+            return False
+        if not args:
+            return True
+        if base is tuple and not (len(args) == 2 and args[1] is Ellipsis):  # fixed length: tuple[float, float]
+            return len(args) == len(value) and all(_matches(v, a) for v, a in zip(value, args))
+        return all(_matches(v, args[0]) for v in value)
+    if base is dict:
+        return isinstance(value, dict)
+    if dataclasses.is_dataclass(base):
+        return isinstance(value, base)
+    return True
+
+
+def _hint_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "") if typing.get_args(hint) else getattr(hint, "__name__", str(hint))
 
 
 def config_sha256(cfg: Any) -> str:

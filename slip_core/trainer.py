@@ -86,6 +86,29 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 0  # >0: torch.set_num_threads
 
+    def __post_init__(self):
+        # Checked here, not at step 1 of a queued cluster job: a bad value fails when the config is built.
+        from slip_core.models import MODEL_PRESETS
+
+        problems = []
+        if self.model not in MODEL_PRESETS:
+            problems.append(f"model {self.model!r} is not a preset ({', '.join(sorted(MODEL_PRESETS))})")
+        for name in ("epochs", "batch_size", "accum_steps", "log_every", "ckpt_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("samples_per_epoch", "global_batch", "max_steps", "num_workers", "threads", "eps",
+                     "warmup_epochs", "start_lr", "end_lr", "ssl_scale"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.ssl_temp <= 0:
+            problems.append(f"ssl_temp must be > 0, got {self.ssl_temp}")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            problems.append(f"precision must be auto|bf16|fp16|fp32, got {self.precision!r}")
+        if self.caption_mode not in ("strict", "reference"):
+            problems.append(f"caption_mode must be strict|reference, got {self.caption_mode!r}")
+        if problems:
+            raise ValueError("TrainConfig: " + "; ".join(problems))
+
 
 _PAPER = dict(epochs=25, batch_size=64, global_batch=4096, num_workers=10, log_every=10, ckpt_every=1000)
 _TINY = dict(epochs=2, batch_size=32, lr=2e-3, weight_decay=0.1, warmup_epochs=0.25, num_workers=1,

@@ -35,3 +35,34 @@ def prefect_server():
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+# ------------------------------------------------------------------------------------ fault table
+from tests._faults import FaultLog, write_table  # noqa: E402
+
+_FAULT_ROWS: list = []
+
+
+@pytest.fixture
+def fault_log(request) -> FaultLog:
+    """Record a fault/hostile input and what the test observed (see tests/_faults.py)."""
+    log = FaultLog(request.node.nodeid)
+    request.node.stash[_FAULT_KEY] = log
+    return log
+
+
+_FAULT_KEY = pytest.StashKey[FaultLog]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.when == "call" and rep.passed and _FAULT_KEY in item.stash:
+        _FAULT_ROWS.extend(item.stash[_FAULT_KEY].rows)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = os.environ.get("SLIP_FAULT_TABLE")
+    if path and exitstatus == 0 and _FAULT_ROWS:
+        write_table(_FAULT_ROWS, path)

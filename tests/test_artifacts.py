@@ -22,7 +22,7 @@ def test_publish_load_verify_roundtrip(tmp_path):
 
 
 @pytest.mark.parametrize("tamper", ["change", "truncate", "delete"])
-def test_tampered_artifact_is_detected(tmp_path, tamper):
+def test_tampered_artifact_is_detected(tmp_path, tamper, fault_log):
     root = str(tmp_path / "a")
     url, _ = _make_artifact(root)
     target = tmp_path / "a" / "data" / "x.bin"
@@ -36,13 +36,17 @@ def test_tampered_artifact_is_detected(tmp_path, tamper):
     assert len(problems) == 1 and "x.bin" in problems[0]
     with pytest.raises(artifacts.ManifestError):
         artifacts.load_verified(url)
+    fault_log.record("artifact", "artifacts", f"artifact file {tamper}d after publishing",
+                     f"verify() reports '{problems[0].split(':')[0]}' for that file; load_verified raises ManifestError")
 
 
-def test_missing_and_corrupt_manifest(tmp_path):
+def test_missing_and_corrupt_manifest(tmp_path, fault_log):
     assert artifacts.verify(str(tmp_path))[0].startswith("no manifest")
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(artifacts.ManifestError):
         artifacts.load_manifest(str(tmp_path))
+    fault_log.record("artifact", "artifacts", "artifact without a manifest (partial: crashed before publish); "
+                     "unparseable manifest", "verify() reports 'no manifest'; load_manifest raises ManifestError")
 
 
 def test_manifest_sha_ignores_time_but_not_content(tmp_path):

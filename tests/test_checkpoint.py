@@ -101,7 +101,7 @@ class Payload:
         return (os.system, (f"touch {self.path}",))
 
 
-def test_refuses_objects_outside_allow_list(tmp_path):
+def test_refuses_objects_outside_allow_list(tmp_path, fault_log):
     marker = tmp_path / "pwned"
     m = _trained_tiny("CLIP_VIT_TINY")
     torch.save({"epoch": 1, "args": argparse.Namespace(model="CLIP_VIT_TINY"), "state_dict": m.state_dict(),
@@ -110,11 +110,14 @@ def test_refuses_objects_outside_allow_list(tmp_path):
         load_checkpoint(tmp_path / "evil.pt")
     assert not marker.exists()
     torch.save({"state_dict": {}, "args": torch.nn.Linear(2, 2)}, tmp_path / "module.pt")
-    with pytest.raises(CheckpointError, match="allow-list"):
+    with pytest.raises(CheckpointError, match="allow-list") as err:
         load_state(tmp_path / "module.pt")
+    fault_log.record("input", "checkpoint", "checkpoint holding a pickled object outside the allow-list "
+                     "(os.system payload; a whole nn.Module)", "CheckpointError naming the allow-list for both; "
+                     "the payload never ran (marker file absent)")
 
 
-def test_corrupt_truncated_missing(tmp_path):
+def test_corrupt_truncated_missing(tmp_path, fault_log):
     m = _trained_tiny("CLIP_VIT_TINY")
     save_checkpoint(tmp_path / "ok.pt", m)
     data = (tmp_path / "ok.pt").read_bytes()
@@ -131,6 +134,9 @@ def test_corrupt_truncated_missing(tmp_path):
     (tmp_path / "other.pt").write_bytes(buf.getvalue())
     with pytest.raises(CheckpointError, match="not a SLIP checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
+    fault_log.record("input", "checkpoint", "corrupted checkpoint: truncated to half, random bytes, zero bytes",
+                     "CheckpointError 'corrupt' for each; a missing file raises FileNotFoundError; a foreign torch "
+                     "file raises 'not a SLIP checkpoint'")
 
 
 @pytest.mark.parametrize("name", ["SLIP_VIT_TINY", "CLIP_VIT_TINY"])
