@@ -19,6 +19,8 @@ import pyarrow.parquet as pq
 
 from slip_core import storage
 
+from datasets.yfcc import MAX_MALFORMED_KEPT, MAX_TEXT_CHARS  # one cap for every caption source
+
 URL_NAMES = ("url", "download_url", "image_url", "img_url", "URL")
 CAPTION_NAMES = ("caption", "text", "title", "alt", "TEXT", "captions")
 
@@ -55,7 +57,7 @@ def row_keys(urls, captions) -> pa.Array:
     return pa.array(out, pa.string())
 
 
-def _batches(url: str):
+def _batches(url: str, report: dict):
     lower = url.lower()
     fs, path = storage.url_to_fs(url)
     if lower.endswith(".parquet"):
@@ -65,7 +67,13 @@ def _batches(url: str):
     delim = "\t" if any(lower.endswith(s) for s in (".tsv", ".tsv.gz", ".tsv.bz2", ".txt")) else ","
     has_header, names = _sniff(url, delim)
     read = pacsv.ReadOptions(column_names=names, block_size=1 << 24)
-    parse = pacsv.ParseOptions(delimiter=delim, newlines_in_values=True, invalid_row_handler=lambda r: "skip")
+    def malformed(row) -> str:  # wrong column count: skipped, but counted (every input row has a fate)
+        report["malformed"] += 1
+        if len(report["malformed_lines"]) < MAX_MALFORMED_KEPT:
+            report["malformed_lines"].append(row.number)
+        return "skip"
+
+    parse = pacsv.ParseOptions(delimiter=delim, newlines_in_values=True, invalid_row_handler=malformed)
     conv = pacsv.ConvertOptions(strings_can_be_null=False)
     with fs.open(path, "rb", compression="infer") as f:
         reader = pacsv.open_csv(f, read_options=read, parse_options=parse, convert_options=conv)
@@ -73,17 +81,22 @@ def _batches(url: str):
 
 
 def normalize_table(source: str, output: str, caption_col: str | None = None) -> dict:
-    """Write `output` (parquet): key, url, caption + the source's other columns as strings."""
-    n = 0
+    """Write `output` (parquet): key, url, caption + the source's other columns as strings.
+    Returned report: `rows` written, `malformed` rows skipped (wrong column count; first line numbers in
+    `malformed_lines`, None where the reader cannot tell), `truncated_text` captions cut to MAX_TEXT_CHARS."""
+    report = {"rows": 0, "source": source, "malformed": 0, "malformed_lines": [], "truncated_text": 0}
     writer = None
     with storage.atomic_open(output, "wb") as out:
-        for batch in _batches(source):
+        for batch in _batches(source, report):
             t = pa.Table.from_batches([batch])
             names = t.column_names
             ucol = url_column(names)
             ccol = caption_col or next((c for c in CAPTION_NAMES if c in names), None)
             cols = {"url": pc.cast(t[ucol], pa.string())}
             cols["caption"] = pc.fill_null(pc.cast(t[ccol], pa.string()), "") if ccol else pa.array([""] * len(t))
+            too_long = pc.greater(pc.utf8_length(cols["caption"]), MAX_TEXT_CHARS)
+            report["truncated_text"] += pc.sum(too_long).as_py() or 0
+            cols["caption"] = pc.utf8_slice_codeunits(cols["caption"], 0, MAX_TEXT_CHARS)
             keys = pc.cast(t["key"], pa.string()) if "key" in names else row_keys(cols["url"], cols["caption"])
             data = {"key": keys, **cols}
             for c in names:
@@ -93,8 +106,8 @@ def normalize_table(source: str, output: str, caption_col: str | None = None) ->
             if writer is None:
                 writer = pq.ParquetWriter(out, table.schema, compression="zstd")
             writer.write_table(table.cast(writer.schema))
-            n += len(table)
+            report["rows"] += len(table)
         if writer is None:
             raise ValueError(f"{source}: no rows")
         writer.close()
-    return {"rows": n, "source": source}
+    return report

@@ -180,8 +180,10 @@ class _FileList:
     """SLIP's filelist format: numpy arrays of image paths (absolute or relative) and label strings/ints."""
 
     def __init__(self, base: Path, split_dir: str, transform):
-        self.paths = np.load(base / f"{split_dir}_images.npy", allow_pickle=True)
-        raw = np.load(base / f"{split_dir}_labels.npy", allow_pickle=True)
+        # String/int arrays need no pickle (SLIP itself loads these files without it); an object array would
+        # unpickle arbitrary code from a downloaded file, so numpy refuses it with a ValueError instead.
+        self.paths = np.load(base / f"{split_dir}_images.npy", allow_pickle=False)
+        raw = np.load(base / f"{split_dir}_labels.npy", allow_pickle=False)
         self.classes = sorted({str(x) for x in raw}) if raw.dtype.kind in "OUS" else None
         self.targets = [self.classes.index(str(x)) for x in raw] if self.classes else [int(x) for x in raw]
         self.base, self.transform = base, transform
@@ -190,11 +192,10 @@ class _FileList:
         return len(self.paths)
 
     def __getitem__(self, i):
-        from PIL import Image
+        from slip_core.evaluation.common import open_image  # pixel cap; a broken image raises, naming it
 
         p = Path(str(self.paths[i]))
-        img = Image.open(p if p.is_absolute() else self.base / p).convert("RGB")
-        return self.transform(img), self.targets[i]
+        return self.transform(open_image(p if p.is_absolute() else self.base / p)), self.targets[i]
 
 
 def _rgb(transform):
@@ -213,6 +214,8 @@ def load(name: str, split: str, transform, root: str | None = None, max_samples:
     import torch.utils.data as tud
     import torchvision.datasets as tvd
 
+    from slip_core.evaluation.common import WebDatasetSplit, open_image
+
     entry = get(name)
     fmt, path = locate(name, split, root)
     folder_classes = dataset_classes = file_templates = None
@@ -223,21 +226,16 @@ def load(name: str, split: str, transform, root: str | None = None, max_samples:
         dataset_classes = list(getattr(ds, "classes", []) or [])
         labels = np.asarray(ds.targets if hasattr(ds, "targets") else ds.labels)
     elif fmt == "imagefolder":
-        ds = tvd.ImageFolder(str(path), transform=_rgb(transform))
+        ds = tvd.ImageFolder(str(path), transform=_rgb(transform), loader=open_image)  # pixel-capped loader
         folder_classes, labels = list(ds.classes), np.asarray(ds.targets)
     elif fmt == "filelist":
         ds = _FileList(path, entry.test if split == "test" else entry.train, _rgb(transform))
         folder_classes, labels = ds.classes, np.asarray(ds.targets)
-    else:
-        import webdataset as wds
-
+    else:  # shards are untrusted: unsafe members, truncation and bombs raise (WebDatasetSplit)
         wsplit = "test" if split == "test" else "train"
         n = int((path / wsplit / "nshards.txt").read_text().strip())
         urls = [str(path / wsplit / f"{i}.tar") for i in range(n)]
-        ds = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, empty_check=False)
-              .decode("pil").to_tuple(";".join(IMAGE_EXTS), "cls").map_tuple(_rgb(transform), int))
-        if max_samples:
-            ds = ds.slice(max_samples)
+        ds = WebDatasetSplit(urls, _rgb(transform), IMAGE_EXTS, max_samples)
         dataset_classes = _read_lines(path / "classnames.txt")
         file_templates = _read_lines(path / "zeroshot_classification_templates.txt")
         labels = None

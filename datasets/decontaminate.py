@@ -74,6 +74,8 @@ def fingerprint_folder(name: str, root: str | Path, splits: tuple[str, ...] = EV
 
     def load(p):
         with Image.open(p) as im:
+            if im.size[0] * im.size[1] > fingerprint.MAX_PIXELS:  # header only: a bomb is never decoded
+                raise ValueError(f"{p}: {im.size[0]}x{im.size[1]} > {fingerprint.MAX_PIXELS} pixels")
             im.load()
             return im.copy()
     return _fingerprint_images(name, ids, (load(p) for p in files))

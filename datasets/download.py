@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from slip_core import artifacts, storage
-from slip_core.config import from_dict, to_dict
+from slip_core.config import ConfigError, from_dict, to_dict
 
 from datasets import quality as quality_pass  # issue 10: dedup, decontamination, filters
 
@@ -60,7 +60,13 @@ class DatasetConfig:
     min_image_size: int = 0
     max_image_area: float = 0.0  # 0 = unlimited; a decompression-bomb guard when set
     max_aspect_ratio: float = 0.0  # 0 = unlimited
-    timeout: int = 10
+    timeout: int = 10  # seconds per socket operation (img2dataset): connect, and each read
+    # Bounds per image, enforced by our fetch (datasets/img2dataset_bounded.py); 0 = unbounded. The timeout
+    # alone bounds neither a server that drips a byte per second nor an endless body. Memory held by
+    # downloads is at most ~2 * thread_count * max_image_bytes per process (img2dataset's in-flight cap).
+    download_deadline_s: float = 60.0  # total seconds for one image (per retry), redirects included
+    max_image_bytes: int = 32 << 20  # response body bytes; a larger Content-Length is refused unread
+    max_image_pixels: int = 89_478_485  # width*height from the header, checked before anything decodes (PIL's default cap)
     retries: int = 0
     compute_hash: str = "sha256"
     extract_exif: bool = False
@@ -80,6 +86,20 @@ class DatasetConfig:
     def __post_init__(self):
         if self.distributor not in ("multiprocessing", "pyspark"):
             raise ValueError(f"DatasetConfig.distributor must be 'multiprocessing' or 'pyspark', got {self.distributor!r}")
+        if self.clean_mode not in ("slip", "strict"):
+            raise ValueError(f"DatasetConfig.clean_mode must be 'slip' or 'strict', got {self.clean_mode!r}")
+        if self.resize_mode not in ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"):
+            raise ValueError(f"DatasetConfig.resize_mode: unknown img2dataset resize mode {self.resize_mode!r}")
+        for name in ("image_size", "number_sample_per_shard", "processes_count", "thread_count", "shards_per_group",
+                     "parallel_groups", "timeout", "subprocess_timeout_s"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DatasetConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("min_image_size", "max_image_area", "max_aspect_ratio", "retries", "download_deadline_s",
+                     "max_image_bytes", "max_image_pixels"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"DatasetConfig.{name} must be >= 0 (0 = unbounded/off), got {getattr(self, name)!r}")
+        if not 0 <= self.encode_quality <= 100:
+            raise ValueError(f"DatasetConfig.encode_quality must be in [0, 100], got {self.encode_quality!r}")
 
 
 DATASET_PRESETS: dict[str, DatasetConfig] = {
@@ -97,9 +117,14 @@ _PARALLEL_FIELDS = {"processes_count", "thread_count", "shards_per_group", "para
 
 
 def make_config(config: dict | None = None, preset: str | None = None) -> DatasetConfig:
-    base = to_dict(DATASET_PRESETS[preset or "yfcc15m"])
+    preset = preset or "yfcc15m"
+    if preset not in DATASET_PRESETS:
+        raise ConfigError(f"unknown dataset preset {preset!r}; known: {sorted(DATASET_PRESETS)}")
+    base = to_dict(DATASET_PRESETS[preset])
     base.update(config or {})
     if isinstance(base.get("quality"), str):  # a quality preset name: "off" | "default" | "strict"
+        if base["quality"] not in quality_pass.QUALITY_PRESETS:
+            raise ConfigError(f"unknown quality preset {base['quality']!r}; known: {sorted(quality_pass.QUALITY_PRESETS)}")
         base["quality"] = to_dict(quality_pass.QUALITY_PRESETS[base["quality"]])
     return from_dict(DatasetConfig, base)
 
@@ -295,7 +320,7 @@ def _url_col_names(names: list[str]) -> str:
 
 def img2dataset_command(url_list: str, output_folder: str, cfg: DatasetConfig, extra_columns: list[str],
                         nps: int | None = None) -> list[str]:
-    """The img2dataset CLI call (fire flags) for a parquet of url, caption + `extra_columns`."""
+    """The img2dataset CLI call (fire flags, plus our two bounds) for a parquet of url, caption + `extra_columns`."""
     a = {
         "url_list": url_list, "input_format": "parquet",
         "url_col": "url", "caption_col": "caption", "save_additional_columns": json.dumps(extra_columns),
@@ -303,7 +328,9 @@ def img2dataset_command(url_list: str, output_folder: str, cfg: DatasetConfig, e
         "number_sample_per_shard": nps or cfg.number_sample_per_shard, "oom_shard_count": 5, "incremental_mode": "incremental",
         "image_size": cfg.image_size, "resize_mode": cfg.resize_mode, "resize_only_if_bigger": cfg.resize_only_if_bigger,
         "encode_format": cfg.encode_format, "encode_quality": cfg.encode_quality, "min_image_size": cfg.min_image_size,
-        "timeout": cfg.timeout, "retries": cfg.retries, "compute_hash": cfg.compute_hash or "None",
+        "timeout": cfg.timeout, "download_deadline_s": cfg.download_deadline_s, "max_image_bytes": cfg.max_image_bytes,
+        "max_image_pixels": cfg.max_image_pixels,
+        "retries": cfg.retries, "compute_hash": cfg.compute_hash or "None",
         "extract_exif": cfg.extract_exif, "processes_count": cfg.processes_count, "thread_count": cfg.thread_count,
         "disallowed_header_directives": json.dumps(list(cfg.disallowed_header_directives)),
         "distributor": cfg.distributor, "enable_wandb": False, "max_shard_retry": 1,
@@ -312,7 +339,9 @@ def img2dataset_command(url_list: str, output_folder: str, cfg: DatasetConfig, e
         a["max_image_area"] = float(cfg.max_image_area)
     if cfg.max_aspect_ratio:
         a["max_aspect_ratio"] = float(cfg.max_aspect_ratio)
-    module = "datasets.img2dataset_spark" if cfg.distributor == "pyspark" else "img2dataset.main"  # Spark: our session
+    # Both entry points run img2dataset's own CLI with our bounded fetch (download_deadline_s, max_image_bytes);
+    # Spark's also builds the session first.
+    module = "datasets.img2dataset_spark" if cfg.distributor == "pyspark" else "datasets.img2dataset_bounded"
     return [sys.executable, "-m", module] + [f"--{k}={v}" for k, v in a.items()]
 
 
@@ -380,7 +409,7 @@ def run_group(group: Group, cfg: DatasetConfig, progress: bool = False) -> dict:
                 fs.rm(p, recursive=True)
     t0 = time.time()
     if not done >= set(range(group.n_shards)):
-        # PYTHONWARNINGS: runpy warns that img2dataset.main is already imported by its package (noise)
+        # PYTHONWARNINGS: runpy's "found in sys.modules" warning for `-m` entry modules (noise)
         env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", OMP_NUM_THREADS="1", WANDB_MODE="disabled",
                    PYTHONWARNINGS="ignore::RuntimeWarning:runpy")
         log_url = storage.join(group.path, "img2dataset.log")

@@ -10,16 +10,18 @@
   on the *downloaded original* (its `sha256` metadata column), when present. Exact duplicates are judged on
   `orig_sha256 or sha256`.
 
-Shard tars are read as a stream (datasets.tarshards: regular files only); member names are sanitised (no absolute paths, no `..`,
-regular files only) because shards are untrusted input. JPEGs are decoded in draft mode (libjpeg DCT
-scaling to >= 128 px, twice the hash's input size): bench/fingerprint.py measures the speed-up.
+Shard tars are read as a stream (datasets.tarshards) and are untrusted input: links, devices and members
+whose names are absolute, have `..` or control characters are skipped and counted; truncated tars raise;
+images above the loader's pixel cap are never decoded (error 'too_large'). JPEGs are decoded in draft mode
+(libjpeg DCT scaling to >= 128 px, twice the hash's input size): bench/fingerprint.py measures the speed-up.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import json
-import posixpath
+import logging
 from typing import Iterable, Iterator
 
 import imagehash
@@ -31,9 +33,11 @@ from PIL import Image
 from datasets import tarshards
 from slip_core import storage
 
+log = logging.getLogger(__name__)
 HASH_SIZE = 16  # imagehash hash_size -> HASH_SIZE**2 = 256 bits
 PHASH_BYTES = HASH_SIZE * HASH_SIZE // 8
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MAX_PIXELS = 89_478_485  # the loader's cap (augment.AugmentConfig.max_pixels); PIL only warns below 2x this
 DRAFT_SIDE = 8 * HASH_SIZE  # 2x the 64 px imagehash resizes to: DCT-scaled decoding at 1x added up to 18 bits
 
 FINGERPRINT_SCHEMA = pa.schema([
@@ -70,10 +74,17 @@ def decode(data: bytes, draft: bool = True) -> Image.Image:
     """Decode image bytes; for JPEG, `draft` lets libjpeg scale down by 1/2..1/8 while decoding (never
     below DRAFT_SIDE px on the short side), which the 64 px hash input does not notice."""
     img = Image.open(io.BytesIO(data))
+    _check_pixels(img)
     if draft and img.format == "JPEG":
         img.draft("L", (DRAFT_SIDE, DRAFT_SIDE))
     img.load()
     return img
+
+
+def _check_pixels(img: Image.Image) -> None:
+    """Refuse an opened (header-only) image above MAX_PIXELS before anything is decoded."""
+    if img.size[0] * img.size[1] > MAX_PIXELS:
+        raise ValueError(f"too_large: {img.size[0]}x{img.size[1]} > {MAX_PIXELS} pixels")
 
 
 def fingerprint_bytes(data: bytes, draft: bool = True) -> dict:
@@ -82,6 +93,7 @@ def fingerprint_bytes(data: bytes, draft: bool = True) -> dict:
     try:
         with Image.open(io.BytesIO(data)) as img:
             out["width"], out["height"] = img.size  # before draft() shrinks it
+            _check_pixels(img)
             if draft and img.format == "JPEG":
                 img.draft("L", (DRAFT_SIDE, DRAFT_SIDE))
             img.load()
@@ -107,29 +119,21 @@ def phash_matrix(hashes: Iterable[bytes]) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------ reading shards
 
-def safe_member_name(name: str) -> tuple[str, str] | None:
-    """(key, extension) of a tar member, or None for names a shard must not contain (absolute paths, '..',
-    empty parts). webdataset convention: the key is everything before the first '.' of the basename,
-    keeping the directory (so 'a/b.c.jpg' -> ('a/b', 'c.jpg'))."""
-    if not name or name.startswith("/") or "\\" in name or "\x00" in name:
-        return None
-    norm = name[2:] if name.startswith("./") else name
-    if any(p in ("", ".", "..") for p in norm.split("/")):
-        return None
-    d, base = posixpath.split(norm)
-    if "." not in base or base.startswith("."):
-        return None
-    stem, ext = base.split(".", 1)
-    return (posixpath.join(d, stem) if d else stem), ext.lower()
+safe_member_name = tarshards.split_name  # (key, ext) of a member name, None if unsafe or not a sample member
 
 
-def iter_tar_samples(tar_url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per sample of a webdataset tar, in file order; unsafe or non-file members skipped.
-    Members come from datasets.tarshards (a header reader ~5x cheaper per member than tarfile)."""
+def iter_tar_samples(tar_url: str,
+                     skipped: collections.Counter | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) per sample of a webdataset tar, in file order. Members that are not regular files
+    or whose names are unsafe are left out, counted by reason in `skipped` and logged; a truncated or corrupt
+    tar raises tarshards.BadTar. Members come from datasets.tarshards (a header reader ~5x cheaper per member
+    than tarfile)."""
     fs, path = storage.url_to_fs(tar_url)
+    skipped = collections.Counter() if skipped is None else skipped
+    before = sum(skipped.values())
     with fs.open(path, "rb") as f:
         cur, sample = None, {}
-        for name, data in tarshards.iter_members(f):
+        for name, data in tarshards.iter_members(f, skipped):
             parsed = safe_member_name(name)
             if parsed is None:
                 continue
@@ -141,6 +145,8 @@ def iter_tar_samples(tar_url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             sample[ext] = data
         if sample:
             yield cur, sample
+    if sum(skipped.values()) > before:
+        log.warning("%s: skipped unsafe tar members (cumulative): %s", tar_url, dict(skipped))
 
 
 def fingerprint_sample(key: str, sample: dict[str, bytes], draft: bool = True) -> dict:

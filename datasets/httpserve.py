@@ -2,7 +2,7 @@
 
 `serve_directory(path)` is a context manager yielding the base URL (no trailing slash). With
 `faults=True` it also answers a few misbehaving endpoints under `/_fault/`, so tests exercise the real
-failure paths of img2dataset's urllib downloader:
+failure paths of the download stage (img2dataset with our bounded fetch, datasets/img2dataset_bounded.py):
 
     /_fault/404  /_fault/500         HTTP errors
     /_fault/sleep/<seconds>          answers only after a delay (client timeout)
@@ -11,6 +11,13 @@ failure paths of img2dataset's urllib downloader:
     /_fault/truncated/<file>         the first third of <file> from the folder
     /_fault/loop/<n>                 302 to /_fault/loop/<n+1>, forever (redirect loop)
     /_fault/noai/<file>              <file> with an `X-Robots-Tag: noai` header
+    /_fault/drip/<seconds>           200 image/jpeg, then one body byte every <seconds>, endlessly
+    /_fault/dripheaders/<seconds>    the status line, then one header byte every <seconds>, endlessly
+    /_fault/endless                  200 image/jpeg without Content-Length, bytes as fast as they go, endlessly
+    /_fault/endless/<n>              the same, declaring `Content-Length: <n>`
+    /_fault/redirect/<url>           302 to <url>, taken verbatim (e.g. /_fault/redirect/ftp://127.0.0.1:9/x.jpg)
+
+The endless answers stop only when the client hangs up or the server shuts down.
 """
 from __future__ import annotations
 
@@ -39,6 +46,23 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         self.end_headers()
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             self.wfile.write(body)
+
+    def _stream(self, piece: bytes, every_s: float, headers: dict) -> None:
+        """A 200 image/jpeg whose body is `piece` repeated (every `every_s` seconds) until the client leaves."""
+        with contextlib.suppress(OSError):  # the client gave up: BrokenPipe / ConnectionReset
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.end_headers()
+            while not self.server.stopping.wait(every_s):
+                self.wfile.write(piece)
+
+    def _drip_headers(self, every_s: float) -> None:
+        with contextlib.suppress(OSError):
+            self.wfile.write(b"HTTP/1.0 200 OK\r\nX-Drip: ")
+            while not self.server.stopping.wait(every_s):
+                self.wfile.write(b"a")
 
     def _file(self, rel: str) -> bytes:
         path = os.path.join(self.directory, os.path.normpath(rel).lstrip("/."))
@@ -72,6 +96,17 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
                 self.send_header("Location", f"/_fault/loop/{int(arg or 0) + 1}")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
+            elif what == "drip":
+                self._stream(b"\xff", float(arg or 0.5), {"Content-Length": "100000"})
+            elif what == "dripheaders":
+                self._drip_headers(float(arg or 0.5))
+            elif what == "endless":
+                self._stream(b"\0" * (1 << 16), 0.0, {"Content-Length": arg} if arg else {})
+            elif what == "redirect":
+                self.send_response(302)
+                self.send_header("Location", arg)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
             elif what == "noai":
                 self._send(200, self._file(arg), "image/jpeg", {"X-Robots-Tag": "noai"})
             else:
@@ -93,12 +128,13 @@ def serve_directory(path: str, faults: bool = False, port: int = 0,
     `hits`, if given, counts GET requests per request path (tests use it to prove no URL is fetched twice)."""
     handler = functools.partial(type("H", (_Handler,), {"faults": faults}), directory=os.path.abspath(path))
     server = _Server(("127.0.0.1", port), handler)
-    server.hits, server.hits_lock = hits, threading.Lock()
+    server.hits, server.hits_lock, server.stopping = hits, threading.Lock(), threading.Event()
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
+        server.stopping.set()  # ends endless fault answers still streaming
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)

@@ -1,11 +1,12 @@
 """img2dataset on Spark: `python -m datasets.img2dataset_spark <img2dataset CLI flags>`.
 
-The dataset stage runs this instead of `python -m img2dataset.main` when `DatasetConfig.distributor` is
-"pyspark" (download.img2dataset_command). Why a wrapper: img2dataset's pyspark distributor uses the
-*active* SparkSession and otherwise builds its own `local[processes_count]` session with a fixed 16 GB
-driver (img2dataset/distributor.py), which can neither reach a cluster nor be sized. Here the session is
-built first, from the environment, and img2dataset's own CLI then runs in the same process and picks it
-up. Everything else (sharding, key numbering, per-shard `_stats.json` markers, incremental resume) is
+The dataset stage runs this instead of `python -m datasets.img2dataset_bounded` when
+`DatasetConfig.distributor` is "pyspark" (download.img2dataset_command). Why a wrapper: img2dataset's
+pyspark distributor uses the *active* SparkSession and otherwise builds its own `local[processes_count]`
+session with a fixed 16 GB driver (img2dataset/distributor.py), which can neither reach a cluster nor be
+sized. Here the session is built first, from the environment, and img2dataset's own CLI then runs in the
+same process and picks it up, through datasets/img2dataset_bounded.run (the same bounded fetch as without
+Spark). Everything else (sharding, key numbering, per-shard `_stats.json` markers, incremental resume) is
 img2dataset's, so the shards and the ledger are the same as with the multiprocessing distributor
 (tests/test_scale_spark.py checks this).
 
@@ -79,10 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"img2dataset_spark: Spark {spark.version}, master {spark.sparkContext.master}, "
           f"driver memory {spark.conf.get('spark.driver.memory')}", flush=True)
     try:
-        import fire
-        from img2dataset.main import download
+        from datasets import img2dataset_bounded  # img2dataset's CLI with the per-image bounds, as without Spark
 
-        fire.Fire(download, command=argv, name="img2dataset")
+        img2dataset_bounded.run(argv)
     finally:
         spark.stop()
     return 0

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from slip_core import artifacts, storage
 from slip_core.config import to_dict
+from slip_core.failpoints import failpoint
 
 from datasets import quality as quality_pass  # issue 10: dedup, decontamination, filters
 from datasets import tarshards
@@ -101,13 +102,16 @@ def final_ledger(table_path: str, work: str) -> pa.Table:
 def _iter_samples(tar_url: str):
     """(i2d key, {ext: bytes}) from an img2dataset tar, in key order (img2dataset writes samples in
     completion order; sorting makes the published shards byte-identical across identical builds).
-    One source shard is held in memory at a time (10k samples of 256 px JPEG: ~250 MB)."""
+    One source shard is held in memory at a time (10k samples of 256 px JPEG: ~250 MB). img2dataset writes
+    plain regular files only, so a truncated tar, a link or an unsafe member name means a damaged or
+    tampered work dir: tarshards raises (BadTar / UnsafeMember) and nothing is published from it."""
     fs, p = _fs(tar_url)
     by_key: dict[str, dict[str, bytes]] = collections.defaultdict(dict)
     with fs.open(p, "rb", block_size=1 << 22) as f:
         for name, data in tarshards.iter_members(f):
-            key, _, ext = name.partition(".")
-            by_key[key][ext] = data
+            parsed = tarshards.split_name(name)
+            if parsed is not None:
+                by_key[parsed[0]][parsed[1]] = data
     for key in sorted(by_key):
         yield key, by_key[key]
 
@@ -128,6 +132,7 @@ def repack(ledger: pa.Table, root: str, samples_per_shard: int) -> tuple[pa.Tabl
         if out["tw"] is not None:
             out["tw"].close()
             out["cm"].__exit__(None, None, None)
+            failpoint("publish.shard_closed")  # crash tests (slip_core/failpoints.py)
             out["tw"] = None
 
     n_out = 0
@@ -154,6 +159,7 @@ def repack(ledger: pa.Table, root: str, samples_per_shard: int) -> tuple[pa.Tabl
                 d["shard"][i] = out["name"]
                 sizes[out["name"]] += 1
                 n_out += 1
+                failpoint("publish.sample_written")
             if wanted:
                 raise RuntimeError(f"{len(wanted)} successes listed for {gpath} shard {s} are not in its tar")
     except BaseException as e:
@@ -195,6 +201,7 @@ def publish(table_path: str, work: str, cfg: DatasetConfig, store: str, upstream
     murl = artifacts.manifest_url(root)
     if storage.exists(murl) and not artifacts.verify(murl):  # published before and intact
         return murl
+    storage.remove_temp_files(root)  # partial shards of a publish killed mid-write (callers hold the work lock)
     ledger, sizes = repack(ledger, root, cfg.number_sample_per_shard)
     if qual:  # fingerprint columns in the ledger + quality.json
         ledger = quality_pass.publish_outputs(ledger, qual, root)
@@ -213,4 +220,5 @@ def publish(table_path: str, work: str, cfg: DatasetConfig, store: str, upstream
                                           "success_rate": stats["success_rate"], "shards": len(sizes),
                                           "input_table_sha256": table_sha, "shard_samples": sizes,
                                           **{f"n_{k}": v for k, v in stats["by_status"].items()}})
+    failpoint("publish.before_manifest")
     return artifacts.publish(m, root)

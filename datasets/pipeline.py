@@ -11,6 +11,7 @@ import json
 import sys
 
 from slip_core import artifacts, storage
+from slip_core.failpoints import failpoint
 
 from datasets import captions, download, ledger, yfcc
 
@@ -55,6 +56,14 @@ def prepare_table(source: str, store: str, cfg: download.DatasetConfig, subset: 
     murl = artifacts.manifest_url(root)
     if storage.exists(murl) and not artifacts.verify(murl):  # complete and intact: reuse
         return murl
+    with artifacts.stage_lock(root):  # a concurrent build of the same table waits, then reuses it
+        if storage.exists(murl) and not artifacts.verify(murl):
+            return murl
+        storage.remove_temp_files(root)  # what a killed earlier build left mid-write
+        return _build_table(source, root, cfg, kind, subset, src_sha, sub_sha)
+
+
+def _build_table(source, root, cfg, kind, subset, src_sha, sub_sha) -> str:
     out = storage.join(root, "captions.parquet")
     if kind == "yfcc":
         report = yfcc.filter_yfcc(source, out, subset=subset, mode=cfg.clean_mode).to_dict()
@@ -88,9 +97,11 @@ def build(source: str, store: str, cfg: download.DatasetConfig, subset: str | No
           retry_failed: bool = False, progress: bool = False) -> str:
     """The whole stage in this process; returns the dataset manifest URL."""
     tm = prepare_table(source, store, cfg, subset)
+    failpoint("dataset.table_published")  # crash tests (slip_core/failpoints.py)
     with download.work_lock(download.work_dir(store, cfg)):
         for group in download.plan(table_of(tm), download.work_dir(store, cfg), cfg, retry_failed=retry_failed):
             download.run_group(group, cfg, progress=progress)
+            failpoint("dataset.group_downloaded")
         return publish(tm, store, cfg)
 
 

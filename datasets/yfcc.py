@@ -12,6 +12,12 @@ Mode "strict" (our option, never the default): the slip steps, then HTML entitie
 characters and runs of whitespace collapsed to one space, ends trimmed, and rows whose title AND
 description are both empty dropped (counted in the report as `dropped_empty`).
 
+Long text, both modes: a cleaned title or description longer than MAX_TEXT_CHARS characters is cut to its
+first MAX_TEXT_CHARS; the row is kept (its image is as good as any) and counted once in the report as
+`truncated_text`. A 1 MB caption would otherwise travel into every shard and loader, while CLIP's tokenizer
+reads only the first 77 tokens. Cleaning itself is linear in the text length (see `_strip_tags`), so a
+hostile field costs milliseconds before it is cut.
+
 Speed: the hot loop only counts tabs and parses the line number of each row; the full split, decoding
 and cleaning run only for subset members (~15% of YFCC100M). Rows are batched into pyarrow record
 batches and written with one ParquetWriter, so memory stays flat whatever the input size.
@@ -29,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from slip_core import storage
+from slip_core.failpoints import failpoint
 
 LAYOUT_COLUMNS = {25: "consolidated", 23: "legacy"}
 # field positions per layout: (line number or None, photo id, hash or None, title, description, url)
@@ -49,13 +56,27 @@ _TAGS = re.compile(r"<a.*?>|</a>|<b>|</b>|<i>|</i>")
 _URLS = re.compile(r"http\S+|www\S+")
 _SPACE = re.compile(r"[\s\x00-\x1f\x7f]+")
 MAX_MALFORMED_KEPT = 1000  # line numbers reported; the count is always exact
+MAX_TEXT_CHARS = 8192  # cleaned title / description cap (module docstring: "Long text")
+
+
+def _strip_tags(text: str) -> str:
+    """`_TAGS.sub("", text)`, in linear time. The regex retries `<a.*?>` from every '<a' to the end of the
+    line when no '>' follows it: quadratic, ~45 min for a 1 MB field of '<a<a<a...'. Every match ends with '>'
+    and none crosses a newline, so per line the regex only needs the part up to the last '>': each retry
+    there succeeds and consumes what it scanned."""
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        end = line.rfind(">") + 1
+        if end:
+            lines[i] = _TAGS.sub("", line[:end]) + line[end:]
+    return "\n".join(lines)
 
 
 def clean_slip(text: str) -> str:
     """SLIP's caption cleaning, exactly (SPEC §1)."""
     text = unquote(text).replace("+", " ")
     if "<" in text:  # the regexes only ever match text containing these (fast path, same result)
-        text = _TAGS.sub("", text)
+        text = _strip_tags(text)
     if "http" in text or "www" in text:
         text = _URLS.sub("", text)
     return text
@@ -80,6 +101,7 @@ class FilterReport:
     malformed: int = 0
     malformed_lines: list[int] = field(default_factory=list)  # physical 0-based line numbers (first 1000)
     decode_errors: int = 0  # kept rows whose bytes were not valid UTF-8 (decoded with U+FFFD)
+    truncated_text: int = 0  # kept rows whose title or description was cut to MAX_TEXT_CHARS
     subset_rows: int = 0
 
     def to_dict(self) -> dict:
@@ -111,6 +133,7 @@ def _write(writer: pq.ParquetWriter, rows: list[tuple]) -> None:
     if rows:
         cols = list(zip(*rows))
         writer.write_batch(pa.record_batch([pa.array(c, t) for c, t in zip(cols, SCHEMA.types)], schema=SCHEMA))
+        failpoint("filter.batch_written")  # crash tests: output open and incomplete
 
 
 def filter_yfcc(
@@ -180,6 +203,9 @@ def filter_yfcc(
                 report.decode_errors += 1
                 title, desc, url = (parts[i].decode("utf-8", "replace") for i in (pos_t, pos_d, pos_u))
             title, desc = clean(title), clean(desc)
+            if len(title) > MAX_TEXT_CHARS or len(desc) > MAX_TEXT_CHARS:
+                report.truncated_text += 1
+                title, desc = title[:MAX_TEXT_CHARS], desc[:MAX_TEXT_CHARS]
             if strict and not title and not desc:
                 report.dropped_empty += 1
                 continue

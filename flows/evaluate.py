@@ -105,13 +105,26 @@ def evaluate(checkpoint: str, store: str, config: dict | None = None, preset: st
     settings = {k: v for k, v in to_dict(cfg).items() if k not in TASKS}  # what one job's number depends on
     jobs = cfg.jobs()
     shas = {(t, d): dataset_fingerprint(t, d, cfg.data_root) for t, d in jobs}
-    results = [eval_one(ckpt_path, ckpt_sha, t, d, shas[(t, d)], settings) for t, d in jobs]
-
-    model = results[0]["model"] if results else "unknown"
+    model = _model(ckpt_path, ckpt_sha).name  # the same load serves the eval tasks below
     root = artifacts.stage_root(store, "eval", model.lower(), ckpt_sha, to_dict(cfg), sorted(shas.items()))
-    if not refreshing() and not artifacts.verify(root):  # same checkpoint, data, settings published intact
-        log.info("eval artifact already complete: %s", root)
-        return artifacts.manifest_url(root)
+    # A concurrent run of the same evaluation waits here; its tasks then come from Prefect's cache and it
+    # reuses the published artifact instead of writing the same folder at the same time.
+    with artifacts.stage_lock(root, on_wait=log.info):
+        results = [eval_one(ckpt_path, ckpt_sha, t, d, shas[(t, d)], settings) for t, d in jobs]
+        if not refreshing() and not artifacts.verify(root):  # same checkpoint, data, settings published intact
+            log.info("eval artifact already complete: %s", root)
+            return artifacts.manifest_url(root)
+        url, md, title, n_ok = _publish(root, results, model, preset, cfg, ckpt_path, ckpt_sha, ckpt_manifest)
+    create_table_artifact(key="eval-results", table=[{c: r.get(c) for c in report.RESULT_COLS + ["reason"]}
+                                                      for r in results], description=f"{title}: one row per (task, dataset)")
+    create_markdown_artifact(key="eval-report", markdown=md, description=title)
+    log.info("eval artifact: %s (%d results, %d not evaluated)", url, n_ok, len(results) - n_ok)
+    return url
+
+
+def _publish(root: str, results: list[dict], model: str, preset: str, cfg: EvalConfig, ckpt_path: str,
+             ckpt_sha: str, ckpt_manifest: str | None) -> tuple[str, str, str, int]:
+    """Write the eval files and publish the manifest; returns (manifest URL, markdown, title, results with a value)."""
     pretrain = _pretrain_info(ckpt_manifest)
     lineage = artifacts.format_lineage(ckpt_manifest) if ckpt_manifest else f"checkpoint file {ckpt_path}"
     title = f"Evaluation of {model} ({preset})"
@@ -128,9 +141,4 @@ def evaluate(checkpoint: str, store: str, config: dict | None = None, preset: st
                                  config={**to_dict(cfg), "preset": preset, "checkpoint_sha256": ckpt_sha,
                                          "checkpoint": ckpt_manifest or ckpt_path},
                                  upstream=upstream, metrics=metrics)
-    url = artifacts.publish(m, root)
-    create_table_artifact(key="eval-results", table=[{c: r.get(c) for c in report.RESULT_COLS + ["reason"]}
-                                                      for r in results], description=f"{title}: one row per (task, dataset)")
-    create_markdown_artifact(key="eval-report", markdown=md, description=title)
-    log.info("eval artifact: %s (%d results, %d not evaluated)", url, len(ok), len(results) - len(ok))
-    return url
+    return artifacts.publish(m, root), md, title, len(ok)

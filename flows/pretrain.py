@@ -3,8 +3,10 @@
 The task is cached by (dataset manifest sha256, resolved config, nproc, code version) via
 flows.caching; its output folder is content-addressed too (artifacts.stage_root), and a retry of a
 killed/timed-out attempt resumes from that folder's `checkpoints/latest` (exact resume), so Prefect
-`retries` lose at most `ckpt_every` steps. Published files: checkpoint.pt (load_checkpoint-able),
-metrics.jsonl, loss_curve.png, config.json, final_metrics.json.
+`retries` lose at most `ckpt_every` steps. Two concurrent runs of the same config are serialised by
+artifacts.stage_lock on that folder: the second waits and reuses the first's checkpoint.
+Published files: checkpoint.pt (load_checkpoint-able), metrics.jsonl, loss_curve.png, config.json,
+final_metrics.json.
 """
 from __future__ import annotations
 
@@ -70,6 +72,17 @@ def train_task(dataset: str, store: str, config: dict, nproc: int, timeout_s: fl
     if not refreshing() and storage.exists(artifacts.manifest_url(root)) and not artifacts.verify(root):
         log.info("checkpoint artifact already complete: %s", root)
         return artifacts.manifest_url(root)
+    # A concurrent run of the same config shares root and work folder: the second waits here (at most as long
+    # as the first may train), then finds the published manifest instead of training into the same folder.
+    with artifacts.stage_lock(root, timeout_s=timeout_s, on_wait=log.info):
+        if not refreshing() and not artifacts.verify(root):
+            log.info("checkpoint artifact published by a concurrent run: %s", root)
+            return artifacts.manifest_url(root)
+        return _train_and_publish(root, dataset, ds_manifest, cfg, config, nproc, timeout_s, resume, log)
+
+
+def _train_and_publish(root: str, dataset: str, ds_manifest: artifacts.Manifest, cfg: TrainConfig, config: dict,
+                       nproc: int, timeout_s: float, resume: str, log) -> str:
     work = _work_dir(root)
     if resume == "none" and os.path.isdir(work):
         shutil.rmtree(work)

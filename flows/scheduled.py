@@ -6,7 +6,6 @@ are declared for a process work pool in infra/prefect.yaml.
 """
 from __future__ import annotations
 
-import glob
 import os
 
 from prefect import flow, get_run_logger

@@ -4,9 +4,10 @@ Stream layout. Every (epoch, rank, logical worker) owns an independent, infinite
 block b is one shard, chosen from (seed, epoch, rank, worker, b) — with replacement (`resampled=True`,
 webdataset's ResampledShards idea, no DDP end-of-epoch hangs) or as a per-epoch permutation of this
 stream's disjoint share of the shards (`resampled=False`, split by node then worker). Inside a block,
-samples are read in order (webdataset's tar iterator + key grouping) and permuted in chunks of
-`shuffle_chunk`, with the permutation seeded from the block and chunk. The caption choice and every
-augmentation parameter come from a numpy Generator seeded from (seed, epoch, rank, worker, block, index).
+samples are read in order (slip_core.tarsamples: webdataset's key grouping; unsafe members and truncated
+shards flagged) and permuted in chunks of `shuffle_chunk`, with the permutation seeded from the block and
+chunk. The caption choice and every augmentation parameter come from a numpy Generator seeded from
+(seed, epoch, rank, worker, block, index).
 
 So a stream position is just (block, index) plus counters: workers report it with every batch, the main
 process keeps the last one per worker, and a resumed loader starts each worker at its position (skipping
@@ -25,14 +26,16 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset import tariterators
 
-from slip_core import artifacts, storage
+from slip_core import artifacts, storage, tarsamples
 from slip_core.augment import AugmentConfig, BadImage, decode_image, make_views
 from slip_core.tokenizer import tokenize
 
 SHARD_RE = re.compile(r"(^|/)shards/[^/]+\.tar$")
-COUNTERS = ("ok", "corrupt", "too_large", "no_caption", "bad_tar")
+# Skip counters (bad samples are counted, never trained on, never fatal): undecodable / missing image, image
+# over the pixel cap, no usable caption, a shard that ends early (truncated/corrupt: what was read is kept),
+# a member that is a link/device or whose name is absolute, has '..' or a control character (tarsamples).
+COUNTERS = ("ok", "corrupt", "too_large", "no_caption", "bad_tar", "unsafe_member")
 
 
 # ------------------------------------------------------------------------------------------ manifests
@@ -110,10 +113,11 @@ def _open_tar(url: str):
 
 
 def _raw_samples(url: str) -> Iterator[dict]:
-    """Raw samples {'__key__', 'jpg': bytes, 'txt': bytes, 'json': bytes, ...} of one tar, in order."""
+    """Raw samples {'__key__', 'jpg': bytes, 'txt': bytes, 'json': bytes, ...} of one tar, in order; an unsafe
+    member is a {'__unsafe__': reason} sample of its own (so it has a stream index, like any other skip).
+    Raises tarsamples.BadShard at a truncated/corrupt end."""
     with _open_tar(url) as f:
-        files = ({**fs, "__url__": url} for fs in tariterators.tar_file_iterator(f))
-        yield from tariterators.group_by_keys(files)
+        yield from tarsamples.iter_samples(f, url)
 
 
 class ShardStream(IterableDataset):
@@ -167,6 +171,9 @@ class ShardStream(IterableDataset):
 
     def _prepare(self, raw: dict, rng: np.random.Generator, counts: dict) -> dict | None:
         c = self.cfg
+        if "__unsafe__" in raw:
+            counts["unsafe_member"] += 1
+            return None
         item = {}
         if self.need_text:
             try:

@@ -107,6 +107,22 @@ def atomic_open(url: str, mode: str = "wb") -> Iterator[IO]:
             fs.put_file(tmp, path)
 
 
+def remove_temp_files(root_url: str) -> list[str]:
+    """Delete the temp files `atomic_open` leaves under a local folder when its process is SIGKILLed
+    mid-write (`.<name>.<random>.tmp`: a kill skips the cleanup above). Only for a folder no other process
+    is writing into (the caller holds its lock). Object stores never hold one (one PUT). Returns them."""
+    if not is_local(root_url):
+        return []
+    removed = []
+    for dirpath, _, names in os.walk(url_to_fs(root_url)[1]):
+        for name in names:
+            if name.startswith(".") and name.endswith(".tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(dirpath, name))
+                    removed.append(os.path.join(dirpath, name))
+    return removed
+
+
 def atomic_write_bytes(url: str, data: bytes) -> None:
     with atomic_open(url, "wb") as f:
         f.write(data)

@@ -25,6 +25,11 @@ SOT_ID = 49406
 EOT_ID = 49407
 VOCAB_SIZE = 49408
 CONTEXT_LENGTH = 77
+# BPE is quadratic in a word's length (a 32k-letter word takes ~13 s; a 1 MB caption would take hours) and only
+# the first `context_length` ids are kept. An id covers at most 32 bytes of cleaned text (the longest vocabulary
+# entry) and cleaning collapses whitespace runs to one space, so those ids come from the first 33 x context_length
+# characters of any real caption; `tokenize` cuts there, bounding a hostile caption (~0.35 s here, worst case).
+MAX_CHARS_PER_ID = 33
 
 # The reference pattern (OpenAI CLIP simple_tokenizer.py): specials, contractions, letter runs,
 # single digits, runs of other non-space characters.
@@ -83,6 +88,8 @@ def tokenize(texts: str | list[str], context_length: int = CONTEXT_LENGTH, force
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"tokenize expects str captions, got {type(text).__name__} at index {i}")
+        if len(text) > MAX_CHARS_PER_ID * context_length:  # cleaning collapses whitespace anyway
+            text = " ".join(text.split())[: MAX_CHARS_PER_ID * context_length]
         ids = [SOT_ID] + tok.encode(text) + [EOT_ID]
         if len(ids) > context_length:
             ids = ids[:context_length]

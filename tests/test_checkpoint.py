@@ -110,7 +110,7 @@ def test_refuses_objects_outside_allow_list(tmp_path, fault_log):
         load_checkpoint(tmp_path / "evil.pt")
     assert not marker.exists()
     torch.save({"state_dict": {}, "args": torch.nn.Linear(2, 2)}, tmp_path / "module.pt")
-    with pytest.raises(CheckpointError, match="allow-list") as err:
+    with pytest.raises(CheckpointError, match="allow-list"):
         load_state(tmp_path / "module.pt")
     fault_log.record("input", "checkpoint", "checkpoint holding a pickled object outside the allow-list "
                      "(os.system payload; a whole nn.Module)", "CheckpointError naming the allow-list for both; "

@@ -33,6 +33,12 @@ CASES = [
      "eval setting of the wrong type"),
     (["dataset", "build", "/nonexistent.tsv", "--store", "/nonexistent-store", "--set", "timeout=soon"],
      "DatasetConfig.timeout: expected int, got 'soon'", "dataset setting of the wrong type"),
+    (["dataset", "build", "/nonexistent.tsv", "--store", "/nonexistent-store", "--preset", "yfcc99m"],
+     "unknown dataset preset 'yfcc99m'", "unknown dataset preset"),
+    (["dataset", "build", "/nonexistent.tsv", "--store", "/nonexistent-store", "--set", "thread_count=0"],
+     "DatasetConfig.thread_count must be >= 1, got 0", "out-of-range dataset setting (thread_count=0)"),
+    (["dataset", "build", "/nonexistent.tsv", "--store", "/nonexistent-store", "--set", "quality=lenient"],
+     "unknown quality preset 'lenient'", "unknown quality preset"),
 ]
 
 

@@ -1,7 +1,6 @@
 """Streaming loader on real webdataset shards: views, captions, skip counters, splitting, exact resume."""
 from __future__ import annotations
 
-import io
 import json
 import os
 
@@ -27,7 +26,8 @@ def clean_ds(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def dirty_ds(tmp_path_factory) -> str:
     """Two shards of good samples plus planted failures: garbage bytes, a truncated JPEG, a huge image,
-    a sample with no caption at all, a sample without an image, and a third shard that is a truncated tar."""
+    a sample with no caption at all, a sample without an image, a `../` sample, and a third shard that is a
+    truncated tar."""
     root = str(tmp_path_factory.mktemp("dirty"))
     good = fashion_samples(40, seed=2)
     big = jpeg_bytes(Image.new("RGB", (3000, 2000), (120, 30, 200)))
@@ -38,7 +38,8 @@ def dirty_ds(tmp_path_factory) -> str:
                ("bad00002", {"jpg": trunc, "txt": b"truncated", "json": json.dumps({"title": "t"}).encode()}),
                ("bad00003", {"jpg": big, "txt": b"big", "json": json.dumps({"title": "big one"}).encode()})],
            1: [("bad00004", {"jpg": good[1][0], "txt": b"", "json": meta_empty}),
-               ("bad00005", {"txt": b"no image", "json": json.dumps({"title": "no image"}).encode()})]}
+               ("bad00005", {"txt": b"no image", "json": json.dumps({"title": "no image"}).encode()}),
+               ("../bad00006", {"jpg": good[2][0], "txt": b"path traversal"})]}  # unsafe member names
     url = write_dataset(root, good, per_shard=20, extra_bad=bad)
     # A third shard cut in the middle of a member, as a crashed writer/partial upload leaves it.
     with open(os.path.join(root, "shards/00000.tar"), "rb") as f:
@@ -110,7 +111,7 @@ def test_bad_samples_are_skipped_and_counted(dirty_ds):
     assert len(_collect(loader)) == 30  # never crashes, keeps cycling over what is readable
     c = loader.counts()
     assert c["corrupt"] >= 3  # garbage bytes, truncated JPEG, sample without an image
-    assert c["too_large"] >= 1 and c["no_caption"] >= 1 and c["bad_tar"] >= 1
+    assert c["too_large"] >= 1 and c["no_caption"] >= 1 and c["bad_tar"] >= 1 and c["unsafe_member"] >= 2
     assert c["ok"] == 30 * 4
 
 

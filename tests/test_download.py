@@ -9,24 +9,30 @@ import json
 import os
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
+import zlib
 
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from datasets import download, pipeline
+from datasets import download, img2dataset_bounded, pipeline, yfcc
 from datasets.httpserve import serve_directory
 from slip_core import artifacts
-from tests._dataset_util import TEST_CONFIG, Row, fault_rows, huge_png, write_images, write_metadata
+from tests._dataset_util import BAD_LINES, TEST_CONFIG, Row, fault_rows, huge_png, write_images, write_metadata
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUILD_BOUND_S = 90  # the fault build (~20 s idle): without the per-image bounds, the drip rows never end
+BOUND = f"< {BUILD_BOUND_S} s"
 
 
 def _cfg(**kw):
-    return download.make_config({**TEST_CONFIG, "name": "test", **kw}, "tiny")
+    # subprocess_timeout_s: a hang fails the build (run_group kills img2dataset) instead of the test session
+    return download.make_config({**TEST_CONFIG, "name": "test", "subprocess_timeout_s": 2 * BUILD_BOUND_S, **kw}, "tiny")
 
 
 def _ledger(manifest_url):
@@ -50,7 +56,8 @@ def built(tmp_path_factory):
     hits = collections.Counter()
     with serve_directory(img_dir, faults=True, hits=hits) as base:
         rows = fault_rows(base, images, img_dir)
-        corpus = write_metadata(str(d / "yfcc100m_dataset"), str(d / "subset.tsv"), rows, malformed_at=5)
+        corpus = write_metadata(str(d / "yfcc100m_dataset"), str(d / "subset.tsv"), rows, malformed_at=5,
+                                n_bad=len(BAD_LINES))
         store = str(d / "store")
         t0 = time.time()
         murl = pipeline.build(corpus.metadata, store, _cfg(), subset=corpus.subset)
@@ -58,7 +65,9 @@ def built(tmp_path_factory):
                "store": store, "manifest": murl, "seconds": time.time() - t0}
 
 
-def test_every_row_has_its_expected_status_and_reason(built):
+def test_every_row_has_its_expected_status_and_reason(built, fault_log):
+    """Every hostile input of fault_rows / BAD_LINES ends with one recorded fate, and the build ends in bounded time."""
+    assert built["seconds"] < BUILD_BOUND_S
     ledger = {r["key"]: r for r in _ledger(built["manifest"])}
     corpus = built["corpus"]
     assert set(ledger) == set(corpus.keys)  # subset rows exactly; the non-subset row is absent
@@ -71,10 +80,30 @@ def test_every_row_has_its_expected_status_and_reason(built):
     n_ok = sum(r.expect[0] == "success" for r in corpus.keys.values())
     assert m.kind == "dataset" and m.metrics["num_samples"] == n_ok == m.metrics["n_success"]
     stats = json.loads(open(os.path.join(artifacts.artifact_root(built["manifest"]), "stats.json")).read())
-    assert stats["filter"]["malformed"] == 1 and stats["malformed_lines"] == [corpus.malformed_line]
-    assert stats["filter"]["decode_errors"] == 1 and stats["filter"]["not_in_subset"] == 1
-    assert stats["by_status"]["filtered"] == 1
+    filt = stats["filter"]
+    assert filt["malformed"] == len(BAD_LINES) and stats["malformed_lines"] == sorted(corpus.bad_lines.values())
+    assert filt["decode_errors"] == 1 and filt["not_in_subset"] == 1 and filt["truncated_text"] == 2
+    assert stats["by_status"]["filtered"] == 3
     assert m.upstream["captions"].kind == "caption-table"
+
+    for key, row in corpus.keys.items():
+        if row.fault and row.stage == "download":
+            fault_log.record("input", "download", row.fault, f"{ledger[key]['status']}: {ledger[key]['reason']}", bound=BOUND)
+    by_fault = {r.fault: (k, r) for k, r in corpus.keys.items() if r.fault}
+    key, _ = by_fault["title not valid UTF-8 (latin-1 bytes)"]
+    fault_log.record("input", "filter", "title not valid UTF-8 (latin-1 bytes)",
+                     f"kept, decoded with U+FFFD, counted (decode_errors {filt['decode_errors']}); "
+                     f"{ledger[key]['status']}", bound=BOUND)
+    absent = next(r for r in corpus.rows if not r.in_subset)
+    fault_log.record("input", "filter", absent.fault,
+                     f"dropped, counted (not_in_subset {filt['not_in_subset']}); no ledger row", bound=BOUND)
+    for label in corpus.bad_lines:
+        fault_log.record("input", "filter", label, f"skipped, counted and its line listed (malformed "
+                         f"{filt['malformed']}, malformed_lines)", bound=BOUND)
+    for fault in ("1 MB description", "1 MB title of '<a' repeated (regex backtracking bait)"):
+        key, _ = by_fault[fault]
+        fault_log.record("input", "filter", fault, f"text cut to {yfcc.MAX_TEXT_CHARS} characters, counted "
+                         f"(truncated_text {filt['truncated_text']}); {ledger[key]['status']}", bound=BOUND)
 
 
 def test_shards_open_with_plain_webdataset(built):
@@ -91,7 +120,76 @@ def test_shards_open_with_plain_webdataset(built):
         assert txt == (meta["title"] or meta["description"])
     non_utf8 = [m for _, _, _, m in samples if "\ufffd" in m["title"]]
     assert len(non_utf8) == 1 and non_utf8[0]["title"] == "caf\ufffd bold photo"  # <b> tags removed (SLIP cleaning)
+    metas = {key: meta for key, _, _, meta in samples}
+    for key, row in built["corpus"].keys.items():  # the 1 MB captions: downloaded, text cut to its first MAX_TEXT_CHARS
+        if row.fault.startswith("1 MB"):
+            assert metas[key]["title"] == row.title[:yfcc.MAX_TEXT_CHARS]
+            assert metas[key]["description"] == row.description[:yfcc.MAX_TEXT_CHARS]
     assert len({k for k, *_ in samples}) == len(samples)
+
+
+def test_bounded_fetch_ends_hostile_answers_in_time_and_fetches_only_http(tmp_path, fault_log):
+    """img2dataset_bounded.fetch, what img2dataset's workers download with: each endless answer ends at the
+    deadline or the byte cap, and no URL other than http(s) is opened, not even as a redirect target (a real
+    listener on the ftp port sees no connection)."""
+    limits = img2dataset_bounded.Limits(deadline_s=1.0, max_bytes=1 << 20, max_pixels=89_478_485)
+    (tmp_path / "ok.bin").write_bytes(b"x" * 5000)
+    for name, (w, h) in {"bomb10000.png": (10000, 10000), "bomb50000.png": (50000, 50000), "small.png": (4000, 3000)}.items():
+        (tmp_path / name).write_bytes(png_header(w, h))
+    ftp = socket.create_server(("127.0.0.1", 0))
+    ftp.settimeout(0)
+    ftp_url = f"ftp://127.0.0.1:{ftp.getsockname()[1]}/photo.jpg"
+    data_url = "data:image/gif;base64,R0lGODlhAQABAAAAACw="
+
+    def fetch(url):
+        t0 = time.monotonic()
+        _, stream, err = img2dataset_bounded.fetch((0, url), 2, None, None, limits=limits)
+        return stream, err, time.monotonic() - t0
+
+    with serve_directory(str(tmp_path), faults=True) as base:
+        stream, err, _ = fetch(f"{base}/ok.bin")
+        assert err is None and stream.getvalue() == b"x" * 5000
+        for path, want in [("/_fault/drip/0.2", "download exceeded the 1 s deadline"),
+                           ("/_fault/dripheaders/0.2", "download exceeded the 1 s deadline"),
+                           ("/_fault/endless", f"response exceeded max_image_bytes ({1 << 20})"),
+                           ("/_fault/endless/5000000", f"Content-Length 5000000 exceeds max_image_bytes ({1 << 20})")]:
+            stream, err, seconds = fetch(base + path)
+            assert stream is None and err == want and seconds < limits.deadline_s + 1.0, (path, err, seconds)
+        for side, shown in ((10000, "10000x10000 = 100000000"), (50000, "2500000000")):  # PIL warns / refuses itself
+            stream, err, _ = fetch(f"{base}/bomb{side}.png")
+            assert stream is None and err == f"image header declares {shown} pixels, over max_image_pixels (89478485)", err
+        stream, err, _ = fetch(f"{base}/small.png")
+        assert err is None and stream.getvalue() == png_header(4000, 3000)
+        refused = {}
+        for url in (ftp_url, "file:///etc/passwd", data_url, f"{base}/_fault/redirect/{ftp_url}",
+                    f"{base}/_fault/redirect/file:///etc/passwd", f"{base}/_fault/redirect/{data_url}"):
+            stream, err, seconds = fetch(url)
+            assert stream is None and seconds < 1.0, (url, err)
+            refused[url.replace(base, "").replace(ftp_url, "ftp://...")] = err
+    with pytest.raises(BlockingIOError):
+        ftp.accept()  # nothing connected to the ftp port, directly or by redirect
+    socket.create_connection(ftp.getsockname()).close()
+    ftp.accept()[0].close()  # ... and the check above would have seen a connection
+    ftp.close()
+    assert refused["ftp://..."] == "unsupported url scheme 'ftp'" and refused["file:///etc/passwd"] == "unsupported url scheme 'file'"
+    assert refused[data_url] == "unsupported url scheme 'data'"
+    assert refused["/_fault/redirect/ftp://..."] == "HTTP Error 302: redirect to a non-http(s) URL refused (ftp:)"
+    assert all("is not allowed" in refused[f"/_fault/redirect/{u}"] for u in ("file:///etc/passwd", data_url))
+    fault_log.record("security", "download", "only http(s) fetched: ftp://, file://, data: URLs, and 302 redirects to each",
+                     f"URLs: {refused['ftp://...']}, {refused['file:///etc/passwd']}, {refused[data_url]}; "
+                     f"redirect to ftp: {refused['/_fault/redirect/ftp://...']}; redirects to file:, data: refused by urllib "
+                     "('is not allowed'); 0 connections reached the ftp port", bound="< 1 s each")
+    fault_log.record("security", "download", "pixel cap before decoding: PNGs whose headers declare 10000x10000 and "
+                     "50000x50000 (max_image_pixels 89478485)", "refused from the header, nothing decoded: 'image header "
+                     "declares ... pixels, over max_image_pixels'; a 4000x3000 one passes", bound="< 1 s each")
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height over a few bytes of pixel data: what a bomb's header says."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
 
 
 def test_unchanged_rerun_downloads_nothing_and_concurrent_builds_are_refused(built):

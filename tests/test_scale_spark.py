@@ -85,7 +85,7 @@ def test_pyspark_runs_our_wrapper_and_stays_out_of_the_work_folder_identity():
     cmd = download.img2dataset_command("in.parquet", "out", sp, [])
     assert cmd[1:3] == ["-m", "datasets.img2dataset_spark"] and "--distributor=pyspark" in cmd
     assert "--processes_count=2" in cmd
-    assert download.img2dataset_command("in.parquet", "out", mp, [])[1:3] == ["-m", "img2dataset.main"]
+    assert download.img2dataset_command("in.parquet", "out", mp, [])[1:3] == ["-m", "datasets.img2dataset_bounded"]
     assert download.work_dir("/s", mp) == download.work_dir("/s", sp)  # parallelism, not content
     with pytest.raises(ValueError, match="distributor"):
         _cfg("dask")

@@ -1,11 +1,12 @@
 """`slip serve` registers cron-scheduled deployments on a real Prefect server and runs them."""
 import os
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
+
+from tests._procs import stop_group
 
 pytestmark = pytest.mark.prefect
 
@@ -43,9 +44,5 @@ def test_serve_registers_schedules_and_runs_a_deployment(prefect_server, tmp_pat
         run = run_deployment("evaluate-new-checkpoints/sweep", timeout=180, poll_interval=2)
         assert run.state.is_completed(), (run.state, (tmp_path / "serve.log").read_text()[-3000:])
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc, grace_s=30)
         log.close()

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 
 import fsspec
@@ -35,6 +36,25 @@ def test_slip_cleaning_is_reference_exact(raw, expected):
 
 def test_strict_cleaning():
     assert yfcc.clean_strict("++caf%C3%A9+%26amp%3B%0A%09tea++http%3A%2F%2Fx+") == "café & tea"
+
+
+def test_tag_stripping_matches_the_regex_and_is_linear():
+    # The reference regex `<a.*?>` is quadratic on '<a' with no '>' after it; _strip_tags must give the same
+    # result on every string (random ones over the characters that matter) and stay fast on the bait.
+    import random
+    import time
+
+    rnd = random.Random(8)
+    parts = ["<a", "<a href=x>", ">", "</a>", "<b>", "</b>", "<i>", "</i>", "\n", "x", " ", "<", "a", "/"]
+    for _ in range(20_000):
+        text = "".join(rnd.choice(parts) for _ in range(rnd.randint(0, 16)))
+        assert yfcc._strip_tags(text) == yfcc._TAGS.sub("", text), repr(text)
+    t0 = time.perf_counter()
+    no_close = "<a" * 500_000
+    assert yfcc._strip_tags(no_close) == no_close
+    assert yfcc._strip_tags(("<a" * 1000 + "\n") * 500) == ("<a" * 1000 + "\n") * 500
+    assert yfcc._strip_tags(no_close + ">" + "<a" * 1000) == "<a" * 1000
+    assert time.perf_counter() - t0 < 2.0
 
 
 def _rows(n, base="http://127.0.0.1:1", columns=25):
@@ -99,6 +119,22 @@ def test_cc3m_and_cc12m_tables(tmp_path):
     # keys are stable across snapshots: same url + caption -> same key
     assert captions.row_keys(["http://x/1.jpg"], ["a dog on a beach"]).to_pylist() == \
         pq.read_table(str(tmp_path / "cc3m.tsv.parquet"))["key"].to_pylist()[:1]
+
+
+def test_cc_table_counts_malformed_rows_and_caps_a_1mb_caption(tmp_path, fault_log):
+    huge = "dog " * 262144  # 1 MiB caption
+    (tmp_path / "cc.tsv").write_text(f"http://x/1.jpg\t{huge}\nhttp://x/2.jpg\tcat\textra column\n"
+                                     "http://x/3.jpg\tbird\n")
+    t0 = time.time()
+    rep = captions.normalize_table(str(tmp_path / "cc.tsv"), str(tmp_path / "o.parquet"))
+    t = pq.read_table(tmp_path / "o.parquet").to_pylist()
+    assert (rep["rows"], rep["malformed"], rep["truncated_text"]) == (2, 1, 1)
+    assert rep["rows"] + rep["malformed"] == 3  # every input row has a recorded fate
+    assert len(t[0]["caption"]) == yfcc.MAX_TEXT_CHARS and t[1]["caption"] == "bird"
+    assert time.time() - t0 < 10
+    fault_log.record("input", "filter", "CC3M/CC12M table: 1 MB caption and a row with an extra column",
+                     f"caption cut to {yfcc.MAX_TEXT_CHARS} chars (`truncated_text`), bad row counted as `malformed`",
+                     bound="< 10 s")
 
 
 def test_filter_cli(tmp_path):

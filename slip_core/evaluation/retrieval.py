@@ -68,8 +68,6 @@ def load_captioned(name: str, root: str | None = None) -> tuple[list[str], list[
 @torch.no_grad()
 def embed(lm: common.LoadedModel, images: list[str], captions: list[list[str]],
           batch_size: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    from PIL import Image
-
     if not hasattr(lm.model, "encode_text"):
         from slip_core.evaluation.zeroshot import NotApplicable
 
@@ -77,7 +75,7 @@ def embed(lm: common.LoadedModel, images: list[str], captions: list[list[str]],
     tf = common.zeroshot_transform(lm.model.config.image_size)
     img_emb = []
     for i in range(0, len(images), batch_size):
-        batch = torch.stack([tf(Image.open(p)) for p in images[i:i + batch_size]])
+        batch = torch.stack([tf(common.open_image(p)) for p in images[i:i + batch_size]])  # pixel-capped
         img_emb.append(lm.model.encode_image(batch).float())
     texts = [c for caps in captions for c in caps]
     text_image = np.array([i for i, caps in enumerate(captions) for _ in caps])

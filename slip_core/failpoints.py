@@ -1,0 +1,57 @@
+"""Named crash points for the reliability suite: places where a test can make the process SIGKILL itself.
+
+Why: a crash test must land its kill at a chosen step (after shard k of a repack is closed, after the ledger
+is written but before the manifest). A kill timed from outside can only aim at steps that last long enough
+to be seen by polling; a named point in the code hits any step, every time. Same idea as etcd's gofail.
+
+Production code marks a step with `failpoint("stage.step")`. It does nothing unless the environment
+variable SLIP_FAILPOINTS names that point (comma-separated; `NAME:N` fires on the N-th time it is reached):
+
+    SLIP_FAILPOINTS=publish.shard_closed:2     # die when the second output shard has been closed
+
+The variable is read once, at import (a test sets it for the subprocess it starts), so an unarmed point
+costs one call and one test of an empty dict. SIGKILL, not an exception: nothing runs after it (no
+`finally`, no atexit, no flush), exactly like the OOM killer or a lost node.
+
+Points (grep `failpoint(` for the code):
+    filter.batch_written       datasets/yfcc.py   a batch of caption rows written, the parquet not yet closed
+    dataset.table_published    datasets/pipeline.py  caption-table artifact published, nothing downloaded
+    dataset.group_downloaded   datasets/pipeline.py  an img2dataset group finished, the next not started
+    publish.sample_written     datasets/ledger.py  a sample appended to the open output shard
+    publish.shard_closed       datasets/ledger.py  an output shard closed and renamed into place
+    publish.before_manifest    datasets/ledger.py  shards, ledger, sizes and stats written, no manifest yet
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+ENV = "SLIP_FAILPOINTS"
+
+
+def parse(spec: str) -> dict[str, int]:
+    """'a,b:3' -> {'a': 1, 'b': 3}: the hit on which each armed point fires."""
+    armed: dict[str, int] = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, nth = item.partition(":")
+        if not name or (nth and not (nth.isdigit() and int(nth) >= 1)):
+            raise ValueError(f"{ENV}: bad entry {item!r}; expected NAME or NAME:N with N >= 1")
+        armed[name] = int(nth or 1)
+    return armed
+
+
+_ARMED = parse(os.environ.get(ENV, ""))
+_hits: dict[str, int] = {}
+_lock = threading.Lock()  # Prefect runs tasks in threads
+
+
+def failpoint(name: str) -> None:
+    """SIGKILL this process if `name` is armed and this is the hit it is armed for; otherwise nothing."""
+    if not _ARMED or name not in _ARMED:
+        return
+    with _lock:
+        n = _hits[name] = _hits.get(name, 0) + 1
+    if n == _ARMED[name]:
+        os.write(2, f"failpoint {name} (hit {n}): SIGKILL\n".encode())  # unbuffered: survives the kill
+        os.kill(os.getpid(), signal.SIGKILL)
