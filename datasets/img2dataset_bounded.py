@@ -40,10 +40,12 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from dataclasses import dataclass
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations, which asks PyPI
 from img2dataset import downloader as i2d_downloader  # noqa: E402
+from PIL import Image  # noqa: E402
 
 HTTP_SCHEMES = ("http", "https")
 CHUNK_BYTES = 1 << 16
@@ -202,10 +204,6 @@ def _too_many_pixels(buf: io.BytesIO, max_pixels: int) -> str | None:
     """An error message when the header declares more than max_pixels pixels (only the header is parsed)."""
     if not max_pixels:
         return None
-    import warnings
-
-    from PIL import Image
-
     buf.seek(0)
     try:
         with warnings.catch_warnings():

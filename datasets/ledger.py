@@ -199,7 +199,7 @@ def publish(table_path: str, work: str, cfg: DatasetConfig, store: str, upstream
     ident = {k: v for k, v in to_dict(cfg).items() if k not in _PARALLEL_FIELDS}
     root = artifacts.stage_root(store, "dataset", cfg.name, table_sha, ident, ledger_fingerprint(ledger))
     murl = artifacts.manifest_url(root)
-    if storage.exists(murl) and not artifacts.verify(murl):  # published before and intact
+    if artifacts.is_complete(murl):  # published before and intact
         return murl
     storage.remove_temp_files(root)  # partial shards of a publish killed mid-write (callers hold the work lock)
     ledger, sizes = repack(ledger, root, cfg.number_sample_per_shard)

@@ -54,10 +54,10 @@ def prepare_table(source: str, store: str, cfg: download.DatasetConfig, subset: 
     kind = detect_source(source)
     root = artifacts.stage_root(store, "caption-table", cfg.name, src_sha, sub_sha, cfg.clean_mode, kind)
     murl = artifacts.manifest_url(root)
-    if storage.exists(murl) and not artifacts.verify(murl):  # complete and intact: reuse
+    if artifacts.is_complete(murl):  # complete and intact: reuse
         return murl
     with artifacts.stage_lock(root):  # a concurrent build of the same table waits, then reuses it
-        if storage.exists(murl) and not artifacts.verify(murl):
+        if artifacts.is_complete(murl):
             return murl
         storage.remove_temp_files(root)  # what a killed earlier build left mid-write
         return _build_table(source, root, cfg, kind, subset, src_sha, sub_sha)

@@ -18,13 +18,11 @@ from __future__ import annotations
 import collections
 from typing import IO, Iterator
 
+from slip_core.tarsamples import LINKS_AND_DEVICES, UnsafeMember, unsafe_name_reason
 from slip_core.tarsamples import BadShard as BadTar
-from slip_core.tarsamples import UnsafeMember, unsafe_name_reason
 
 BLOCK = 512
 _SKIP_QUIETLY = (b"5", b"g", b"K")  # directory, pax global header, GNU long link name: no content, no key
-_LINKS_AND_DEVICES = {b"1": "hard link", b"2": "symlink", b"3": "character device", b"4": "block device",
-                      b"6": "fifo"}
 
 
 def _num(field: bytes) -> int:
@@ -112,7 +110,7 @@ def iter_members(f: IO[bytes], skipped: collections.Counter | None = None) -> It
         if kind in (b"0", b"\0", b"7"):
             reason = unsafe_name_reason(name)
         else:
-            reason = _LINKS_AND_DEVICES.get(kind, f"non-regular member (type {kind!r})")
+            reason = LINKS_AND_DEVICES.get(kind, f"non-regular member (type {kind!r})")
         if reason:
             if skipped is None:
                 raise UnsafeMember(f"{reason}: {name!r}")

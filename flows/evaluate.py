@@ -111,7 +111,7 @@ def evaluate(checkpoint: str, store: str, config: dict | None = None, preset: st
     # reuses the published artifact instead of writing the same folder at the same time.
     with artifacts.stage_lock(root, on_wait=log.info):
         results = [eval_one(ckpt_path, ckpt_sha, t, d, shas[(t, d)], settings) for t, d in jobs]
-        if not refreshing() and not artifacts.verify(root):  # same checkpoint, data, settings published intact
+        if not refreshing() and artifacts.is_complete(root):  # same checkpoint, data, settings published intact
             log.info("eval artifact already complete: %s", root)
             return artifacts.manifest_url(root)
         url, md, title, n_ok = _publish(root, results, model, preset, cfg, ckpt_path, ckpt_sha, ckpt_manifest)

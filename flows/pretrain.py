@@ -69,13 +69,13 @@ def train_task(dataset: str, store: str, config: dict, nproc: int, timeout_s: fl
     cfg = from_dict(TrainConfig, config)
     ds_manifest = _check_dataset(dataset)
     root = artifacts.stage_root(store, "checkpoint", cfg.model.lower(), ds_manifest.sha256, config, nproc)
-    if not refreshing() and storage.exists(artifacts.manifest_url(root)) and not artifacts.verify(root):
+    if not refreshing() and artifacts.is_complete(root):
         log.info("checkpoint artifact already complete: %s", root)
         return artifacts.manifest_url(root)
     # A concurrent run of the same config shares root and work folder: the second waits here (at most as long
     # as the first may train), then finds the published manifest instead of training into the same folder.
     with artifacts.stage_lock(root, timeout_s=timeout_s, on_wait=log.info):
-        if not refreshing() and not artifacts.verify(root):
+        if not refreshing() and artifacts.is_complete(root):
             log.info("checkpoint artifact published by a concurrent run: %s", root)
             return artifacts.manifest_url(root)
         return _train_and_publish(root, dataset, ds_manifest, cfg, config, nproc, timeout_s, resume, log)

@@ -88,7 +88,7 @@ def write_report(store: str, dataset: str, checkpoint: str, evaluation: str) -> 
     root = artifacts.stage_root(store, "report", "pipeline", *(u.sha256 for u in ups.values()))
     report = storage.join(root, "report.html")
     with artifacts.stage_lock(root):  # a concurrent reproduce of the same inputs reuses this report
-        if not artifacts.verify(root):
+        if artifacts.is_complete(root):
             return report
         storage.atomic_write_text(report, pipeline_report.build_report(dataset, checkpoint, evaluation))
         artifacts.publish(artifacts.build_manifest(root, ["report.html"], kind="report", name="pipeline",

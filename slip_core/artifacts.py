@@ -188,6 +188,11 @@ def verify(root_or_url: str, manifest: Manifest | None = None) -> list[str]:
     return problems
 
 
+def is_complete(root_or_url: str) -> bool:
+    """True if the artifact has a manifest and every file matches it (a stage reuses it as it is)."""
+    return not verify(root_or_url)
+
+
 def load_verified(root_or_url: str) -> Manifest:
     """Load a manifest and insist its files match; raise ManifestError otherwise."""
     m = load_manifest(root_or_url)

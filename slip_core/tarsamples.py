@@ -27,7 +27,8 @@ from webdataset.tariterators import base_plus_ext
 BLOCK = tarfile.BLOCKSIZE
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
-_LINKS_AND_DEVICES = {tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hard link", tarfile.CHRTYPE: "character device",
+# header type byte -> what it is (tarfile's constants are the raw bytes; datasets/tarshards.py reads them too)
+LINKS_AND_DEVICES = {tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hard link", tarfile.CHRTYPE: "character device",
                       tarfile.BLKTYPE: "block device", tarfile.FIFOTYPE: "fifo"}
 
 
@@ -59,8 +60,8 @@ def unsafe_name_reason(name: str) -> str | None:
 
 def unsafe_member_reason(info: tarfile.TarInfo) -> str | None:
     """Why a tar member must not be used ("symlink", "absolute path", ...), or None."""
-    if info.type in _LINKS_AND_DEVICES:
-        return _LINKS_AND_DEVICES[info.type]
+    if info.type in LINKS_AND_DEVICES:
+        return LINKS_AND_DEVICES[info.type]
     if not (info.isreg() or info.isdir()):
         return f"non-regular member (type {info.type!r})"
     return unsafe_name_reason(info.name.rstrip("/") if info.isdir() else info.name)
