@@ -192,7 +192,7 @@ class _FileList:
         return len(self.paths)
 
     def __getitem__(self, i):
-        from slip_core.evaluation.common import open_image  # pixel cap; a broken image raises, naming it
+        from slip_core.eval_images import open_image  # pixel cap; a broken image raises, naming it
 
         p = Path(str(self.paths[i]))
         return self.transform(open_image(p if p.is_absolute() else self.base / p)), self.targets[i]
@@ -214,7 +214,7 @@ def load(name: str, split: str, transform, root: str | None = None, max_samples:
     import torch.utils.data as tud
     import torchvision.datasets as tvd
 
-    from slip_core.evaluation.common import WebDatasetSplit, open_image
+    from slip_core.eval_images import WebDatasetSplit, open_image
 
     entry = get(name)
     fmt, path = locate(name, split, root)

@@ -25,9 +25,9 @@ DEFAULT_STORE = os.environ.get("SLIP_STORE", os.path.join(os.getcwd(), "out", "s
 
 def _direct(args: argparse.Namespace) -> int:
     from datasets.catalog import DatasetMissing
-    from slip_core.evaluation import common
-    from slip_core.evaluation.tasks import EvalConfig, run_task
-    from slip_core.evaluation.zeroshot import NotApplicable
+    from evaluation import common
+    from evaluation.tasks import EvalConfig, run_task
+    from evaluation.zeroshot import NotApplicable
 
     cfg = EvalConfig(data_root=args.data_root, max_samples=args.max_samples, batch_size=args.batch_size,
                      num_workers=args.workers)

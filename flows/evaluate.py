@@ -2,7 +2,7 @@
 
 Each (task, dataset) is one cached task keyed by checkpoint sha256 + dataset fingerprint (sha256 of its
 files) + the eval settings + task source + code version (flows.caching), so re-evaluating after adding a
-dataset only runs the new pair. Published files: results.json (flat records, slip_core.evaluation.tasks),
+dataset only runs the new pair. Published files: results.json (flat records, evaluation.tasks),
 report.md, report.html, results.png; Prefect table + markdown artifacts show the same.
 """
 from __future__ import annotations
@@ -14,11 +14,12 @@ import json
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from evaluation import common, report
+from evaluation.presets import EVAL_PRESETS
+from evaluation.tasks import TASKS, EvalConfig, run_task
 from flows.caching import refreshing, stage_cache
 from slip_core import artifacts, storage
 from slip_core.config import ConfigError, from_dict, override, to_dict
-from slip_core.evaluation import common, report
-from slip_core.evaluation.tasks import EVAL_PRESETS, TASKS, EvalConfig, run_task
 
 FILES = ["results.json", "report.md", "report.html", "results.png"]
 __all__ = ["evaluate", "EVAL_PRESETS", "make_config"]
@@ -38,7 +39,7 @@ def dataset_fingerprint(task_name: str, dataset: str, data_root: str | None) -> 
     from datasets import catalog
 
     if task_name == "retrieval":
-        from slip_core.evaluation.retrieval import load_captioned
+        from evaluation.retrieval import load_captioned
 
         try:
             images, captions = load_captioned(dataset, data_root)
@@ -68,7 +69,7 @@ def eval_one(checkpoint: str, checkpoint_sha256: str, task_name: str, dataset: s
              settings: dict) -> dict:
     """One (task, dataset) record; a missing dataset or an inapplicable task is recorded, not raised."""
     from datasets.catalog import DatasetMissing
-    from slip_core.evaluation.zeroshot import NotApplicable
+    from evaluation.zeroshot import NotApplicable
 
     log = get_run_logger()
     lm = _model(checkpoint, checkpoint_sha256)

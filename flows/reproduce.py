@@ -15,7 +15,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
 
-from slip_core import artifacts, pipeline_report, storage
+from evaluation import pipeline_report
+from slip_core import artifacts, storage
 
 STAGES = ("dataset", "train", "eval")
 

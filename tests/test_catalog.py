@@ -10,7 +10,8 @@ import webdataset as wds
 from PIL import Image
 
 from datasets import catalog, prompts
-from slip_core.evaluation import common, metrics
+from evaluation import common, metrics
+from slip_core.features import extract
 
 SLIP_26 = ["food101", "cifar10", "cifar100", "cub200", "sun397", "cars", "aircraft", "dtd", "pets", "caltech101",
            "flowers", "mnist", "fer2013", "stl10", "eurosat", "resisc45", "gtsrb", "kitti_distance", "country211",
@@ -91,7 +92,7 @@ def test_clip_benchmark_webdataset_layout(tmp_path):
     (tmp_path / "digits" / "classnames.txt").write_text("\n".join(str(i) for i in range(10)))
     loaded = catalog.load("digits", "test", common.zeroshot_transform(16), str(tmp_path))
     assert loaded.format == "wds"
-    x, y = common.extract(lambda b: b.flatten(1)[:, :4], loaded.dataset, batch_size=8)
+    x, y = extract(lambda b: b.flatten(1)[:, :4], loaded.dataset, batch_size=8)
     assert np.array_equal(y, labels[:30]) and x.shape == (30, 4)
 
 

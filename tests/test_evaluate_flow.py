@@ -74,7 +74,7 @@ def test_evaluate_flow_tiny(prefect_server, tmp_path, monkeypatch):
 
 
 def test_report_paper_table_only_for_matching_configs():
-    from slip_core.evaluation import report
+    from evaluation import report
 
     results = [{"dataset": "imagenet", "task": "zeroshot", "model": "SLIP_VITB16", "metric": "top1", "value": 40.0,
                 "chance": 0.1, "num_samples": 50000},

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from datasets import catalog
+from evaluation import common, finetune, linear_probe
 from slip_core import checkpoint
-from slip_core.evaluation import common, finetune, linear_probe
 from tests._eval_util import tiny_checkpoint
 
 torch.set_num_threads(1)  # 2 shared cores: busy-waiting intra-op threads slow everything down

@@ -2,7 +2,7 @@
 
 Readers: the training loader (slip_core.data over slip_core.tarsamples: bad samples/members are skipped and
 counted, training goes on), the eval reader of CLIP_benchmark's webdataset layout (catalog.load ->
-common.WebDatasetSplit: strict, an eval score must cover the whole split), and the dataset stage (datasets.
+slip_core.eval_images.WebDatasetSplit: strict, an eval score must cover the whole split), and the dataset stage (datasets.
 tarshards under the fingerprint pass and repack, datasets.shardcheck). Shards are real tars written with
 tarfile (links, devices and `../` names included); images are real JPEGs/PNGs, the bomb a real 10000x10000
 PNG that PIL on its own would decode (it only warns below 2x its threshold).
@@ -28,10 +28,12 @@ import pytest
 from PIL import Image
 
 from datasets import catalog, decontaminate, download, fingerprint, img2dataset_bounded, ledger, shardcheck, tarshards
+from evaluation import common
 from slip_core import data as D
 from slip_core import tarsamples
 from slip_core.augment import AugmentConfig, BadImage, decode_image
-from slip_core.evaluation import common
+from slip_core.eval_images import open_image
+from slip_core.features import extract
 from slip_core.tokenizer import EOT_ID, SOT_ID, tokenize
 from tests._train_util import fashion_samples
 
@@ -256,7 +258,7 @@ def test_eval_webdataset_reader_refuses(tmp_path, kind, fault_log):
     loaded = catalog.load("digits", "test", common.zeroshot_transform(16), root)
     t0 = time.monotonic()
     with pytest.raises(err) as e:
-        common.extract(lambda b: b.flatten(1)[:, :4], loaded.dataset, batch_size=2)
+        extract(lambda b: b.flatten(1)[:, :4], loaded.dataset, batch_size=2)
     assert time.monotonic() - t0 < 10
     msg = str(e.value)
     assert "0.tar" in msg and match in msg, msg
@@ -274,7 +276,7 @@ def test_eval_imagefolder_bomb_is_refused(tmp_path, fault_log):
     loaded = catalog.load("digits", "test", common.zeroshot_transform(16), str(tmp_path))
     t0 = time.monotonic()
     with pytest.raises(BadImage, match=r"bomb\.png: 10000x10000 > 89478485 pixels") as e:
-        common.extract(lambda b: b.flatten(1)[:, :4], loaded.dataset, batch_size=4)
+        extract(lambda b: b.flatten(1)[:, :4], loaded.dataset, batch_size=4)
     assert e.value.reason == "too_large" and time.monotonic() - t0 < 10
     fault_log.record("input", "eval", "decompression bomb in an ImageFolder eval set (10000x10000 PNG)",
                      "BadImage too_large naming the file, refused on its header; no score computed", bound="< 10 s")
@@ -400,7 +402,7 @@ def test_member_names_are_sanitised_by_every_reader(tmp_path, fault_log):
     assert keys == [f"g{i:04d}" for i in range(6)]
     root = _eval_split(tmp_path / "eval", members)  # eval reader
     with pytest.raises(tarsamples.UnsafeMember):
-        common.extract(lambda b: b.flatten(1), catalog.load("digits", "test", common.zeroshot_transform(8), root).dataset)
+        extract(lambda b: b.flatten(1), catalog.load("digits", "test", common.zeroshot_transform(8), root).dataset)
     outcomes.append("eval: UnsafeMember error")
     skipped = collections.Counter()  # fingerprint / quality / dedup pass
     assert [k for k, _ in fingerprint.iter_tar_samples(hostile, skipped)] == keys
@@ -431,7 +433,7 @@ def test_pixel_cap_on_every_image_decode_path(tmp_path, fault_log):
     with pytest.raises(BadImage) as e1:
         decode_image(BOMB)  # training loader
     with pytest.raises(BadImage) as e2:
-        common.open_image(BOMB)  # eval: webdataset, ImageFolder, filelist, retrieval
+        open_image(BOMB)  # eval: webdataset, ImageFolder, filelist, retrieval
     fp = fingerprint.fingerprint_bytes(BOMB)  # fingerprint / quality / dedup
     (tmp_path / "test").mkdir()
     (tmp_path / "test" / "bomb.png").write_bytes(BOMB)
@@ -444,14 +446,14 @@ def test_pixel_cap_on_every_image_decode_path(tmp_path, fault_log):
     assert fp["phash"] is None and fp["error"] == "ValueError: too_large: 10000x10000 > 89478485 pixels"
     # every decode site in our code is one of the capped ones; no torchvision / OpenCV decoding at all
     sites, other = set(), []
-    for d in ("slip_core", "datasets", "flows"):
+    for d in ("slip_core", "datasets", "evaluation", "flows"):
         for p in sorted((REPO / d).rglob("*.py")):
             src = p.read_text()
             if "Image.open(" in src:
                 sites.add(str(p.relative_to(REPO)))
             other += [f"{p.relative_to(REPO)}: {m}" for m in re.findall(
                 r"cv2\.imdecode|cv2\.imread|torchvision\.io\.\w+|decode_jpeg|read_image", src)]
-    assert sites == {"slip_core/augment.py", "slip_core/evaluation/common.py", "datasets/fingerprint.py",
+    assert sites == {"slip_core/augment.py", "slip_core/eval_images.py", "datasets/fingerprint.py",
                      "datasets/decontaminate.py", "datasets/img2dataset_bounded.py"}, f"new image decode site: route it through a capped opener: {sites}"
     assert other == [], other
     fault_log.record("security", "loader", "pixel caps on every image decode (10000x10000 PNG bomb, which PIL alone "

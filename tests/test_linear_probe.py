@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from datasets import catalog
-from slip_core.evaluation import common, linear_probe
+from evaluation import common, linear_probe
 from tests._eval_util import random_checkpoint, tiny_checkpoint
 
 torch.set_num_threads(1)  # 2 shared cores: busy-waiting intra-op threads slow everything down

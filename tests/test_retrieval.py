@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from slip_core.evaluation import common, retrieval
+from evaluation import common, retrieval
 from tests._eval_util import tiny_checkpoint
 
 torch.set_num_threads(1)  # 2 shared cores: busy-waiting intra-op threads slow everything down

@@ -1,6 +1,6 @@
 """SLIP-MoCo v3 / SLIP-BYOL / SLIP-BEiT and CLIP_RN50 (issue 9): losses by hand, BEiT masking and
 tokenizers, learning on real images through the trainer's `train_step`, EMA schedule, checkpoint
-round trip and exact resume, zero-shot / probe features through slip_core.evaluation, and (MoCo v3,
+round trip and exact resume, zero-shot / probe features through evaluation/, and (MoCo v3,
 BYOL) 2-process gloo DDP equivalence to an independent full-batch computation."""
 from __future__ import annotations
 
@@ -263,7 +263,7 @@ def test_checkpoint_round_trip_resume_and_eval(name, batches, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
 
     # evaluation on the checkpoint: zero-shot classifier + image embeddings, probe features, open_clip export
-    from slip_core.evaluation import common, zeroshot
+    from evaluation import common, zeroshot
 
     lm = common.load_model(path)
     classes = ["t-shirt", "trouser", "sneaker"]

@@ -1,6 +1,6 @@
 """End-to-end fine-tuning of the pretrained ViT, BEiT recipe (SPEC §7, REFERENCE_NOTES §7.4).
 
-Launched with torchrun (`launch(...)` builds the command; `python -m slip_core.evaluation.finetune` is the
+Launched with torchrun (`launch(...)` builds the command; `python -m evaluation.finetune` is the
 per-rank entry point), DDP over gloo (CPU) or NCCL (GPU). Like pretraining it checkpoints every
 `save_every` epochs (and on the last) to `<out>/checkpoint.pt`, loadable with `torch.load(weights_only=True)`,
 and resumes from it automatically. Per-epoch metrics go to `<out>/metrics.jsonl`; the final result to
@@ -189,7 +189,7 @@ def run(pretrained: str, out_dir: str, cfg: FinetuneConfig, log=print) -> dict:
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
     from datasets import catalog
-    from slip_core.evaluation import metrics
+    from evaluation import metrics
 
     rank, world = _rank()
     torch.manual_seed(cfg.seed + rank)
@@ -249,7 +249,7 @@ def run(pretrained: str, out_dir: str, cfg: FinetuneConfig, log=print) -> dict:
             opt.step()
             step, loss_sum = step + 1, loss_sum + loss.item()
         model.eval()
-        from slip_core.evaluation.common import extract
+        from slip_core.features import extract
 
         logits, labels = extract(model, test.dataset, batch_size=256)
         res = metrics.compute(test.entry.metric, logits, labels)
@@ -286,7 +286,7 @@ def launch(pretrained: str, out_dir: str, cfg: FinetuneConfig, nproc: int = 1, t
     os.makedirs(out_dir, exist_ok=True)
     cfg = dataclasses.replace(cfg, threads=cfg.threads or default_threads(nproc, cfg.num_workers))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "slip_core.evaluation.finetune", "--pretrained", pretrained, "--out", out_dir,
+           "-m", "evaluation.finetune", "--pretrained", pretrained, "--out", out_dir,
            "--config-json", json.dumps(cfg_util.to_dict(cfg))]
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads)}
     run_logged(cmd, log, timeout_s=timeout_s, env=env)

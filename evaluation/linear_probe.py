@@ -22,8 +22,9 @@ import torch
 import torch.nn as nn
 from threadpoolctl import threadpool_limits
 
+from evaluation import common, metrics
 from slip_core import augment
-from slip_core.evaluation import common, metrics
+from slip_core.features import extract
 
 
 # ------------------------------------------------------------------------------------------ fast path
@@ -167,7 +168,7 @@ def reference_probe(lm: common.LoadedModel, train, test, cfg: ReferenceProbeConf
             opt.step()
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             probe.eval()
-            logits, labels = common.extract(probe, test.dataset, batch_size=256)
+            logits, labels = extract(probe, test.dataset, batch_size=256)
             res = metrics.compute(test.entry.metric, logits, labels)
             history.append({"epoch": epoch + 1, "lr": lr, "loss": loss.item(), **res})
             log(f"linear probe epoch {epoch + 1}/{cfg.epochs}: loss {loss.item():.4f} {test.entry.metric} {res['value']:.2f}")

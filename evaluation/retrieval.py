@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from slip_core.evaluation import common
+from evaluation import common
+from slip_core.eval_images import open_image
 from slip_core.tokenizer import tokenize
 
 
@@ -69,13 +70,13 @@ def load_captioned(name: str, root: str | None = None) -> tuple[list[str], list[
 def embed(lm: common.LoadedModel, images: list[str], captions: list[list[str]],
           batch_size: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not hasattr(lm.model, "encode_text"):
-        from slip_core.evaluation.zeroshot import NotApplicable
+        from evaluation.zeroshot import NotApplicable
 
         raise NotApplicable("retrieval needs a text encoder (CLIP or SLIP)")
     tf = common.zeroshot_transform(lm.model.config.image_size)
     img_emb = []
     for i in range(0, len(images), batch_size):
-        batch = torch.stack([tf(common.open_image(p)) for p in images[i:i + batch_size]])  # pixel-capped
+        batch = torch.stack([tf(open_image(p)) for p in images[i:i + batch_size]])  # pixel-capped
         img_emb.append(lm.model.encode_image(batch).float())
     texts = [c for caps in captions for c in caps]
     text_image = np.array([i for i, caps in enumerate(captions) for _ in caps])

@@ -1,0 +1,76 @@
+"""Shared evaluation plumbing: resolving and loading a checkpoint, the eval transforms, and frozen features
+of a catalog split cached by content (checkpoint sha256 + dataset + settings). The generic pieces live in
+slip_core: image reading in `slip_core.eval_images`, extraction and the array cache in `slip_core.features`.
+
+Transforms reuse `slip_core.augment.val_transform` (the pretraining val transform, SPEC §5) so zero-shot
+sees exactly what pretraining validation sees; the linear-probe eval transform resizes to size·256/224 first
+(MoCo v3 / SPEC §7).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slip_core import artifacts, checkpoint, storage
+from slip_core.eval_images import PILToTensor
+from slip_core.features import cache_key, cached_arrays, extract
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    from datasets.offline import data_dir
+
+    return Path(cache_dir or os.environ.get("SLIP_EVAL_CACHE") or data_dir() / "eval-cache")
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    sha256: str  # of the checkpoint file
+    path: str  # the checkpoint file
+    name: str  # model preset name
+    manifest_url: str | None = None
+
+
+def resolve_checkpoint(checkpoint_or_manifest: str) -> tuple[str, str | None]:
+    """(checkpoint file URL, manifest URL or None) for a .pt path, an artifact folder or its manifest.json."""
+    s = str(checkpoint_or_manifest)
+    if s.endswith(".json") or (storage.exists(artifacts.manifest_url(s)) and not s.endswith(".pt")):
+        m = artifacts.load_verified(s)  # a tampered or partial checkpoint artifact is never evaluated
+        pts = [f.path for f in m.files if f.path.endswith("checkpoint.pt")] or [f.path for f in m.files if f.path.endswith(".pt")]
+        if not pts:
+            raise FileNotFoundError(f"checkpoint artifact {s} lists no .pt file")
+        root = artifacts.artifact_root(artifacts.manifest_url(s))
+        return storage.join(root, pts[0]), artifacts.manifest_url(s)
+    if not storage.exists(s):
+        raise FileNotFoundError(f"checkpoint not found: {s}")
+    return s, None
+
+
+def load_model(checkpoint_or_manifest: str) -> LoadedModel:
+    path, murl = resolve_checkpoint(checkpoint_or_manifest)
+    model = checkpoint.load_checkpoint(path)
+    return LoadedModel(model, storage.sha256_file(path), path, model.config.name, murl)
+
+
+def zeroshot_transform(size: int) -> PILToTensor:
+    return PILToTensor(size)
+
+
+def probe_eval_transform(size: int) -> PILToTensor:
+    return PILToTensor(size, int(round(size * 256 / 224)))
+
+
+def features(lm: LoadedModel, loaded, kind: str, batch_size: int = 256, num_workers: int = 0,
+             cache_dir: str | None = None, dataset_sha256: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """Frozen image features of one dataset split, cached by (checkpoint, dataset, split, kind, transform,
+    sample count). kind: "embed" (projected, for zero-shot/retrieval) or "visual" (pooled ViT feature, probe)."""
+    fn = lm.model.encode_image if kind == "embed" else lm.model.visual
+    key = cache_key(ckpt=lm.sha256, ds=loaded.name, data=dataset_sha256, split=loaded.split, n=len(loaded),
+                    kind=kind, t=repr(loaded.transform), path=loaded.path)
+    path = cache_root(cache_dir) / "features" / lm.sha256[:16] / f"{loaded.name}-{loaded.split}-{kind}-{key}.npz"
+    out = cached_arrays(path, lambda: dict(zip(("x", "y"), extract(fn, loaded.dataset, batch_size, num_workers))))
+    return out["x"], out["y"]

@@ -1,0 +1,98 @@
+"""Reading evaluation images, strictly: a pixel-capped opener, CLIP_benchmark's labelled webdataset split,
+and the reference val transform on a PIL image.
+
+Generic (no dataset specifics): the eval catalog (datasets/catalog.py) and the evaluation tasks
+(evaluation/) build on these. An eval score must cover the whole split, so a broken image or shard is an
+error naming it, never a skip.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+
+from slip_core import augment, storage, tarsamples
+
+
+class PILToTensor:
+    """PIL image -> reference val tensor (resize short side to `resize`, centre-crop `size`, normalise)."""
+
+    def __init__(self, size: int, resize: int | None = None):
+        self.size, self.resize = size, resize or size
+
+    def __call__(self, img) -> torch.Tensor:
+        arr = np.asarray(img.convert("RGB"))
+        t = augment.val_transform(arr, self.resize)
+        if self.resize != self.size:
+            off = (self.resize - self.size) // 2
+            t = t[:, off:off + self.size, off:off + self.size]
+        return t.contiguous()
+
+    def __repr__(self) -> str:
+        return f"PILToTensor(size={self.size}, resize={self.resize})"
+
+
+def open_image(src, max_pixels: int = augment.AugmentConfig.max_pixels):
+    """An eval image (a path or encoded bytes) as an RGB PIL image, as torchvision's default loader gives it,
+    except that the size is read from the header first and an image above `max_pixels` (the training
+    loader's cap: PIL's own check only warns below twice that) is refused, never decoded. Raises
+    augment.BadImage ('too_large' / 'corrupt') naming the file: an eval score must be over the whole split,
+    so a broken image is an error, not a skip."""
+    from PIL import Image
+
+    name = "<bytes>" if isinstance(src, (bytes, bytearray)) else str(src)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, with our cap
+            with Image.open(io.BytesIO(src) if name == "<bytes>" else src) as img:
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise augment.BadImage("too_large", f"{name}: {w}x{h} > {max_pixels} pixels")
+                return img.convert("RGB")
+    except augment.BadImage:
+        raise
+    except Image.DecompressionBombError as e:  # PIL's own hard limit (2x its threshold), raised in open()
+        raise augment.BadImage("too_large", f"{name}: {e}") from e
+    except Exception as e:  # truncated / not an image / unsupported mode
+        raise augment.BadImage("corrupt", f"{name}: {type(e).__name__}: {e}") from e
+
+
+class WebDatasetSplit(torch.utils.data.IterableDataset):
+    """(transform(image), int label) per sample of CLIP_benchmark's webdataset layout ({0..n-1}.tar holding
+    <key>.{webp,png,jpg,jpeg} + <key>.cls), read with slip_core.tarsamples. Strict, like open_image: an
+    unsafe member, a truncated or corrupt shard, a sample without image or label, or an image that is corrupt
+    or over the pixel cap raises, naming shard and sample. Shards are split over DataLoader workers as
+    webdataset does; `max_samples` caps each worker's stream (as webdataset's .slice())."""
+
+    def __init__(self, urls: list[str], transform, image_exts: tuple[str, ...], max_samples: int | None = None):
+        super().__init__()
+        self.urls, self.transform, self.image_exts, self.max_samples = list(urls), transform, image_exts, max_samples
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        urls = self.urls if info is None else self.urls[info.id::info.num_workers]
+        n = 0
+        for url in urls:
+            fs, path = storage.url_to_fs(url)
+            with fs.open(path, "rb") as f:
+                for s in tarsamples.iter_samples(f, url):
+                    if self.max_samples and n >= self.max_samples:
+                        return
+                    if "__unsafe__" in s:
+                        raise tarsamples.UnsafeMember(f"{url}: {s['__unsafe__']}")
+                    ext = next((e for e in self.image_exts if e in s), None)
+                    if ext is None or "cls" not in s:
+                        what = "an image" if ext is None else "a .cls label"
+                        raise ValueError(f"{url}: sample {s['__key__']!r} lacks {what}")
+                    try:
+                        img = open_image(s[ext])
+                    except augment.BadImage as e:
+                        raise augment.BadImage(e.reason, f"{url}: sample {s['__key__']!r}: {e}") from e
+                    try:
+                        label = int(s["cls"])
+                    except ValueError:
+                        raise ValueError(f"{url}: sample {s['__key__']!r}: .cls is not an integer") from None
+                    yield self.transform(img), label
+                    n += 1
