@@ -171,9 +171,17 @@ class Loaded:
     templates: list[str]
     entry: EvalDataset
     transform: object = None
+    max_samples: int | None = None  # the requested cap (a stream's size is unknown before reading)
+
+    @property
+    def known_size(self) -> int | None:
+        """Samples in the split when known before reading it (map-style); None for a webdataset stream."""
+        return len(self.labels) if self.labels is not None else None
 
     def __len__(self) -> int:
-        return len(self.labels) if self.labels is not None else -1
+        if self.labels is None:
+            raise TypeError(f"{self.name} ({self.format}) is a stream: its size is known only after reading it")
+        return len(self.labels)
 
 
 class _FileList:
@@ -256,7 +264,7 @@ def load(name: str, split: str, transform, root: str | None = None, max_samples:
         templates = [t.replace("{c}", "{}") for t in file_templates]
     if len(classnames) != entry.num_classes:
         raise ValueError(f"{name}: {len(classnames)} class names but the catalog says {entry.num_classes}")
-    return Loaded(name, split, fmt, str(path), ds, labels, classnames, templates, entry, transform)
+    return Loaded(name, split, fmt, str(path), ds, labels, classnames, templates, entry, transform, max_samples)
 
 
 # ---------------------------------------------------------------- local offline sets

@@ -17,7 +17,7 @@ import torch
 
 from slip_core import artifacts, checkpoint, storage
 from slip_core.eval_images import PILToTensor
-from slip_core.features import cache_key, cached_arrays, extract
+from slip_core.features import cache_key, cached_arrays, extract, precision
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
@@ -33,6 +33,11 @@ class LoadedModel:
     path: str  # the checkpoint file
     name: str  # model preset name
     manifest_url: str | None = None
+
+    def on(self, device: torch.device | str) -> torch.nn.Module:
+        """The model, moved to `device` (kept there for the next task)."""
+        self.model = self.model.to(device)
+        return self.model
 
 
 def resolve_checkpoint(checkpoint_or_manifest: str) -> tuple[str, str | None]:
@@ -65,12 +70,17 @@ def probe_eval_transform(size: int) -> PILToTensor:
 
 
 def features(lm: LoadedModel, loaded, kind: str, batch_size: int = 256, num_workers: int = 0,
-             cache_dir: str | None = None, dataset_sha256: str = "") -> tuple[np.ndarray, np.ndarray]:
+             cache_dir: str | None = None, dataset_sha256: str = "",
+             device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
     """Frozen image features of one dataset split, cached by (checkpoint, dataset, split, kind, transform,
-    sample count). kind: "embed" (projected, for zero-shot/retrieval) or "visual" (pooled ViT feature, probe)."""
-    fn = lm.model.encode_image if kind == "embed" else lm.model.visual
-    key = cache_key(ckpt=lm.sha256, ds=loaded.name, data=dataset_sha256, split=loaded.split, n=len(loaded),
-                    kind=kind, t=repr(loaded.transform), path=loaded.path)
+    sample count, precision). kind: "embed" (projected, for zero-shot/retrieval) or "visual" (pooled ViT
+    feature, probe). Under torchrun every rank extracts a slice; rank 0 gets the arrays, the others (None, None)."""
+    model = lm.on(device)
+    fn = model.encode_image if kind == "embed" else model.visual
+    key = cache_key(ckpt=lm.sha256, ds=loaded.name, data=dataset_sha256, split=loaded.split,
+                    n=loaded.known_size if loaded.known_size is not None else f"stream<={loaded.max_samples}",
+                    kind=kind, t=repr(loaded.transform), path=loaded.path, precision=precision(device))
     path = cache_root(cache_dir) / "features" / lm.sha256[:16] / f"{loaded.name}-{loaded.split}-{kind}-{key}.npz"
-    out = cached_arrays(path, lambda: dict(zip(("x", "y"), extract(fn, loaded.dataset, batch_size, num_workers))))
-    return out["x"], out["y"]
+    out = cached_arrays(path, lambda: dict(zip(("x", "y"), extract(fn, loaded.dataset, batch_size, num_workers, device))),
+                        collective=True)
+    return (None, None) if out is None else (out["x"], out["y"])

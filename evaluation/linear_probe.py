@@ -24,7 +24,7 @@ from threadpoolctl import threadpool_limits
 
 from evaluation import common, metrics
 from slip_core import augment
-from slip_core.features import extract
+from slip_core.features import autocast, extract
 
 
 # ------------------------------------------------------------------------------------------ fast path
@@ -79,10 +79,14 @@ def _full_logits(clf, x: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 def fast_probe(lm: common.LoadedModel, train, test, cfg: FastProbeConfig | None = None, batch_size: int = 256,
-               num_workers: int = 0, cache_dir: str | None = None, dataset_sha256: str = "") -> dict:
-    """`train`/`test`: catalog.Loaded splits built with `common.probe_eval_transform(image_size)`."""
-    xtr, ytr = common.features(lm, train, "visual", batch_size, num_workers, cache_dir, dataset_sha256)
-    xte, yte = common.features(lm, test, "visual", batch_size, num_workers, cache_dir, dataset_sha256)
+               num_workers: int = 0, cache_dir: str | None = None, dataset_sha256: str = "",
+               device: torch.device | str = "cpu") -> dict | None:
+    """`train`/`test`: catalog.Loaded splits built with `common.probe_eval_transform(image_size)`. Under
+    torchrun the features are extracted across ranks and rank 0 fits; the other ranks return None."""
+    xtr, ytr = common.features(lm, train, "visual", batch_size, num_workers, cache_dir, dataset_sha256, device)
+    xte, yte = common.features(lm, test, "visual", batch_size, num_workers, cache_dir, dataset_sha256, device)
+    if xtr is None:
+        return None
     out = fit_logistic(xtr, ytr, xte, yte, test.entry.metric, cfg)
     return {**out, "chance": test.entry.chance(), "recipe": "fast: cached features + logistic regression"}
 
@@ -138,37 +142,40 @@ class FrozenProbe(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            f = self.visual(x)
+        with torch.no_grad(), autocast(x.device):  # bf16 backbone on CUDA; the head trains in fp32
+            f = self.visual(x).float()
         return self.head(f)
 
 
 def reference_probe(lm: common.LoadedModel, train, test, cfg: ReferenceProbeConfig | None = None,
-                    log=print) -> dict:
+                    log=print, device: torch.device | str = "cpu") -> dict:
     """Train the head with the reference recipe; `train` built with RandomResizedCropFlip, `test` with
-    `common.probe_eval_transform`. Single process (the head is tiny; frozen features dominate)."""
+    `common.probe_eval_transform`. One process (the head is tiny; the frozen forward dominates), on `device`."""
     cfg = cfg or ReferenceProbeConfig()
     torch.manual_seed(cfg.seed)
-    probe = FrozenProbe(lm.model.visual, lm.model.config.vision_width, test.entry.num_classes)
+    device = torch.device(device)
+    probe = FrozenProbe(lm.on(device).visual, lm.model.config.vision_width, test.entry.num_classes).to(device)
     frozen = {k: v.clone() for k, v in probe.visual.state_dict().items()}
     opt = torch.optim.SGD(probe.head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     g = torch.Generator().manual_seed(cfg.seed)
-    loader = torch.utils.data.DataLoader(train.dataset, batch_size=cfg.batch_size, shuffle=True, generator=g,
-                                         num_workers=cfg.num_workers, drop_last=False)
+    train_loader = torch.utils.data.DataLoader(train.dataset, batch_size=cfg.batch_size, shuffle=True, generator=g,
+                                               num_workers=cfg.num_workers, drop_last=False,
+                                               pin_memory=device.type == "cuda")
     history = []
     for epoch in range(cfg.epochs):
         lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))  # per-epoch cosine, no warmup
         for group in opt.param_groups:
             group["lr"] = lr
         probe.train()
-        for images, y in loader:
-            loss = nn.functional.cross_entropy(probe(images), torch.as_tensor(y))
+        for images, y in train_loader:
+            y = torch.as_tensor(y).to(device, non_blocking=True)
+            loss = nn.functional.cross_entropy(probe(images.to(device, non_blocking=True)), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             probe.eval()
-            logits, labels = extract(probe, test.dataset, batch_size=256)
+            logits, labels = extract(probe, test.dataset, batch_size=256, num_workers=cfg.num_workers, device=device)
             res = metrics.compute(test.entry.metric, logits, labels)
             history.append({"epoch": epoch + 1, "lr": lr, "loss": loss.item(), **res})
             log(f"linear probe epoch {epoch + 1}/{cfg.epochs}: loss {loss.item():.4f} {test.entry.metric} {res['value']:.2f}")

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from evaluation import common
+from evaluation import common, zeroshot
 from slip_core.eval_images import open_image
-from slip_core.tokenizer import tokenize
+from slip_core.features import extract
 
 
 def recall_at_k(image_embed: np.ndarray, text_embed: np.ndarray, text_image: np.ndarray,
@@ -66,30 +66,42 @@ def load_captioned(name: str, root: str | None = None) -> tuple[list[str], list[
     return images, captions
 
 
-@torch.no_grad()
-def embed(lm: common.LoadedModel, images: list[str], captions: list[list[str]],
-          batch_size: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    if not hasattr(lm.model, "encode_text"):
-        from evaluation.zeroshot import NotApplicable
+class ImageFiles(torch.utils.data.Dataset):
+    """(transform(image), index) per image file, read with the pixel-capped opener."""
 
-        raise NotApplicable("retrieval needs a text encoder (CLIP or SLIP)")
-    tf = common.zeroshot_transform(lm.model.config.image_size)
-    img_emb = []
-    for i in range(0, len(images), batch_size):
-        batch = torch.stack([tf(open_image(p)) for p in images[i:i + batch_size]])  # pixel-capped
-        img_emb.append(lm.model.encode_image(batch).float())
+    def __init__(self, paths: list[str], transform):
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        return self.transform(open_image(self.paths[i])), i
+
+
+def embed(lm: common.LoadedModel, images: list[str], captions: list[list[str]], batch_size: int = 128,
+          num_workers: int = 0, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(unit image embeddings, unit caption embeddings, image index of each caption); image embeddings are
+    extracted across ranks under torchrun, and only rank 0 gets a result (the others None)."""
+    zeroshot.require_text_tower(lm.model, "retrieval")
+    model = lm.on(device)
+    tf = common.zeroshot_transform(model.config.image_size)
+    img, _ = extract(model.encode_image, ImageFiles(images, tf), batch_size, num_workers, device)
+    if img is None:
+        return None
     texts = [c for caps in captions for c in caps]
     text_image = np.array([i for i, caps in enumerate(captions) for _ in caps])
-    ctx = lm.model.config.context_length
-    txt_emb = [lm.model.encode_text(tokenize(texts[i:i + batch_size], context_length=ctx)).float()
-               for i in range(0, len(texts), batch_size)]
-    return (F.normalize(torch.cat(img_emb), dim=-1).numpy(), F.normalize(torch.cat(txt_emb), dim=-1).numpy(),
-            text_image)
+    txt = zeroshot.encode_texts(model, texts, batch_size).numpy()
+    return F.normalize(torch.from_numpy(img), dim=-1).numpy(), txt, text_image
 
 
-def evaluate(lm: common.LoadedModel, name: str = "photos", root: str | None = None) -> dict:
+def evaluate(lm: common.LoadedModel, name: str = "photos", root: str | None = None, batch_size: int = 128,
+             num_workers: int = 0, device: torch.device | str = "cpu") -> dict | None:
     images, captions = load_captioned(name, root)
-    img, txt, owner = embed(lm, images, captions)
+    embedded = embed(lm, images, captions, batch_size, num_workers, device)
+    if embedded is None:
+        return None
+    img, txt, owner = embedded
     res = recall_at_k(img, txt, owner)
     n = len(images)
     # chance mean recall for reference: a random ranking hits within k with prob ~ k/n (per direction)

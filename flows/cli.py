@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     args = parser.parse_args(argv)
+    args.cli_argv = argv  # a command may rerun itself, e.g. under torchrun
     if not hasattr(args, "func"):
         parser.parse_args([stage, "--help"])
         return 2

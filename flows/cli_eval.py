@@ -1,6 +1,7 @@
 """`slip eval ...`: evaluate a checkpoint (ours or a released SLIP .pt) from the command line.
 
   slip eval zeroshot  --checkpoint PATH --dataset NAME [--dataset NAME ...] [--data-root DIR] [--max-samples N]
+                      [--device auto|cpu|cuda] [--nproc N (torchrun ranks extracting features)]
   slip eval linear    --checkpoint PATH --dataset NAME [--recipe fast|reference] [--epochs N] ...
   slip eval finetune  --checkpoint PATH --dataset NAME [--preset tiny|vits16|vitb16|vitl16] [--nproc N] [--set k=v]
   slip eval retrieval --checkpoint PATH [--dataset photos]
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 
 from slip_core.config import parse_sets
@@ -23,14 +25,43 @@ from slip_core.config import parse_sets
 DEFAULT_STORE = os.environ.get("SLIP_STORE", os.path.join(os.getcwd(), "out", "store"))
 
 
+def _ranks(args: argparse.Namespace) -> int:
+    """`--nproc N` for zero-shot / linear / retrieval: rerun this command under torchrun, N ranks extracting
+    features (rank 0 prints the records)."""
+    from slip_core.launch import default_threads
+
+    argv = list(args.cli_argv)
+    i = argv.index("--nproc")
+    argv[i:i + 2] = []
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           "-m", "flows.cli", *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": str(default_threads(args.nproc, args.workers))}
+    return subprocess.call(cmd, env=env)
+
+
 def _direct(args: argparse.Namespace) -> int:
+    if args.action != "finetune" and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _ranks(args)
+    import torch.distributed as dist
+
+    from slip_core.distributed import get_rank, init_from_env, local_device
+
+    created = init_from_env(local_device(args.device))
+    try:
+        return _evaluate_direct(args, main=get_rank() == 0)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _evaluate_direct(args: argparse.Namespace, main: bool) -> int:
     from datasets.catalog import DatasetMissing
     from evaluation import common
     from evaluation.tasks import EvalConfig, run_task
     from evaluation.zeroshot import NotApplicable
 
     cfg = EvalConfig(data_root=args.data_root, max_samples=args.max_samples, batch_size=args.batch_size,
-                     num_workers=args.workers)
+                     num_workers=args.workers, device=args.device)
     if args.action == "linear":
         cfg.linear_recipe = args.recipe
         cfg.max_train_samples = args.max_train_samples
@@ -47,8 +78,11 @@ def _direct(args: argparse.Namespace) -> int:
         except (DatasetMissing, NotApplicable) as e:
             print(f"error: {e}", file=sys.stderr)
             rec, status = {"dataset": ds, "task": args.action, "value": None, "reason": str(e)}, 1
-        records.append(rec)
-        print(json.dumps(rec))
+        if main:
+            records.append(rec)
+            print(json.dumps(rec))
+    if not main:
+        return status
     if not records:
         raise SystemExit("give at least one --dataset")
     if args.out:
@@ -105,6 +139,10 @@ def register(subparsers, name: str) -> None:
         a.add_argument("--workers", type=int, default=0, help="data loader workers")
         a.add_argument("--cache-dir", default=None, help="feature/classifier cache (default $SLIP_EVAL_CACHE or .data/eval-cache)")
         a.add_argument("--out", default=None, help="also write the records as a JSON list here")
+        a.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
+        if action != "finetune":
+            a.add_argument("--nproc", type=int, default=1,
+                           help="torchrun ranks extracting features (each a slice, gathered on rank 0)")
         if action == "linear":
             a.add_argument("--recipe", choices=["fast", "reference"], default="fast")
             a.add_argument("--max-train-samples", type=int, default=None)

@@ -6,12 +6,15 @@ unit tests, in a single-process demo and under torchrun.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from slip_core.config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,36 @@ def world_info() -> WorldInfo:
         return WorldInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
     return WorldInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
                      int(os.environ.get("LOCAL_RANK", 0)))
+
+
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
+
+
+def local_device(preference: str = "auto") -> torch.device:
+    """The device this process computes on: "auto" = this rank's CUDA device (LOCAL_RANK) when CUDA is
+    present, else the CPU; "cpu"; "cuda" / "cuda:N". Asking for CUDA without one is an error."""
+    if preference == "auto":
+        preference = "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(DEVICE_PATTERN, preference):
+        raise ConfigError(f"unknown device {preference!r}: use auto, cpu, cuda or cuda:N")
+    device = torch.device(preference)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {preference!r} requested but CUDA is not available on this machine")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
+def init_from_env(device: torch.device) -> bool:
+    """Join torchrun's process group when WORLD_SIZE > 1 (NCCL for a CUDA device, gloo otherwise); True when
+    this call created it (the caller then destroys it)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or is_dist():
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
 
 
 def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:

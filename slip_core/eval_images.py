@@ -64,11 +64,17 @@ class WebDatasetSplit(torch.utils.data.IterableDataset):
     <key>.{webp,png,jpg,jpeg} + <key>.cls), read with slip_core.tarsamples. Strict, like open_image: an
     unsafe member, a truncated or corrupt shard, a sample without image or label, or an image that is corrupt
     or over the pixel cap raises, naming shard and sample. Shards are split over DataLoader workers as
-    webdataset does; `max_samples` caps each worker's stream (as webdataset's .slice())."""
+    webdataset does; `max_samples` caps each worker's stream (as webdataset's .slice()). `shard(rank, world)`
+    is one rank's contiguous block of shards (feature extraction under torchrun)."""
 
     def __init__(self, urls: list[str], transform, image_exts: tuple[str, ...], max_samples: int | None = None):
         super().__init__()
         self.urls, self.transform, self.image_exts, self.max_samples = list(urls), transform, image_exts, max_samples
+
+    def shard(self, rank: int, world: int) -> "WebDatasetSplit":
+        n = len(self.urls)
+        return WebDatasetSplit(self.urls[rank * n // world:(rank + 1) * n // world], self.transform, self.image_exts,
+                               self.max_samples)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
