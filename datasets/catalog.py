@@ -129,33 +129,50 @@ def _torchvision_ok(entry: EvalDataset, path: Path) -> bool:
     return (path / markers[entry.torchvision]).is_dir()
 
 
-def locate(name: str, split: str = "test", root: str | None = None) -> tuple[str, Path]:
-    """(format, path) of the first accepted on-disk format found; DatasetMissing otherwise."""
+def _probe(fmt: str, entry: EvalDataset, base: Path, split_dir: str, split: str) -> tuple[Path | None, str]:
+    """(path if `fmt` is on disk under `base` else None, what was looked for)."""
+    if fmt == "torchvision":
+        ok = entry.torchvision is not None and base.is_dir() and _torchvision_ok(entry, base)
+        return (base if ok else None), f"{base}/ (torchvision {entry.torchvision}, download=False)"
+    if fmt == "imagefolder":
+        return (base / split_dir if _has_images(base / split_dir) else None), f"{base / split_dir}/<class>/<image>"
+    if fmt == "filelist":
+        ok = (base / f"{split_dir}_images.npy").exists()
+        return (base if ok else None), f"{base}/{split_dir}_images.npy + {split_dir}_labels.npy"
+    wsplit = "test" if split == "test" else "train"
+    ok = (base / wsplit / "nshards.txt").exists()
+    return (base if ok else None), f"{base / wsplit}/nshards.txt + {{0..n-1}}.tar (CLIP_benchmark webdataset)"
+
+
+_REFERENCE_FORMAT = {"imagefolder": "imagefolder", "special": "torchvision", "filelist": "filelist"}
+
+
+def _locate(name: str, split: str, root: str | None, reference: prompts.ReferencePrompts | None
+            ) -> tuple[str, Path, str]:
+    """(format, path, split folder name): SLIP's dataset_catalog.json entry first when given, then our root."""
     entry = get(name)
+    default_split = entry.test if split == "test" else entry.train
+    candidates = []
+    ref = reference.catalog.get(name) if reference is not None else None
+    if ref:
+        candidates.append((_REFERENCE_FORMAT[ref["type"]], Path(ref["path"]).expanduser(), ref.get(split, default_split)))
     base = data_root(root) / name
-    split_dir = entry.test if split == "test" else entry.train
+    candidates += [(fmt, base, default_split) for fmt in entry.formats]
     looked = []
-    for fmt in entry.formats:
-        if fmt == "torchvision":
-            looked.append(f"{base}/ (torchvision {entry.torchvision}, download=False)")
-            if base.is_dir() and _torchvision_ok(entry, base):
-                return fmt, base
-        elif fmt == "imagefolder":
-            looked.append(f"{base / split_dir}/<class>/<image>")
-            if _has_images(base / split_dir):
-                return fmt, base / split_dir
-        elif fmt == "filelist":
-            looked.append(f"{base}/{split_dir}_images.npy + {split_dir}_labels.npy")
-            if (base / f"{split_dir}_images.npy").exists():
-                return fmt, base
-        elif fmt == "wds":
-            wsplit = "test" if split == "test" else "train"
-            looked.append(f"{base / wsplit}/nshards.txt + {{0..n-1}}.tar (CLIP_benchmark webdataset)")
-            if (base / wsplit / "nshards.txt").exists():
-                return fmt, base
+    for fmt, where, split_dir in candidates:
+        found, what = _probe(fmt, entry, where, split_dir, split)
+        if found is not None:
+            return fmt, found, split_dir
+        looked.append(what)
     hint = entry.how_to_obtain(base)
     raise DatasetMissing(f"eval dataset {name!r} ({split}) not found. Looked for:\n  " + "\n  ".join(looked)
                          + f"\nTo obtain it: {hint}. (Set SLIP_EVAL_DATA or --data-root to change the root.)")
+
+
+def locate(name: str, split: str = "test", root: str | None = None,
+           reference: prompts.ReferencePrompts | None = None) -> tuple[str, Path]:
+    """(format, path) of the first accepted on-disk format found; DatasetMissing otherwise."""
+    return _locate(name, split, root, reference)[:2]
 
 
 # ---------------------------------------------------------------- loading
@@ -172,6 +189,7 @@ class Loaded:
     entry: EvalDataset
     transform: object = None
     max_samples: int | None = None  # the requested cap (a stream's size is unknown before reading)
+    prompt_set: prompts.Prompts | None = None  # the class names / templates above and their sources
 
     @property
     def known_size(self) -> int | None:
@@ -217,15 +235,17 @@ def _read_lines(p: Path) -> list[str] | None:
 
 
 def load(name: str, split: str, transform, root: str | None = None, max_samples: int | None = None,
-         seed: int = 0) -> Loaded:
-    """Load one split as a torch dataset with its class names and templates (subsampled reproducibly)."""
+         seed: int = 0, reference: prompts.ReferencePrompts | None = None) -> Loaded:
+    """Load one split as a torch dataset with its class names and templates (subsampled reproducibly).
+    `reference`: SLIP's own catalog files (prompts.load_reference): their class names / templates are used
+    verbatim for the datasets they cover, and their dataset_catalog.json paths are looked at first."""
     import torch.utils.data as tud
     import torchvision.datasets as tvd
 
     from slip_core.eval_images import WebDatasetSplit, open_image
 
     entry = get(name)
-    fmt, path = locate(name, split, root)
+    fmt, path, split_dir = _locate(name, split, root, reference)
     folder_classes = dataset_classes = file_templates = None
     if fmt == "torchvision":
         cls = getattr(tvd, entry.torchvision)
@@ -237,7 +257,7 @@ def load(name: str, split: str, transform, root: str | None = None, max_samples:
         ds = tvd.ImageFolder(str(path), transform=_rgb(transform), loader=open_image)  # pixel-capped loader
         folder_classes, labels = list(ds.classes), np.asarray(ds.targets)
     elif fmt == "filelist":
-        ds = _FileList(path, entry.test if split == "test" else entry.train, _rgb(transform))
+        ds = _FileList(path, split_dir, _rgb(transform))
         folder_classes, labels = ds.classes, np.asarray(ds.targets)
     else:  # shards are untrusted: unsafe members, truncation and bombs raise (WebDatasetSplit)
         wsplit = "test" if split == "test" else "train"
@@ -250,21 +270,12 @@ def load(name: str, split: str, transform, root: str | None = None, max_samples:
     if labels is not None and max_samples and len(labels) > max_samples:
         idx = np.sort(np.random.default_rng(seed).permutation(len(labels))[:max_samples])
         ds, labels = tud.Subset(ds, idx.tolist()), labels[idx]
-    try:
-        classnames = prompts.classnames_for(name, folder_classes, dataset_classes)
-    except prompts.PromptsMissing:
-        if not dataset_classes:
-            raise
-        classnames = dataset_classes
-    try:
-        templates = prompts.templates_for(name)
-    except prompts.PromptsMissing:
-        if not file_templates:
-            raise
-        templates = [t.replace("{c}", "{}") for t in file_templates]
-    if len(classnames) != entry.num_classes:
-        raise ValueError(f"{name}: {len(classnames)} class names but the catalog says {entry.num_classes}")
-    return Loaded(name, split, fmt, str(path), ds, labels, classnames, templates, entry, transform, max_samples)
+    chosen = prompts.resolve(name, folder_classes, dataset_classes, file_templates, reference)
+    if len(chosen.classnames) != entry.num_classes:
+        raise ValueError(f"{name}: {len(chosen.classnames)} class names ({chosen.classnames_source}) but the catalog "
+                         f"says {entry.num_classes}")
+    return Loaded(name, split, fmt, str(path), ds, labels, chosen.classnames, chosen.templates, entry, transform,
+                  max_samples, chosen)
 
 
 # ---------------------------------------------------------------- local offline sets
@@ -335,22 +346,25 @@ def prepare(name: str, root: str | None = None) -> Path:
     return base
 
 
-def ensure(name: str, root: str | None = None) -> None:
+def ensure(name: str, root: str | None = None, reference: prompts.ReferencePrompts | None = None) -> None:
     """Prepare a local set if it is not on disk yet; no-op (and no error) for the others."""
     entry = get(name)
     if entry.local:
         try:
-            locate(name, "test", root)
+            locate(name, "test", root, reference)
         except DatasetMissing:
             prepare(name, root)
 
 
-def fingerprint(name: str, root: str | None = None, max_hash_bytes: int = 1 << 30) -> str:
+def fingerprint(name: str, root: str | None = None, max_hash_bytes: int = 1 << 30,
+                reference: prompts.ReferencePrompts | None = None) -> str:
     """sha256 identifying the dataset's files: contents up to `max_hash_bytes` in total, else paths + sizes
-    (a 150 GB ImageNet is fingerprinted by its listing)."""
-    base = data_root(root) / name
+    (a 150 GB ImageNet is fingerprinted by its listing). With SLIP's dataset_catalog.json, a dataset found at
+    its path there is fingerprinted there."""
+    ref = reference.catalog.get(name) if reference is not None else None
+    base = Path(ref["path"]).expanduser() if ref and Path(ref["path"]).expanduser().is_dir() else data_root(root) / name
     if not base.exists():
-        locate(name, "test", root)  # raises DatasetMissing with the explanation
+        locate(name, "test", root, reference)  # raises DatasetMissing with the explanation
     files = sorted(p for p in glob.glob(str(base / "**" / "*"), recursive=True) if os.path.isfile(p))
     total = sum(os.path.getsize(p) for p in files)
     h = hashlib.sha256()

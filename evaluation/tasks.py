@@ -26,6 +26,7 @@ class EvalConfig:
     retrieval: list[str] = field(default_factory=list)  # captioned sets ("photos" or <root>/<name>/captions.jsonl)
     linear_recipe: str = "fast"  # "fast" (cached features + logistic regression) | "reference" (MoCo v3 SGD)
     data_root: str | None = None
+    reference_prompts: str | None = None  # a folder with SLIP's templates.json, labels.json[, dataset_catalog.json]
     max_samples: int | None = None  # test images per dataset (reproducible subsample); None = all
     max_train_samples: int | None = None  # train images for the probes
     batch_size: int = 256
@@ -56,29 +57,35 @@ def _ran_on(device) -> dict:
 
 
 def _zeroshot(lm, dataset, cfg, dataset_sha256, cache_dir, device, log) -> dict | None:
-    from datasets import catalog
+    from datasets import catalog, prompts
 
     test = catalog.load(dataset, "test", common.zeroshot_transform(lm.model.config.image_size), cfg.data_root,
-                        cfg.max_samples, cfg.seed)
+                        cfg.max_samples, cfg.seed, prompts.load_reference(cfg.reference_prompts))
     res = zeroshot.evaluate(lm, test, cfg.batch_size, cfg.num_workers, cache_dir, dataset_sha256, device)
-    return None if res is None else {**_scalars(res), "data_format": test.format, **_ran_on(device)}
+    if res is None:
+        return None
+    chosen = test.prompt_set
+    return {**_scalars(res), "data_format": test.format, "prompt_source": chosen.source,
+            "classnames_source": chosen.classnames_source, "templates_source": chosen.templates_source,
+            **_ran_on(device)}
 
 
 def _linear(lm, dataset, cfg, dataset_sha256, cache_dir, device, log) -> dict | None:
-    from datasets import catalog
+    from datasets import catalog, prompts
 
-    size = lm.model.config.image_size
-    test = catalog.load(dataset, "test", common.probe_eval_transform(size), cfg.data_root, cfg.max_samples, cfg.seed)
+    size, reference = lm.model.config.image_size, prompts.load_reference(cfg.reference_prompts)
+    test = catalog.load(dataset, "test", common.probe_eval_transform(size), cfg.data_root, cfg.max_samples, cfg.seed,
+                        reference)
     if cfg.linear_recipe == "fast":
         train = catalog.load(dataset, "train", common.probe_eval_transform(size), cfg.data_root,
-                             cfg.max_train_samples, cfg.seed)
+                             cfg.max_train_samples, cfg.seed, reference)
         res = linear_probe.fast_probe(lm, train, test, cfg.fast_probe, cfg.batch_size, cfg.num_workers,
                                       cache_dir, dataset_sha256, device)
     elif cfg.linear_recipe == "reference":
         if get_world_size() > 1:
             raise ValueError("linear_recipe=reference trains its head in one process: run it without torchrun")
         train = catalog.load(dataset, "train", linear_probe.RandomResizedCropFlip(size, cfg.seed), cfg.data_root,
-                             cfg.max_train_samples, cfg.seed)
+                             cfg.max_train_samples, cfg.seed, reference)
         res = linear_probe.reference_probe(lm, train, test, cfg.reference_probe, log=log, device=device)
         res["note"] = "intended lr = 0.1 x batch/256 (SPEC §9.6); head sized to the dataset's classes"
     else:
@@ -113,13 +120,13 @@ def run_task(task: str, lm: common.LoadedModel, dataset: str, cfg: EvalConfig, d
     """Evaluate one (task, dataset) on `cfg.device` and return its flat record. Under torchrun zero-shot,
     fast linear-probe and retrieval features are extracted across ranks: rank 0 returns the record, the other
     ranks None."""
-    from datasets import catalog
+    from datasets import catalog, prompts
 
     if task not in RUNNERS:
         raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
     device = local_device(cfg.device)
     if task != "retrieval":
-        catalog.ensure(dataset, cfg.data_root)
+        catalog.ensure(dataset, cfg.data_root, prompts.load_reference(cfg.reference_prompts))
     res = RUNNERS[task](lm, dataset, cfg, dataset_sha256, cache_dir, device, log)
     if res is None:
         return None

@@ -2,6 +2,7 @@
 
   slip eval zeroshot  --checkpoint PATH --dataset NAME [--dataset NAME ...] [--data-root DIR] [--max-samples N]
                       [--device auto|cpu|cuda] [--nproc N (torchrun ranks extracting features)]
+                      [--reference-prompts DIR (SLIP's templates.json, labels.json, dataset_catalog.json)]
   slip eval linear    --checkpoint PATH --dataset NAME [--recipe fast|reference] [--epochs N] ...
   slip eval finetune  --checkpoint PATH --dataset NAME [--preset tiny|vits16|vitb16|vitl16] [--nproc N] [--set k=v]
   slip eval retrieval --checkpoint PATH [--dataset photos]
@@ -56,12 +57,14 @@ def _direct(args: argparse.Namespace) -> int:
 
 def _evaluate_direct(args: argparse.Namespace, main: bool) -> int:
     from datasets.catalog import DatasetMissing
+    from datasets.prompts import load_reference
     from evaluation import common
     from evaluation.tasks import EvalConfig, run_task
     from evaluation.zeroshot import NotApplicable
 
     cfg = EvalConfig(data_root=args.data_root, max_samples=args.max_samples, batch_size=args.batch_size,
-                     num_workers=args.workers, device=args.device)
+                     num_workers=args.workers, device=args.device, reference_prompts=args.reference_prompts)
+    load_reference(cfg.reference_prompts)  # a bad folder: one line, before the model loads
     if args.action == "linear":
         cfg.linear_recipe = args.recipe
         cfg.max_train_samples = args.max_train_samples
@@ -140,6 +143,8 @@ def register(subparsers, name: str) -> None:
         a.add_argument("--cache-dir", default=None, help="feature/classifier cache (default $SLIP_EVAL_CACHE or .data/eval-cache)")
         a.add_argument("--out", default=None, help="also write the records as a JSON list here")
         a.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
+        a.add_argument("--reference-prompts", default=None, metavar="DIR",
+                       help="SLIP's templates.json + labels.json (+ dataset_catalog.json): their prompts verbatim")
         if action != "finetune":
             a.add_argument("--nproc", type=int, default=1,
                            help="torchrun ranks extracting features (each a slice, gathered on rank 0)")

@@ -14,6 +14,7 @@ import json
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from datasets import prompts
 from evaluation import common, report
 from evaluation.presets import EVAL_PRESETS
 from evaluation.tasks import TASKS, EvalConfig, run_task
@@ -35,8 +36,8 @@ def make_config(preset: str, config: dict | None) -> EvalConfig:
 
 
 @task(name="eval-dataset-fingerprint")
-def dataset_fingerprint(task_name: str, dataset: str, data_root: str | None) -> str:
-    from datasets import catalog
+def dataset_fingerprint(task_name: str, dataset: str, data_root: str | None, reference_prompts: str | None = None) -> str:
+    from datasets import catalog, prompts
 
     if task_name == "retrieval":
         from evaluation.retrieval import load_captioned
@@ -50,8 +51,9 @@ def dataset_fingerprint(task_name: str, dataset: str, data_root: str | None) -> 
             h.update(storage.sha256_file(p).encode())
         return h.hexdigest()
     try:
-        catalog.ensure(dataset, data_root)
-        return catalog.fingerprint(dataset, data_root)
+        reference = prompts.load_reference(reference_prompts)
+        catalog.ensure(dataset, data_root, reference)
+        return catalog.fingerprint(dataset, data_root, reference=reference)
     except FileNotFoundError:
         return "missing"  # the eval task records the explanation
 
@@ -66,8 +68,9 @@ def _model(path: str, sha256: str) -> common.LoadedModel:
 
 @task(name="eval", cache_policy=stage_cache("checkpoint"), persist_result=True)
 def eval_one(checkpoint: str, checkpoint_sha256: str, task_name: str, dataset: str, dataset_sha256: str,
-             settings: dict) -> dict:
-    """One (task, dataset) record; a missing dataset or an inapplicable task is recorded, not raised."""
+             settings: dict, reference_prompts_sha256: str = "") -> dict:
+    """One (task, dataset) record; a missing dataset or an inapplicable task is recorded, not raised.
+    reference_prompts_sha256 keys the cache on the contents of SLIP's prompt files, not on their folder name."""
     from datasets.catalog import DatasetMissing
     from evaluation.zeroshot import NotApplicable
 
@@ -104,14 +107,17 @@ def evaluate(checkpoint: str, store: str, config: dict | None = None, preset: st
     ckpt_path, ckpt_manifest = common.resolve_checkpoint(checkpoint)
     ckpt_sha = storage.sha256_file(ckpt_path)
     settings = {k: v for k, v in to_dict(cfg).items() if k not in TASKS}  # what one job's number depends on
+    reference = prompts.load_reference(cfg.reference_prompts)  # a bad folder fails here, before any task
+    ref_sha = reference.sha256 if reference else ""
     jobs = cfg.jobs()
-    shas = {(t, d): dataset_fingerprint(t, d, cfg.data_root) for t, d in jobs}
+    shas = {(t, d): dataset_fingerprint(t, d, cfg.data_root, cfg.reference_prompts) for t, d in jobs}
     model = _model(ckpt_path, ckpt_sha).name  # the same load serves the eval tasks below
-    root = artifacts.stage_root(store, "eval", model.lower(), ckpt_sha, to_dict(cfg), sorted(shas.items()))
+    root = artifacts.stage_root(store, "eval", model.lower(), ckpt_sha, to_dict(cfg), sorted(shas.items()),
+                                *([ref_sha] if ref_sha else []))
     # A concurrent run of the same evaluation waits here; its tasks then come from Prefect's cache and it
     # reuses the published artifact instead of writing the same folder at the same time.
     with artifacts.stage_lock(root, on_wait=log.info):
-        results = [eval_one(ckpt_path, ckpt_sha, t, d, shas[(t, d)], settings) for t, d in jobs]
+        results = [eval_one(ckpt_path, ckpt_sha, t, d, shas[(t, d)], settings, ref_sha) for t, d in jobs]
         if not refreshing() and artifacts.is_complete(root):  # same checkpoint, data, settings published intact
             log.info("eval artifact already complete: %s", root)
             return artifacts.manifest_url(root)

@@ -49,6 +49,7 @@ def test_evaluate_flow_tiny(prefect_server, tmp_path, monkeypatch):
     zs = by[("zeroshot", "fashion_mnist")]
     assert zs["model"] == "CLIP_VIT_TINY" and zs["num_samples"] == 300 and len(zs["checkpoint_sha256"]) == 64
     assert zs["value"] > 25.0 and len(zs["dataset_sha256"]) == 64
+    assert zs["prompt_source"] == "ours" and zs["device"] == "cpu" and zs["precision"] == "fp32"
     assert by[("linear", "fashion_mnist")]["value"] > 50.0
     assert by[("zeroshot", "cifar10")]["value"] is None and "not found" in by[("zeroshot", "cifar10")]["reason"]
     md = storage.read_text(storage.join(root, "report.md"))
@@ -68,9 +69,13 @@ def test_evaluate_flow_tiny(prefect_server, tmp_path, monkeypatch):
 
     second = asyncio.run(states(state2.state_details.flow_run_id))
     assert len(second) == 5 and all(s == "Cached" for s in second), second
-    # a bad preset fails before anything runs
+    # a bad preset, device or reference-prompts folder fails before anything runs
     with pytest.raises(ValueError, match="unknown eval preset"):
         evaluate(checkpoint=ckpt, store=store, preset="nope")
+    with pytest.raises(ValueError, match="device"):
+        evaluate(checkpoint=ckpt, store=store, config={"device": "tpu"})
+    with pytest.raises(ValueError, match="missing templates.json, labels.json"):
+        evaluate(checkpoint=ckpt, store=store, config={"reference_prompts": str(tmp_path / "no-such-folder")})
 
 
 def test_report_paper_table_only_for_matching_configs():
