@@ -30,15 +30,16 @@ def roc_auc(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def compute(metric: str, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """{"value": the dataset's metric, plus top1 (and top5 where it exists) for context}."""
+    """{"value": the dataset's metric, plus top1 (top5 where it exists) and mean_per_class for context}."""
     logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
     out = {"top1": topk_accuracy(logits, labels, 1)}
     if logits.shape[1] > 5:
         out["top5"] = topk_accuracy(logits, labels, 5)
+    out["mean_per_class"] = mean_per_class_accuracy(logits, labels, logits.shape[1])
     if metric == "top1":
         out["value"] = out["top1"]
     elif metric == "mean_per_class":
-        out["value"] = mean_per_class_accuracy(logits, labels, logits.shape[1])
+        out["value"] = out["mean_per_class"]
     elif metric == "roc_auc":
         out["value"] = roc_auc(logits, labels)
     elif metric == "top1_top5_mean":

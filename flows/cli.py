@@ -15,6 +15,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "dataset": ("flows.cli_dataset", "YFCC100M/CC metadata -> cleaned caption table -> webdataset shards"),
     "train": ("flows.cli_train", "pretrain CLIP / SimCLR / SLIP on a dataset manifest (torchrun)"),
     "eval": ("flows.cli_eval", "zero-shot, linear probe, fine-tune and retrieval evaluation"),
+    "export": ("flows.cli_export", "checkpoint -> open_clip local-dir folder; eval results -> CLIP_benchmark JSON"),
     "reproduce": ("flows.cli_reproduce", "the whole chain as one cached Prefect flow (dataset -> train -> eval)"),
     "serve": ("flows.cli_reproduce", "register scheduled deployments (nightly rebuild, eval new checkpoints)"),
     "lineage": ("flows.cli_reproduce", "print the lineage of an artifact from its manifests"),

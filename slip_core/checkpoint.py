@@ -1,4 +1,4 @@
-"""Checkpoints: save/load ours and the released SLIP format safely; export to open_clip's layout.
+"""Checkpoints: save/load ours and the released SLIP format safely (export to open_clip: slip_core/open_clip_export.py).
 
 Loading never unpickles arbitrary objects: `torch.load(weights_only=True)` with exactly one extra class
 allow-listed (`argparse.Namespace`, which the released checkpoints use for `args`). Anything else in the
@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from slip_core import storage
-from slip_core.models import ModelConfig, build_model_from_config, get_config, timm_model_name
+from slip_core.models import ModelConfig, build_model_from_config, get_config
 
 FORMAT = "slip-pipeline/1"
 SAFE_GLOBALS = [argparse.Namespace]
@@ -135,59 +135,3 @@ def load_checkpoint(path_or_url: str, map_location="cpu") -> nn.Module:
                               f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                               f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
     return model.eval()
-
-
-# --------------------------------------------------------------------------------------------- open_clip
-def open_clip_config(cfg: ModelConfig) -> dict:
-    """open_clip model config (as in open_clip's model_configs/*.json) describing a CLIP/SLIP model.
-
-    The vision tower is open_clip's TimmModel around the same timm ViT (class-token pool, linear
-    projection without bias = our image_projection); the text tower is open_clip's with QuickGELU and
-    argmax pooling, which is the reference text tower.
-    """
-    if cfg.kind == "simclr":
-        raise ValueError("SimCLR models have no text tower / joint embedding to export to open_clip")
-    if cfg.vision_layers:  # CLIP's modified ResNet (slip_core/resnet_clip.py) is open_clip's own class
-        vision_cfg = {"layers": list(cfg.vision_layers), "width": cfg.vision_width, "image_size": cfg.image_size,
-                      "head_width": cfg.vision_width * 32 // cfg.vision_heads}
-    else:
-        vision_cfg = {"timm_model_name": timm_model_name(cfg), "timm_model_pretrained": False,
-                      "timm_pool": "token", "timm_proj": "linear", "timm_proj_bias": False,
-                      "image_size": cfg.image_size}
-    return {
-        "embed_dim": cfg.embed_dim,
-        "quick_gelu": True,
-        "vision_cfg": vision_cfg,
-        "text_cfg": {"context_length": cfg.context_length, "vocab_size": cfg.vocab_size,
-                     "width": cfg.transformer_width, "heads": cfg.transformer_heads,
-                     "layers": cfg.transformer_layers, "pool_type": "argmax"},
-    }
-
-
-def export_open_clip(model: nn.Module) -> dict:
-    """State dict in open_clip's CLIP layout (TimmModel vision tower); the SimCLR head is dropped."""
-    model = unwrap(model)
-    if model.config.kind == "simclr":
-        raise ValueError("SimCLR models have no text tower / joint embedding to export to open_clip")
-    out = {}
-    resnet = bool(model.config.vision_layers)
-    for k, v in model.state_dict().items():
-        if k.startswith("visual."):
-            out[k if resnet else "visual.trunk." + k[len("visual."):]] = v.clone()
-        elif k == "image_projection":
-            out["visual.head.proj.weight"] = v.t().contiguous().clone()
-        elif not k.startswith(("image_mlp.", "image_predictor.", "target_", "ema_", "mim_")):  # SSL-only parts
-            # token_embedding, positional_embedding, transformer.resblocks.* (nn.MultiheadAttention names),
-            # ln_final, text_projection, logit_scale: identical names and layout
-            out[k] = v.clone()
-    return out
-
-
-def build_open_clip(model: nn.Module) -> nn.Module:
-    """An open_clip CLIP model (eval mode) carrying this CLIP/SLIP model's weights."""
-    import open_clip  # only needed here
-
-    model = unwrap(model)
-    oc = open_clip.model.CLIP(**open_clip_config(model.config), output_dict=True)
-    oc.load_state_dict(export_open_clip(model), strict=True)
-    return oc.eval()

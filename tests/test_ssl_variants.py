@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from slip_core import augment
-from slip_core.checkpoint import build_open_clip, load_checkpoint, load_state, save_checkpoint
+from slip_core.checkpoint import load_checkpoint, load_state, save_checkpoint
 from slip_core.losses import build_loss
 from slip_core.mim import (PatchQuantizer, block_mask, fit_kmeans_tokenizer, patch_features, save_tokenizer)
 from slip_core.models import MODEL_PRESETS, build_model
+from slip_core.open_clip_export import build_open_clip
 from slip_core.optim import build_optimizer
 from slip_core.ssl_variants import BYOLLoss, MoCoV3Loss, cosine_momentum
 from slip_core.tokenizer import tokenize
