@@ -366,10 +366,16 @@ def fingerprint(name: str, root: str | None = None, max_hash_bytes: int = 1 << 3
     if not base.exists():
         locate(name, "test", root, reference)  # raises DatasetMissing with the explanation
     files = sorted(p for p in glob.glob(str(base / "**" / "*"), recursive=True) if os.path.isfile(p))
+    return fingerprint_files(files, str(base), max_hash_bytes)
+
+
+def fingerprint_files(files: list[str], base: str, max_hash_bytes: int = 1 << 30) -> str:
+    """sha256 of files in the given order: each one's path relative to `base`, size and (when all together
+    hold at most `max_hash_bytes`) contents."""
     total = sum(os.path.getsize(p) for p in files)
     h = hashlib.sha256()
     for p in files:
-        rel = os.path.relpath(p, base)
+        rel = os.path.relpath(p, base) if base else p
         h.update(f"{rel}\0{os.path.getsize(p)}\0".encode())
         if total <= max_hash_bytes:
             with open(p, "rb") as f:

@@ -16,7 +16,7 @@ import math
 from datasets.prompts import CLIP_BENCHMARK_KEYS
 from slip_core import storage
 
-DATASET_NAMES = {**CLIP_BENCHMARK_KEYS, "imagenet": "imagenet1k"}
+DATASET_NAMES = {**CLIP_BENCHMARK_KEYS, "imagenet": "imagenet1k", "coco": "mscoco_captions", "flickr30k": "flickr30k"}
 TASKS = {"zeroshot": "zeroshot_classification", "linear": "linear_probe", "retrieval": "zeroshot_retrieval",
          "finetune": "finetune"}
 

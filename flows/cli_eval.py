@@ -106,7 +106,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from datasets import catalog
+    from datasets import catalog, retrieval_sets
 
     for name, entry in catalog.CATALOG.items():
         try:
@@ -115,6 +115,13 @@ def _list(args: argparse.Namespace) -> int:
         except catalog.DatasetMissing:
             where = "missing: " + entry.how_to_obtain(catalog.data_root(args.data_root) / name)
         print(f"{name:<20} {entry.num_classes:>5} classes  {entry.metric:<15} formats={','.join(entry.formats):<30} {where}")
+    for name, spec in retrieval_sets.RETRIEVAL_CATALOG.items():
+        try:
+            split = retrieval_sets.load(name, args.data_root)
+            where = f"found ({split.format}) at {split.path}: {len(split)} images"
+        except catalog.DatasetMissing:
+            where = "missing: " + spec.obtain
+        print(f"{name:<20} {'retrieval':>13}  {'R@1/5/10':<15} formats={'karpathy,wds,jsonl':<30} {where}")
     return 0
 
 

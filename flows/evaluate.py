@@ -8,13 +8,12 @@ report.md, report.html, results.png; Prefect table + markdown artifacts show the
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from datasets import prompts
+from datasets import prompts, retrieval_sets
 from evaluation import common, report
 from evaluation.presets import EVAL_PRESETS
 from evaluation.tasks import TASKS, EvalConfig, run_task
@@ -37,19 +36,13 @@ def make_config(preset: str, config: dict | None) -> EvalConfig:
 
 @task(name="eval-dataset-fingerprint")
 def dataset_fingerprint(task_name: str, dataset: str, data_root: str | None, reference_prompts: str | None = None) -> str:
-    from datasets import catalog, prompts
+    from datasets import catalog
 
     if task_name == "retrieval":
-        from evaluation.retrieval import load_captioned
-
         try:
-            images, captions = load_captioned(dataset, data_root)
+            return retrieval_sets.fingerprint(dataset, data_root)
         except FileNotFoundError:
-            return "missing"
-        h = hashlib.sha256(json.dumps(captions).encode())
-        for p in images:
-            h.update(storage.sha256_file(p).encode())
-        return h.hexdigest()
+            return "missing"  # the eval task records the explanation
     try:
         reference = prompts.load_reference(reference_prompts)
         catalog.ensure(dataset, data_root, reference)

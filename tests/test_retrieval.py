@@ -1,14 +1,20 @@
-"""Retrieval recall@k: exact values on a constructed case; the real photo set end to end."""
+"""Retrieval recall@k: exact values on a constructed case, CLIP_benchmark's definition; the real photo set end to
+end; COCO / Flickr30k in Karpathy's JSON + image folder and in CLIP_benchmark's webdataset, built from the photos."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from evaluation import common, retrieval
-from tests._eval_util import tiny_checkpoint
+from tests._eval_util import random_checkpoint, tiny_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
 
 torch.set_num_threads(1)  # 2 shared cores: busy-waiting intra-op threads slow everything down
 
@@ -60,3 +66,132 @@ def test_photo_retrieval_with_trained_model(tmp_path):
     (folder / "captions.jsonl").write_text("\n".join(json.dumps({"image": p.path, "captions": [p.title]}) for p in photos))
     mini = retrieval.evaluate(lm, "mini", str(tmp_path))
     assert mini["num_samples"] == 3 and mini["image_to_text_R@5"] == 100.0  # k >= number of texts
+
+
+# ---------------------------------------------------------------- COCO / Flickr30k in their on-disk forms
+def _photo_split():
+    """14 of the 20 offline photos as a 'test' split (2-3 captions each), the rest train / restval."""
+    from datasets.offline import photo_corpus
+
+    photos = photo_corpus()
+    splits = ["test"] * 14 + ["train"] * 4 + ["restval"] * 2
+    caps = [[p.title, p.description] + ([f"{p.title}, {p.description}"] if i % 3 == 0 else [])
+            for i, p in enumerate(photos)]
+    return photos, splits, caps
+
+
+def write_karpathy(root: Path, name: str) -> Path:
+    """Karpathy's dataset_<name>.json + images where COCO (val2014/<file>) / Flickr30k (flickr30k-images/) put them."""
+    import shutil
+
+    photos, splits, caps = _photo_split()
+    base = root / name
+    rows = []
+    for i, (p, split, c) in enumerate(zip(photos, splits, caps)):
+        sub = "val2014" if name == "coco" else "flickr30k-images"
+        fname = (f"COCO_val2014_{i:012d}" if name == "coco" else f"{1000 + i}") + Path(p.path).suffix
+        (base / sub).mkdir(parents=True, exist_ok=True)
+        shutil.copy(p.path, base / sub / fname)
+        row = {"filename": fname, "split": split, "imgid": i, "sentids": list(range(3 * i, 3 * i + len(c))),
+               "sentences": [{"raw": t, "tokens": t.lower().split(), "imgid": i} for t in c]}
+        if name == "coco":
+            row.update(filepath="val2014", cocoid=i)
+        rows.append(row)
+    (base / f"dataset_{name}.json").write_text(json.dumps({"images": rows, "dataset": name}))
+    return base
+
+
+def write_clip_benchmark_wds(root: Path, name: str, shards: int = 2) -> Path:
+    """CLIP_benchmark's retrieval webdataset of the same test images: <key>.<jpg|png> + <key>.txt."""
+    import webdataset as wds
+
+    photos, splits, caps = _photo_split()
+    test = [(p, c) for p, s, c in zip(photos, splits, caps) if s == "test"]
+    base = root / name
+    (base / "test").mkdir(parents=True)
+    per = -(-len(test) // shards)
+    for s in range(shards):
+        with wds.TarWriter(str(base / "test" / f"{s}.tar")) as sink:
+            for i, (p, c) in enumerate(test[s * per:(s + 1) * per], start=s * per):
+                ext = Path(p.path).suffix[1:].replace("jpeg", "jpg")
+                sink.write({"__key__": f"s{i:06d}", ext: Path(p.path).read_bytes(), "txt": "\n".join(c).encode()})
+    (base / "test" / "nshards.txt").write_text(f"{shards}\n")
+    (base / "dataset_type.txt").write_text("retrieval\n")
+    return base
+
+
+def test_coco_and_flickr_forms_give_the_same_recall(tmp_path):
+    from datasets import retrieval_sets
+
+    lm = common.load_model(random_checkpoint())
+    write_karpathy(tmp_path / "k", "coco")
+    write_karpathy(tmp_path / "k", "flickr30k")
+    write_clip_benchmark_wds(tmp_path / "w", "coco")
+    write_clip_benchmark_wds(tmp_path / "w", "flickr30k", shards=3)
+    results = {}
+    for form, root in (("karpathy", tmp_path / "k"), ("wds", tmp_path / "w")):
+        for name in ("coco", "flickr30k"):
+            split = retrieval_sets.load(name, str(root))
+            assert split.format == form and len(split) == 14
+            assert sum(len(c) for c in split.captions) == 14 * 2 + 5  # 5 of the 14 carry a third caption
+            results[(form, name)] = retrieval.evaluate(lm, name, str(root), batch_size=4)
+    first = results[("karpathy", "coco")]
+    for key, res in results.items():
+        assert {k: v for k, v in res.items() if k != "data_format"} == \
+            {k: v for k, v in first.items() if k != "data_format"}, key
+    assert first["num_samples"] == 14 and first["num_captions"] == 33
+
+
+def test_recall_is_clip_benchmarks_definition(tmp_path):
+    cb = pytest.importorskip("clip_benchmark.metrics.zeroshot_retrieval")
+    from datasets import retrieval_sets
+
+    lm = common.load_model(random_checkpoint())
+    write_karpathy(tmp_path, "flickr30k")
+    img, txt, owner = retrieval.embed(lm, retrieval_sets.load("flickr30k", str(tmp_path)))
+    ours = retrieval.recall_at_k(img, txt, owner)
+    scores = torch.from_numpy(txt @ img.T)  # [texts, images], as CLIP_benchmark builds it
+    positive = torch.zeros_like(scores, dtype=torch.bool)
+    positive[torch.arange(len(owner)), torch.from_numpy(owner)] = True
+    for k in (1, 5, 10):
+        t2i = (cb.batchify(cb.recall_at_k, scores, positive, 8, "cpu", k=k) > 0).float().mean().item()
+        i2t = (cb.batchify(cb.recall_at_k, scores.T, positive.T, 8, "cpu", k=k) > 0).float().mean().item()
+        assert ours[f"text_to_image_R@{k}"] == pytest.approx(100 * t2i)  # CLIP_benchmark's image_retrieval_recall
+        assert ours[f"image_to_text_R@{k}"] == pytest.approx(100 * i2t)  # CLIP_benchmark's text_retrieval_recall
+
+
+def test_missing_or_broken_retrieval_sets_say_what_and_where(tmp_path):
+    from datasets import catalog, retrieval_sets
+
+    with pytest.raises(catalog.DatasetMissing) as e:
+        retrieval_sets.load("coco", str(tmp_path))
+    msg = str(e.value)
+    assert str(tmp_path / "coco" / "dataset_coco.json") in msg and "nshards.txt" in msg and "cocodataset.org" in msg
+    base = write_karpathy(tmp_path, "flickr30k")
+    victim = sorted((base / "flickr30k-images").iterdir())[0]
+    victim.unlink()
+    with pytest.raises(catalog.DatasetMissing, match=victim.name):
+        retrieval_sets.load("flickr30k", str(tmp_path))
+    wds_base = write_clip_benchmark_wds(tmp_path / "w", "coco")
+    import webdataset as wds
+
+    with wds.TarWriter(str(wds_base / "test" / "1.tar")) as sink:  # a sample without captions
+        sink.write({"__key__": "x", "png": b"no caption next to me"})
+    with pytest.raises(ValueError, match="lacks a .txt label"):
+        retrieval_sets.load("coco", str(tmp_path / "w"))
+
+
+def test_retrieval_task_record_and_catalog_listing(tmp_path):
+    from evaluation.clip_benchmark_results import to_clip_benchmark
+    from evaluation.tasks import EvalConfig, run_task
+
+    write_karpathy(tmp_path, "coco")
+    lm = common.load_model(random_checkpoint())
+    rec = run_task("retrieval", lm, "coco", EvalConfig(data_root=str(tmp_path), device="cpu"), log=lambda s: None)
+    assert rec["data_format"] == "karpathy" and rec["num_samples"] == 14 and rec["device"] == "cpu"
+    assert to_clip_benchmark(rec, "demo")["dataset"] == "mscoco_captions"
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "eval", "list", "--data-root", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = {ln.split()[0]: ln for ln in out.stdout.splitlines() if ln.strip()}
+    assert "found (karpathy)" in lines["coco"] and "missing" in lines["flickr30k"] and "retrieval" in lines["coco"]
