@@ -17,7 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from datasets import yfcc  # noqa: E402
+from datasets.sources import yfcc  # noqa: E402
 
 N_ROWS = int(os.environ.get("BENCH_YFCC_ROWS", 1_000_000))
 SUBSET_FRACTION = 0.148  # 14.8M of 100M, as in OpenAI's subset

@@ -59,7 +59,7 @@ def make_shards(d: str) -> list[str]:
 
 def _fp(args) -> int:
     url, draft = args
-    from datasets import fingerprint
+    from datasets.quality import fingerprint
 
     return len(fingerprint.fingerprint_tars([url], draft=draft))
 
@@ -67,7 +67,7 @@ def _fp(args) -> int:
 def _sha(url: str) -> int:
     import hashlib
 
-    from datasets import fingerprint
+    from datasets.quality import fingerprint
 
     n = 0
     for _, sample in fingerprint.iter_tar_samples(url):
@@ -77,7 +77,7 @@ def _sha(url: str) -> int:
 
 
 def _hash_arrays(arrays) -> list[bytes]:
-    from datasets import fingerprint
+    from datasets.quality import fingerprint
 
     return [fingerprint.phash_array(a) for a in arrays]
 
@@ -86,7 +86,8 @@ def dedup_speed(pool) -> dict:
     import numpy as np
     import pyarrow as pa
 
-    from datasets import dedup, fingerprint, offline
+    from datasets import offline
+    from datasets.quality import dedup, fingerprint
 
     images = offline.fashion_mnist("train")[0][:N_DEDUP]
     hashes = [h for part in pool.map(_hash_arrays, np.array_split(images, 20)) for h in part]

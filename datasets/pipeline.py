@@ -13,22 +13,9 @@ import sys
 from slip_core import artifacts, storage
 from slip_core.failpoints import failpoint
 
-from datasets import captions, download, ledger, yfcc
-
-
-def detect_source(source: str) -> str:
-    """'yfcc' for YFCC100M metadata (25 or 23 tab-separated fields), 'table' for any url+caption table."""
-    low = source.lower()
-    if low.endswith((".parquet", ".csv", ".csv.gz")):
-        return "table"
-    with yfcc._open_binary(source) as f:
-        for _ in range(5):
-            line = f.readline()
-            if not line:
-                break
-            if line.count(b"\t") + 1 in yfcc.LAYOUT_COLUMNS:
-                return "yfcc"
-    return "table"
+from datasets import config, download, plan, publish as publish_mod, work
+from datasets.sources import captions, yfcc
+from datasets.sources.detect import detect_source
 
 
 def file_sha256(url: str, store: str) -> str:
@@ -46,7 +33,7 @@ def file_sha256(url: str, store: str) -> str:
     return digest
 
 
-def prepare_table(source: str, store: str, cfg: download.DatasetConfig, subset: str | None = None) -> str:
+def prepare_table(source: str, store: str, cfg: config.DatasetConfig, subset: str | None = None) -> str:
     """Caption-table artifact (captions.parquet + filter_report.json) for `source`; returns its manifest URL.
     Keyed on the contents of source and subset and the cleaning mode; an existing one is reused."""
     src_sha = file_sha256(source, store)
@@ -85,21 +72,21 @@ def table_of(table_manifest: str) -> str:
     return storage.join(artifacts.artifact_root(table_manifest), "captions.parquet")
 
 
-def publish(table_manifest: str, store: str, cfg: download.DatasetConfig) -> str:
+def publish(table_manifest: str, store: str, cfg: config.DatasetConfig) -> str:
     report = json.loads(storage.read_text(storage.join(artifacts.artifact_root(table_manifest), "filter_report.json")))
-    return ledger.publish(table_of(table_manifest), download.work_dir(store, cfg), cfg, store,
+    return publish_mod.publish(table_of(table_manifest), work.work_dir(store, cfg), cfg, store,
                             upstream={"captions": artifacts.upstream_ref(table_manifest)},
                             extra_stats={"filter": {k: v for k, v in report.items() if k != "malformed_lines"},
                                          "malformed_lines": report.get("malformed_lines", [])})
 
 
-def build(source: str, store: str, cfg: download.DatasetConfig, subset: str | None = None,
+def build(source: str, store: str, cfg: config.DatasetConfig, subset: str | None = None,
           retry_failed: bool = False, progress: bool = False) -> str:
     """The whole stage in this process; returns the dataset manifest URL."""
     tm = prepare_table(source, store, cfg, subset)
     failpoint("dataset.table_published")  # crash tests (slip_core/failpoints.py)
-    with download.work_lock(download.work_dir(store, cfg)):
-        for group in download.plan(table_of(tm), download.work_dir(store, cfg), cfg, retry_failed=retry_failed):
+    with work.work_lock(work.work_dir(store, cfg)):
+        for group in plan.plan(table_of(tm), work.work_dir(store, cfg), cfg, retry_failed=retry_failed):
             download.run_group(group, cfg, progress=progress)
             failpoint("dataset.group_downloaded")
         return publish(tm, store, cfg)
@@ -114,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default="{}", help="JSON dict of DatasetConfig overrides")
     ap.add_argument("--retry-failed", action="store_true")
     a = ap.parse_args(argv)
-    cfg = download.make_config(json.loads(a.config), a.preset)
+    cfg = config.make_config(json.loads(a.config), a.preset)
     print(build(a.source, a.store, cfg, a.subset, a.retry_failed, progress=False))
     return 0
 

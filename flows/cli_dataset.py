@@ -16,7 +16,7 @@ from slip_core.config import parse_sets
 
 
 def _filter(a) -> int:
-    from datasets import yfcc
+    from datasets.sources import yfcc
 
     report = yfcc.filter_yfcc(a.metadata, a.output, subset=a.subset, mode=a.mode, line_offset=a.line_offset)
     d = report.to_dict()
@@ -26,10 +26,10 @@ def _filter(a) -> int:
 
 
 def _build(a) -> int:
-    from datasets import download
+    from datasets.config import make_config
 
     config = {"preset": a.preset, **parse_sets(a.set)}
-    cfg = download.make_config({k: v for k, v in config.items() if k != "preset"}, a.preset)  # fail before Prefect starts
+    cfg = make_config({k: v for k, v in config.items() if k != "preset"}, a.preset)  # fail before Prefect starts
     if a.no_prefect:
         from datasets import pipeline
 

@@ -1,7 +1,7 @@
 """CPU-bound dataset stages as many small Prefect tasks, for a Dask cluster (or threads) - flows/runners.py.
 
     filter_yfcc_distributed   YFCC100M metadata -> caption table, one task per byte range
-                              (datasets/yfcc_chunks.py: identical rows and report to yfcc.filter_yfcc)
+                              (datasets/sources/yfcc_chunks.py: identical rows and report to yfcc.filter_yfcc)
     verify_dataset_distributed  re-hash every file of an artifact and check every shard's samples
                               against sizes.json, one task per batch of files / per shard
 
@@ -23,7 +23,8 @@ import uuid
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from datasets import shardcheck, yfcc_chunks
+from datasets import shardcheck
+from datasets.sources import yfcc_chunks
 from flows.runners import with_runner
 from slip_core import artifacts, storage
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from datasets import offline
-from datasets.yfcc import format_row
+from datasets.sources.yfcc import format_row
 
 # DatasetConfig overrides for tests: small shards, few processes/threads, short timeout and per-image bounds
 # (2 cores; the deadline is above the timeout, so a plain slow answer still fails as "timed out").

@@ -20,7 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from datasets import download, img2dataset_bounded, pipeline, yfcc
+from datasets import config as dataset_config
+from datasets import img2dataset_bounded, pipeline, work
+from datasets.sources import yfcc
 from datasets.httpserve import serve_directory
 from slip_core import artifacts
 from tests._dataset_util import BAD_LINES, TEST_CONFIG, Row, fault_rows, huge_png, write_images, write_metadata
@@ -32,7 +34,7 @@ BOUND = f"< {BUILD_BOUND_S} s"
 
 def _cfg(**kw):
     # subprocess_timeout_s: a hang fails the build (run_group kills img2dataset) instead of the test session
-    return download.make_config({**TEST_CONFIG, "name": "test", "subprocess_timeout_s": 2 * BUILD_BOUND_S, **kw}, "tiny")
+    return dataset_config.make_config({**TEST_CONFIG, "name": "test", "subprocess_timeout_s": 2 * BUILD_BOUND_S, **kw}, "tiny")
 
 
 def _ledger(manifest_url):
@@ -196,7 +198,7 @@ def test_unchanged_rerun_downloads_nothing_and_concurrent_builds_are_refused(bui
     before = sum(built["hits"].values())
     assert pipeline.build(built["corpus"].metadata, built["store"], _cfg(), subset=built["corpus"].subset) == built["manifest"]
     assert sum(built["hits"].values()) == before
-    with download.work_lock(download.work_dir(built["store"], _cfg())):
+    with work.work_lock(work.work_dir(built["store"], _cfg())):
         with pytest.raises(RuntimeError, match="another dataset build"):
             pipeline.build(built["corpus"].metadata, built["store"], _cfg(), subset=built["corpus"].subset)
 
@@ -220,7 +222,7 @@ def test_incremental_snapshot_downloads_only_new_rows(built):
     assert set(ledger) == set(snap.keys)
     for key, row in snap.keys.items():
         assert ledger[key]["status"] == row.expect[0], (key, row.url)
-    attempts = sorted(glob.glob(os.path.join(download.work_dir(store, _cfg()), "attempts", "*")))
+    attempts = sorted(glob.glob(os.path.join(work.work_dir(store, _cfg()), "attempts", "*")))
     assert len(attempts) == 2
     new_input = pq.read_table(os.path.join(attempts[1], "g00000", "input.parquet"))["sample_id"].to_pylist()
     assert sorted(new_input) == sorted(k for k in snap.keys if k not in old.keys)
@@ -261,8 +263,8 @@ def test_kill_and_rerun_loses_nothing_and_duplicates_nothing(built, tmp_path):
         cmd = [sys.executable, "-m", "datasets.pipeline", corpus.metadata, store, "--subset", corpus.subset,
                "--preset", "tiny", "--config", json.dumps(conf)]
         proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
-        cfg = download.make_config(conf, "tiny")
-        out = os.path.join(download.work_dir(store, cfg), "attempts", "*", "g00000", "out", "*_stats.json")
+        cfg = dataset_config.make_config(conf, "tiny")
+        out = os.path.join(work.work_dir(store, cfg), "attempts", "*", "g00000", "out", "*_stats.json")
         deadline = time.time() + 120
         while len(glob.glob(out)) < 2 and time.time() < deadline and proc.poll() is None:
             time.sleep(0.05)

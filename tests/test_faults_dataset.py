@@ -32,7 +32,8 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from datasets import download, pipeline
+from datasets import config as dataset_config
+from datasets import pipeline, work
 from datasets.httpserve import serve_directory
 from slip_core import artifacts
 from tests._dataset_util import TEST_CONFIG, Row, write_images, write_metadata
@@ -46,7 +47,7 @@ RUN_LIMIT_S = 120
 
 
 def _cfg():
-    return download.make_config(CONF, "tiny")
+    return dataset_config.make_config(CONF, "tiny")
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -212,7 +213,7 @@ def test_kills_before_and_during_the_download_then_rerun(corpus, reference, faul
     assert not os.path.exists(os.path.join(store, "dataset-work")) and sum(corpus["hits"].values()) == sum(hits0.values())
 
     # 3. rerun, SIGKILLed from outside once img2dataset has finished >= 1 shard (its child and pool worker live on)
-    stats = os.path.join(download.work_dir(store, cfg), "attempts", "*", "g00000", "out", "*_stats.json")
+    stats = os.path.join(work.work_dir(store, cfg), "attempts", "*", "g00000", "out", "*_stats.json")
     with open(os.path.join(str(corpus["d"]), "mid-download.log"), "wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=log)
         deadline = time.time() + RUN_LIMIT_S
@@ -229,8 +230,8 @@ def test_kills_before_and_during_the_download_then_rerun(corpus, reference, faul
     # 4. rerun, killed after the download group finished, before publishing
     _run_killed(cmd, "dataset.group_downloaded")
     _assert_nothing_looks_complete_that_is_not(store, reference)
-    (attempt,) = download.all_attempts(download.work_dir(store, cfg))
-    assert [download.group_complete(g) for g in attempt[1]] == [True]
+    (attempt,) = work.all_attempts(work.work_dir(store, cfg))
+    assert [work.group_complete(g) for g in attempt[1]] == [True]
     assert not os.path.exists(os.path.join(store, "dataset"))
     downloadable = [r.url.split("127.0.0.1:", 1)[1].split("/", 1)[1] for r in c.keys.values() if r.url.startswith("http")]
     fetched = _fetches(corpus, hits0)

@@ -1,7 +1,7 @@
 """Perceptual fingerprints on real images: copies resized / re-encoded are close, distinct images are far.
 
 Measured false-positive rates (pairs of distinct images within the default 20-bit threshold) are printed
-with -s and asserted; see also the module docstring of datasets/fingerprint.py.
+with -s and asserted; see also the module docstring of datasets/quality/fingerprint.py.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datasets import fingerprint as fpm
+from datasets.quality import fingerprint as fpm
 from datasets import offline
 from tests._quality_util import encode, short_side
 

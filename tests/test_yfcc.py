@@ -13,7 +13,9 @@ import fsspec
 import pyarrow.parquet as pq
 import pytest
 
-from datasets import captions, demo_corpus, offline, pipeline, yfcc
+from datasets import demo_corpus, offline, pipeline
+from datasets.sources import captions, yfcc
+from datasets.sources.detect import detect_source
 from datasets.httpserve import serve_directory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,7 +93,7 @@ def test_filter_23_columns_bz2_and_fsspec_url(tmp_path):
         t = pq.read_table(f).to_pylist()
     assert rep.layout == "legacy" and rep.malformed == 0
     assert [(r["line_number"], r["photo_id"], r["photo_hash"]) for r in t] == [(1, 101, ""), (4, 104, "")]
-    assert pipeline.detect_source("memory://yfcc/meta.bz2") == "yfcc"
+    assert detect_source("memory://yfcc/meta.bz2") == "yfcc"
 
 
 def test_strict_mode_drops_empty_and_non_utf8_is_counted(tmp_path):

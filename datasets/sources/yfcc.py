@@ -108,7 +108,7 @@ class FilterReport:
         return dict(self.__dict__)
 
 
-def _open_binary(url: str):
+def open_binary(url: str):
     """Plain or compressed (by extension: .bz2, .gz, .xz, .zst) file at any fsspec URL."""
     return fsspec.open(url, "rb", compression="infer").open()
 
@@ -117,7 +117,7 @@ def read_subset(url: str) -> bytearray:
     """OpenAI's subset TSV -> membership bitmap indexed by line number (100 MB for all of YFCC100M,
     far less than a Python set of 14.8M ints). A header line or blank lines are skipped."""
     bitmap = bytearray()
-    with _open_binary(url) as f:
+    with open_binary(url) as f:
         for raw in f:
             head = raw.split(b"\t", 1)[0].strip()
             if not head.isdigit():
@@ -167,7 +167,7 @@ def filter_yfcc(
 
     # Hot loop: every row costs one tab count, one find and one int(); only subset members are split,
     # decoded and cleaned. Counters of the common cases are derived at the end instead of incremented.
-    with storage.atomic_open(output, "wb") as out, _open_binary(metadata) as f:
+    with storage.atomic_open(output, "wb") as out, open_binary(metadata) as f:
         writer = pq.ParquetWriter(out, SCHEMA, compression="zstd")
         rows: list[tuple] = []
         phys = -1

@@ -192,7 +192,7 @@ def fingerprint_tars(tar_urls: Iterable[str], key_map: dict[tuple[str, str], str
 
 def ledger_sources(ledger: pa.Table) -> tuple[list[str], dict[tuple[str, str], str]]:
     """Tars and {(tar url, img2dataset key): dataset key} for the ledger's `success` rows, from its `source`
-    column ('<group path>|<shard id>|<img2dataset key>', datasets/download.py)."""
+    column ('<group path>|<shard id>|<img2dataset key>', datasets/ledger.py)."""
     key_map: dict[tuple[str, str], str] = {}
     tars: dict[str, None] = {}
     for k, st, src in zip(ledger["key"].to_pylist(), ledger["status"].to_pylist(), ledger["source"].to_pylist()):

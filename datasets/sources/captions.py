@@ -2,7 +2,7 @@
 
 The caption table is what the download stage consumes: columns `key` (string, unique, stable across
 snapshots), `url`, `caption`, plus whatever else the source has (`title`, `description`, ...). The
-YFCC path (datasets/yfcc.py) writes `download_url` instead of `url`; `url_column()` resolves either.
+YFCC path (datasets/sources/yfcc.py) writes `download_url` instead of `url`; `url_column()` resolves either.
 
 CC3M's TSV is headerless `caption<TAB>url`, CC12M's is headerless `url<TAB>caption`: for a two-column
 headerless file the URL column is recognised by its content. Files are streamed batch by batch
@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from slip_core import storage
 
-from datasets.yfcc import MAX_MALFORMED_KEPT, MAX_TEXT_CHARS  # one cap for every caption source
+from datasets.sources.yfcc import MAX_MALFORMED_KEPT, MAX_TEXT_CHARS  # one cap for every caption source
 
 URL_NAMES = ("url", "download_url", "image_url", "img_url", "URL")
 CAPTION_NAMES = ("caption", "text", "title", "alt", "TEXT", "captions")
