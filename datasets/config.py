@@ -36,6 +36,10 @@ class DatasetConfig:
     extract_exif: bool = False
     disallowed_header_directives: tuple = ("noai", "noimageai", "noindex", "noimageindex")
     number_sample_per_shard: int = 10000
+    # Rows are handed to img2dataset in a seeded global permutation (datasets/plan.py), so a shard is a uniform
+    # draw from the whole table, not a run of one Flickr user or upload day. Changes the grouping of rows into
+    # shards, not what a download produces: not part of the work-folder identity (PLANNING_FIELDS).
+    shuffle_seed: int = 0
     # Parallelism only: not part of the work-folder identity.
     processes_count: int = 16
     thread_count: int = 64
@@ -77,6 +81,7 @@ DATASET_PRESETS: dict[str, DatasetConfig] = {
                           resize_only_if_bigger=False, encode_quality=90, timeout=5, number_sample_per_shard=500,
                           processes_count=2, thread_count=16, shards_per_group=64, max_image_area=4.0e7),
 }
+PLANNING_FIELDS = {"shuffle_seed"}  # decide the grouping of new attempts only
 PARALLEL_FIELDS = {"processes_count", "thread_count", "shards_per_group", "parallel_groups", "subprocess_timeout_s", "name", "distributor"}
 
 

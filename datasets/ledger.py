@@ -1,109 +1,225 @@
 """The ledger: every input row's one recorded fate, derived from the work folder (datasets/work.py).
 
-`final_ledger` rebuilds the fate of every input row from the completed img2dataset shards of all
-attempts (later attempts override earlier ones: that is how --retry-failed merges) and refuses to go on
-while any row has none. Columns: LEDGER_SCHEMA; `source` names the img2dataset sample of a success
-('<group path>|<shard id>|<img2dataset key>').
+Built in the table engine (datasets/engine.py, DuckDB) from the caption table, the rows its parser found
+malformed (`malformed.parquet` of the caption-table artifact) and img2dataset's per-shard parquet outputs
+of every attempt: joins and group-bys out of core under a fixed memory budget, streamed to parquet, never
+a Python object per row. Later attempts override earlier ones (that is how --retry-failed merges); a row of
+a completed shard that img2dataset wrote no record for is `failed_to_download` ("no record in img2dataset
+output"); rows never handed to img2dataset carry the reason (`filter_reason_sql`); a row with no fate yet
+stops the build (the download is incomplete). Columns: LEDGER_SCHEMA. `source` names the img2dataset
+sample of a success ('<group path>|<shard id>|<img2dataset key>'); `line_number` is the row's line in the
+metadata when the source has one (YFCC, and every malformed row: those have no key).
+
+    with engine.connect() as con:
+        n = build_ledger(con, table, work)      # temp table `ledger`, in input order
 """
 from __future__ import annotations
 
-import collections
 import hashlib
 
+import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from slip_core import storage
 
-from datasets.table import filter_rows, read_table
+from datasets import engine
+from datasets.sources.captions import url_column
 from datasets.work import all_attempts, done_shards
 
 STATUSES = ("success", "failed_to_download", "failed_to_resize", "filtered")
-
 LEDGER_SCHEMA = pa.schema([("key", pa.string()), ("url", pa.string()), ("status", pa.string()), ("reason", pa.string()),
                            ("error", pa.string()),
                            ("attempt", pa.string()), ("source", pa.string()), ("shard", pa.string()),
-                           ("width", pa.int32()), ("height", pa.int32())])
+                           ("width", pa.int32()), ("height", pa.int32()), ("line_number", pa.int64())])
+LEDGER_COLUMNS = ", ".join(LEDGER_SCHEMA.names)
+MALFORMED_FILE = "malformed.parquet"  # line_number, reason: next to a caption table (datasets/sources)
+
+# Python's str.isspace() set (what str.strip() / splitlines() use), spelled for RE2 (DuckDB's regexes).
+_WS = "".join(f"\\x{{{ord(c):x}}}" for c in map(chr, range(0x3001)) if c.isspace())
+_LINE_BREAKS = "".join(f"\\x{{{ord(c):x}}}" for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
 
 
-def normalize_reason(error: str) -> str:
-    """A short, aggregatable reason from img2dataset's error string (the raw one is kept in `error`)."""
-    if "!buf.empty()" in error:
-        return "empty response (0 bytes)"
-    if "infinite loop" in error:
-        return "redirect loop"
-    first = error.strip().splitlines()[0] if error.strip() else error
-    return first[:200]
+def reason_sql(err: str) -> str:
+    """SQL for a short, aggregatable reason from img2dataset's error string `err` (the raw one is kept in
+    `error`): the first line of the stripped message, at most 200 characters, with two messages renamed."""
+    stripped = f"regexp_replace({err}, '^[{_WS}]+|[{_WS}]+$', '', 'g')"
+    return (f"CASE WHEN contains({err}, '!buf.empty()') THEN 'empty response (0 bytes)' "
+            f"WHEN contains({err}, 'infinite loop') THEN 'redirect loop' "
+            f"WHEN {stripped} = '' THEN {err} "
+            f"ELSE substring(regexp_extract({stripped}, '^[^{_LINE_BREAKS}]*'), 1, 200) END")
 
 
-def collect_ledger(work: str) -> pa.Table:
-    """Fate of every row some complete shard holds: key, status, reason, attempt, source (group/shard:i2d key),
-    width, height. Later attempts override earlier ones (that is how retry-failed merges)."""
-    rows: dict[str, tuple] = {}
-    for attempt, groups in all_attempts(work):
+def filter_reason_sql(key: str, url: str, first: str) -> str:
+    """SQL for why a caption-table row is never handed to img2dataset ('' = downloadable); `first` is true
+    for the first row holding its key (a later row with the same key is a duplicate)."""
+    scheme = f"lower(split_part({url}, ':', 1))"
+    return (f"CASE WHEN {key} IS NULL OR {key} = '' THEN 'empty key' WHEN NOT {first} THEN 'duplicate key' "
+            f"WHEN {url} IS NULL OR {url} = '' THEN 'empty url' "
+            f"WHEN contains({url}, ':') AND {scheme} IN ('http', 'https') THEN '' "
+            f"ELSE 'unsupported url scheme ''' || CASE WHEN contains({url}, ':') AND {scheme} <> '' THEN {scheme} "
+            f"ELSE substring({url}, 1, 20) END || '''' END")
+
+
+# ------------------------------------------------------------------------------------------- inputs
+
+def table_columns(con: duckdb.DuckDBPyConnection, table_path: str) -> list[str]:
+    return [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM read_parquet({engine.lit(engine.path(con, table_path))})").fetchall()]
+
+
+def register_input(con: duckdb.DuckDBPyConnection, table_path: str) -> None:
+    """Temp view `inp` (rn, key, url, line_number) over the caption table, with `reason` from the filter rules.
+    The table is scanned, never loaded: `first` comes from a group-by on key (spills when large)."""
+    cols = table_columns(con, table_path)
+    ucol = url_column(cols)
+    line = "CAST(line_number AS BIGINT)" if "line_number" in cols else "CAST(NULL AS BIGINT)"
+    src = engine.lit(engine.path(con, table_path))
+    con.execute(f"""CREATE OR REPLACE TEMP VIEW inp_raw AS
+        SELECT file_row_number AS rn, CAST(key AS VARCHAR) AS key, CAST("{ucol}" AS VARCHAR) AS url, {line} AS line_number
+        FROM read_parquet({src}, file_row_number=true)""")
+    con.execute("""CREATE OR REPLACE TEMP TABLE first_rows AS
+        SELECT key, min(rn) AS first_rn FROM inp_raw GROUP BY key""")
+    con.execute(f"""CREATE OR REPLACE TEMP VIEW inp AS
+        SELECT r.rn, r.key, r.url, r.line_number,
+               {filter_reason_sql('r.key', 'r.url', 'r.rn = f.first_rn')} AS reason
+        FROM inp_raw r JOIN first_rows f ON r.key IS NOT DISTINCT FROM f.key""")
+
+
+def register_work(con: duckdb.DuckDBPyConnection, work: str) -> None:
+    """Temp tables of the work folder's inventory (one row per group / completed shard, not per sample):
+    `groups` (seq, attempt, gpath, nps, input file, complete) and `shards` (seq, attempt, gpath, shard, out file)."""
+    g_rows, s_rows = [], []
+    for seq, (attempt, groups) in enumerate(all_attempts(work)):
         for g in groups:
             done = done_shards(g)
-            if not done:
-                continue
-            ids = pq.read_table(storage.join(g.path, "input.parquet"), columns=["sample_id"])["sample_id"].to_pylist()
-            for s in sorted(done):
-                t = pq.read_table(storage.join(g.path, "out", f"{s:05d}.parquet"),
-                                  columns=["sample_id", "key", "status", "error_message", "width", "height"]).to_pydict()
-                seen = set()
-                for sid, k, st, err, w, h in zip(t["sample_id"], t["key"], t["status"], t["error_message"], t["width"], t["height"]):
-                    seen.add(sid)
-                    err = "" if st == "success" else (err or st)
-                    rows[sid] = (st, normalize_reason(err), err, attempt, f"{g.path}|{s}|{k}", w, h)
-                for sid in ids[s * g.nps:(s + 1) * g.nps]:
-                    if sid not in seen:  # img2dataset caught an exception and wrote no record
-                        rows[sid] = ("failed_to_download", "no record in img2dataset output", "", attempt, "", None, None)
-    keys = list(rows)
-    names = ("status", "reason", "error", "attempt", "source", "width", "height")
-    cols = list(zip(*rows.values())) if rows else [[]] * len(names)
-    return pa.table({"key": pa.array(keys, pa.string()),
-                     **{n: pa.array(c, LEDGER_SCHEMA.field(n).type) for n, c in zip(names, cols)}})
+            g_rows.append((seq, attempt, g.path, g.nps, engine.path(con, storage.join(g.path, "input.parquet")),
+                           done >= set(range(g.n_shards))))
+            s_rows += [(seq, attempt, g.path, s, engine.path(con, storage.join(g.path, "out", f"{s:05d}.parquet")))
+                       for s in sorted(done)]
+    groups = pa.table({n: pa.array([r[i] for r in g_rows], t) for i, (n, t) in enumerate(
+        [("seq", pa.int32()), ("attempt", pa.string()), ("gpath", pa.string()), ("nps", pa.int64()),
+         ("in_file", pa.string()), ("complete", pa.bool_())])})
+    shards = pa.table({n: pa.array([r[i] for r in s_rows], t) for i, (n, t) in enumerate(
+        [("seq", pa.int32()), ("attempt", pa.string()), ("gpath", pa.string()), ("shard", pa.int64()),
+         ("out_file", pa.string())])})
+    con.register("groups_arrow", groups)
+    con.register("shards_arrow", shards)
+    con.execute("CREATE OR REPLACE TEMP TABLE groups AS SELECT * FROM groups_arrow")
+    con.execute("CREATE OR REPLACE TEMP TABLE shards AS SELECT * FROM shards_arrow")
+    con.unregister("groups_arrow")
+    con.unregister("shards_arrow")
 
 
-def final_ledger(table_path: str, work: str) -> pa.Table:
-    """One row per input row with exactly one status; raises if a row has none yet (run download first)."""
-    filt = filter_rows(read_table(table_path, ["key", "url"]))
-    got = collect_ledger(work)
-    idx = {k: i for i, k in enumerate(got["key"].to_pylist())}
-    g = got.to_pydict()
-    out = {n: [] for n in LEDGER_SCHEMA.names}
-    missing = []
-    for k, u, reason in zip(filt["key"].to_pylist(), filt["url"].to_pylist(), filt["reason"].to_pylist()):
-        i = None if reason else idx.get(k)
-        if reason:
-            vals = ("filtered", reason, "", "", "", None, None)
-        elif i is None:
-            missing.append(k)
-            continue
-        else:
-            vals = tuple(g[n][i] for n in ("status", "reason", "error", "attempt", "source", "width", "height"))
-        out["key"].append(k)
-        out["url"].append(u)
-        for n, v in zip(("status", "reason", "error", "attempt", "source", "width", "height"), vals):
-            out[n].append(v)
-        out["shard"].append("")
+def register_fates(con: duckdb.DuckDBPyConnection, work: str) -> None:
+    """Temp table `fates` (key, status, reason, error, attempt, source, width, height, gpath, shard, i2d_key):
+    the latest attempt's record of every row some complete shard holds."""
+    register_work(con, work)
+    out_files = [r[0] for r in con.execute("SELECT out_file FROM shards ORDER BY seq, gpath, shard").fetchall()]
+    in_files = [r[0] for r in con.execute("SELECT in_file FROM groups g WHERE EXISTS "
+                                          "(SELECT 1 FROM shards s WHERE s.gpath = g.gpath)").fetchall()]
+    if not out_files:
+        con.execute("""CREATE OR REPLACE TEMP TABLE fates (key VARCHAR, status VARCHAR, reason VARCHAR, error VARCHAR,
+            attempt VARCHAR, source VARCHAR, width INTEGER, height INTEGER, gpath VARCHAR, shard BIGINT, i2d_key VARCHAR)""")
+        return
+    err = "CASE WHEN o.status = 'success' THEN '' ELSE coalesce(nullif(o.error_message, ''), o.status) END"
+    con.execute(f"""CREATE OR REPLACE TEMP VIEW records AS
+        SELECT CAST(o.sample_id AS VARCHAR) AS key, o.status, {err} AS error, s.seq, s.attempt, s.gpath, s.shard,
+               CAST(o.key AS VARCHAR) AS i2d_key, CAST(o.width AS INTEGER) AS width, CAST(o.height AS INTEGER) AS height
+        FROM read_parquet({'[' + ', '.join(map(engine.lit, out_files)) + ']'}, filename=true, union_by_name=true) o
+        JOIN shards s ON o.filename = s.out_file""")
+    # rows of a completed shard without a record: img2dataset caught an exception and wrote nothing
+    con.execute(f"""CREATE OR REPLACE TEMP VIEW norecord AS
+        SELECT CAST(i.sample_id AS VARCHAR) AS key, s.seq, s.attempt, s.gpath, s.shard
+        FROM read_parquet({'[' + ', '.join(map(engine.lit, in_files)) + ']'}, filename=true, file_row_number=true) i
+        JOIN groups g ON i.filename = g.in_file
+        JOIN shards s ON s.gpath = g.gpath AND s.shard = i.file_row_number // g.nps
+        WHERE NOT EXISTS (SELECT 1 FROM records r WHERE r.gpath = s.gpath AND r.shard = s.shard
+                          AND r.key = CAST(i.sample_id AS VARCHAR))""")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE fates AS
+        SELECT key, v.status, v.reason, v.error, v.attempt, v.source, v.width, v.height, v.gpath, v.shard, v.i2d_key
+        FROM (SELECT key, arg_max(struct_pack(status, reason, error, attempt, source, width, height, gpath, shard, i2d_key),
+                                  seq) AS v
+              FROM (SELECT key, status, {reason_sql('error')} AS reason, error, seq, attempt,
+                           gpath || '|' || shard || '|' || i2d_key AS source, width, height, gpath, shard, i2d_key
+                    FROM records
+                    UNION ALL
+                    SELECT key, 'failed_to_download', 'no record in img2dataset output', '', seq, attempt, '',
+                           NULL, NULL, gpath, shard, NULL FROM norecord)
+              GROUP BY key)""")
+
+
+def register_malformed(con: duckdb.DuckDBPyConnection, malformed_path: str | None) -> None:
+    """Temp view `malformed` (line_number, reason): rows the table parser could not read."""
+    if malformed_path and storage.exists(malformed_path):
+        con.execute(f"""CREATE OR REPLACE TEMP VIEW malformed AS SELECT CAST(line_number AS BIGINT) AS line_number,
+            CAST(reason AS VARCHAR) AS reason FROM read_parquet({engine.lit(engine.path(con, malformed_path))})""")
+    else:
+        con.execute("CREATE OR REPLACE TEMP VIEW malformed AS SELECT CAST(NULL AS BIGINT) AS line_number, "
+                    "CAST(NULL AS VARCHAR) AS reason WHERE false")
+
+
+# ------------------------------------------------------------------------------------------- ledger
+
+def build_ledger(con: duckdb.DuckDBPyConnection, table_path: str, work: str, malformed_path: str | None = None) -> int:
+    """Temp table `ledger` (LEDGER_SCHEMA + ord, the output order; `shard` still empty) with one row per input
+    row; returns its row count. Raises while a downloadable row has no status yet."""
+    register_input(con, table_path)
+    register_fates(con, work)
+    register_malformed(con, malformed_path)
+    con.execute("""CREATE OR REPLACE TEMP TABLE ledger AS
+        SELECT i.rn AS ord, i.key, i.url,
+               CASE WHEN i.reason <> '' THEN 'filtered' ELSE f.status END AS status,
+               CASE WHEN i.reason <> '' THEN i.reason ELSE f.reason END AS reason,
+               CASE WHEN i.reason <> '' THEN '' ELSE f.error END AS error,
+               CASE WHEN i.reason <> '' THEN '' ELSE f.attempt END AS attempt,
+               CASE WHEN i.reason <> '' THEN '' ELSE f.source END AS source,
+               '' AS shard,
+               CASE WHEN i.reason <> '' THEN NULL ELSE f.width END AS width,
+               CASE WHEN i.reason <> '' THEN NULL ELSE f.height END AS height,
+               i.line_number,
+               CASE WHEN i.reason <> '' THEN NULL ELSE f.gpath END AS gpath,
+               CASE WHEN i.reason <> '' THEN NULL ELSE f.shard END AS src_shard,
+               CASE WHEN i.reason <> '' THEN NULL ELSE f.i2d_key END AS i2d_key
+        FROM inp i LEFT JOIN fates f ON i.reason = '' AND f.key = i.key
+        UNION ALL
+        SELECT (SELECT count(*) FROM inp_raw) + line_number, NULL, NULL, 'filtered', 'malformed row: ' || reason, '', '', '',
+               '', NULL, NULL, line_number, NULL, NULL, NULL FROM malformed""")
+    missing = con.execute("SELECT key FROM ledger WHERE status IS NULL ORDER BY ord LIMIT 5").fetchall()
     if missing:
-        raise RuntimeError(f"{len(missing)} rows have no status yet (first: {missing[:5]}); the download is "
+        n = engine.scalar(con, "SELECT count(*) FROM ledger WHERE status IS NULL")
+        raise RuntimeError(f"{n} rows have no status yet (first: {[r[0] for r in missing]}); the download is "
                            "incomplete - rerun to resume")
-    return pa.table(out, schema=LEDGER_SCHEMA)
+    return engine.scalar(con, "SELECT count(*) FROM ledger")
 
 
-def status_summary(ledger: pa.Table) -> dict:
-    st = collections.Counter(ledger["status"].to_pylist())
-    reasons = collections.Counter((s, "duplicate_of:*" if r.startswith("duplicate_of:") else r)  # one per kept key otherwise
-                                  for s, r in zip(ledger["status"].to_pylist(), ledger["reason"].to_pylist()) if s != "success")
-    return {"rows": len(ledger), "by_status": {k: st.get(k, 0) for k in STATUSES},
-            "success_rate": round(st.get("success", 0) / max(1, len(ledger)), 4),
-            "reasons": [{"status": s, "reason": r, "count": c} for (s, r), c in reasons.most_common(50)]}
+def ledger_sql(columns: str = LEDGER_COLUMNS) -> str:
+    return f"SELECT {columns} FROM ledger ORDER BY ord"
 
 
-def ledger_fingerprint(ledger: pa.Table) -> str:
-    """sha256 over every row's (key, status, reason, source): identifies what a publication would contain."""
-    fp = hashlib.sha256()
-    for row in zip(*(ledger[c].to_pylist() for c in ("key", "status", "reason", "source"))):
-        fp.update("\x1f".join(map(str, row)).encode() + b"\n")
-    return fp.hexdigest()
+def final_ledger(table_path: str, work: str, malformed_path: str | None = None) -> pa.Table:
+    """The ledger as an Arrow table (LEDGER_SCHEMA), in input order: for tests and small datasets; the stage
+    itself keeps it in the engine (build_ledger) and streams it to parquet."""
+    with engine.connect() as con:
+        build_ledger(con, table_path, work, malformed_path)
+        return con.sql(ledger_sql()).to_arrow_table().cast(LEDGER_SCHEMA)
+
+
+def status_summary(con: duckdb.DuckDBPyConnection, table: str = "ledger") -> dict:
+    """Counts by status, success rate and the 50 most common (status, reason) pairs, by group-bys."""
+    by = dict(con.execute(f"SELECT status, count(*) FROM {table} GROUP BY status").fetchall())
+    n = sum(by.values())
+    reasons = con.execute(f"""SELECT status, reason, count(*) AS c FROM (
+            SELECT status, CASE WHEN starts_with(reason, 'duplicate_of:') THEN 'duplicate_of:*' ELSE reason END AS reason
+            FROM {table} WHERE status <> 'success')
+        GROUP BY status, reason ORDER BY c DESC, status, reason LIMIT 50""").fetchall()
+    return {"rows": n, "by_status": {k: by.get(k, 0) for k in STATUSES},
+            "success_rate": round(by.get("success", 0) / max(1, n), 4),
+            "reasons": [{"status": s, "reason": r, "count": c} for s, r, c in reasons]}
+
+
+def ledger_fingerprint(con: duckdb.DuckDBPyConnection, table: str = "ledger") -> str:
+    """sha256 over every row's (key, status, reason, source) in ledger order: identifies what a publication
+    would contain. Streamed from the engine."""
+    h = hashlib.sha256()
+    engine.hash_text_column(con, f"""SELECT coalesce(key, 'None') || chr(31) || status || chr(31) || coalesce(reason, '')
+        || chr(31) || coalesce(source, '') || chr(10) FROM {table} ORDER BY ord""", h)
+    return h.hexdigest()

@@ -6,7 +6,6 @@ benchmark and `python -m datasets.pipeline` use directly, and the single place t
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 
@@ -15,22 +14,14 @@ from slip_core.failpoints import failpoint
 
 from datasets import config, download, plan, publish as publish_mod, work
 from datasets.sources import captions, yfcc
+from datasets.ledger import MALFORMED_FILE
 from datasets.sources.detect import detect_source
 
 
 def file_sha256(url: str, store: str) -> str:
-    """sha256 of a file's contents, remembered in `<store>/.hashcache/` under (url, size, mtime/ETag) so
-    an unchanged 50 GB metadata file is hashed once, not on every scheduled rerun."""
-    fs, p = storage.url_to_fs(url)
-    info = fs.info(p)
-    stamp = json.dumps([str(url), info.get("size"), info.get("mtime"), info.get("ETag") or info.get("etag"),
-                        info.get("LastModified") and str(info.get("LastModified"))], sort_keys=True)
-    memo = storage.join(store, ".hashcache", hashlib.sha256(stamp.encode()).hexdigest()[:32])
-    if storage.exists(memo):
-        return storage.read_text(memo).strip()
-    digest = storage.sha256_file(url)
-    storage.atomic_write_text(memo, digest)
-    return digest
+    """sha256 of a file's contents, remembered in `<store>/.hashcache/` under its size and mtime / ETag
+    (storage.sha256_file_stamped), so an unchanged 50 GB metadata file is hashed once, not on every rerun."""
+    return storage.sha256_file_stamped(url, storage.join(store, ".hashcache"))
 
 
 def prepare_table(source: str, store: str, cfg: config.DatasetConfig, subset: str | None = None) -> str:
@@ -51,16 +42,16 @@ def prepare_table(source: str, store: str, cfg: config.DatasetConfig, subset: st
 
 
 def _build_table(source, root, cfg, kind, subset, src_sha, sub_sha) -> str:
-    out = storage.join(root, "captions.parquet")
+    out, bad = storage.join(root, "captions.parquet"), storage.join(root, MALFORMED_FILE)
     if kind == "yfcc":
-        report = yfcc.filter_yfcc(source, out, subset=subset, mode=cfg.clean_mode).to_dict()
+        report = yfcc.filter_yfcc(source, out, subset=subset, mode=cfg.clean_mode, malformed_output=bad).to_dict()
         fs, p = storage.url_to_fs(out + ".report.json")
         fs.rm(p)
     else:
-        report = captions.normalize_table(source, out)
+        report = captions.normalize_table(source, out, malformed_output=bad)
     report.update(source=source, source_sha256=src_sha, subset=subset or "", subset_sha256=sub_sha, kind=kind)
     storage.atomic_write_text(storage.join(root, "filter_report.json"), json.dumps(report, indent=1))
-    m = artifacts.build_manifest(root, ["captions.parquet", "filter_report.json"], kind="caption-table", name=cfg.name,
+    m = artifacts.build_manifest(root, ["captions.parquet", MALFORMED_FILE, "filter_report.json"], kind="caption-table", name=cfg.name,
                                  config={"clean_mode": cfg.clean_mode, "subset_name": cfg.subset_name, "kind": kind,
                                          "source": source, "source_sha256": src_sha,
                                          "subset": subset or "", "subset_sha256": sub_sha},
@@ -74,10 +65,12 @@ def table_of(table_manifest: str) -> str:
 
 def publish(table_manifest: str, store: str, cfg: config.DatasetConfig) -> str:
     report = json.loads(storage.read_text(storage.join(artifacts.artifact_root(table_manifest), "filter_report.json")))
+    root = artifacts.artifact_root(table_manifest)
     return publish_mod.publish(table_of(table_manifest), work.work_dir(store, cfg), cfg, store,
-                            upstream={"captions": artifacts.upstream_ref(table_manifest)},
-                            extra_stats={"filter": {k: v for k, v in report.items() if k != "malformed_lines"},
-                                         "malformed_lines": report.get("malformed_lines", [])})
+                               upstream={"captions": artifacts.upstream_ref(table_manifest)},
+                               extra_stats={"filter": {k: v for k, v in report.items() if k != "malformed_lines"},
+                                            "malformed_lines": report.get("malformed_lines", [])},
+                               malformed_path=storage.join(root, MALFORMED_FILE))
 
 
 def build(source: str, store: str, cfg: config.DatasetConfig, subset: str | None = None,

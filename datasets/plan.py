@@ -3,6 +3,12 @@
 `plan` returns the unfinished groups of earlier attempts (resume) plus, in a new attempt, the rows no
 complete shard or pending attempt holds (failed rows too with `retry_failed`). A group's input.parquet is
 frozen once written, so img2dataset's shard ids always map to the same rows.
+
+Shuffled shards: the rows of a new attempt are put in a seeded global permutation (order of
+md5(seed, key): stable across DuckDB versions and machines, independent of the table's order) before they
+are cut into groups and img2dataset shards. A YFCC table sorted by line number is sorted by upload and
+user; without this, a shard — and so a loader's shuffle buffer — would hold one user's holiday photos.
+All of it runs in the table engine (datasets/engine.py): the table is scanned, never loaded.
 """
 from __future__ import annotations
 
@@ -10,15 +16,14 @@ import hashlib
 import json
 import math
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+import duckdb
 
 from slip_core import storage
 
+from datasets import engine
 from datasets.config import DatasetConfig
-from datasets.ledger import collect_ledger
+from datasets.ledger import register_fates, register_input, table_columns
 from datasets.sources.captions import url_column
-from datasets.table import filter_rows, read_table
 from datasets.work import Group, group_complete, list_dirs, load_groups
 
 RESERVED = {"key", "caption", "url", "width", "height", "original_width", "original_height", "status",
@@ -29,60 +34,68 @@ def plan(table_path: str, work: str, cfg: DatasetConfig, retry_failed: bool = Fa
     """Groups still to download: unfinished groups of earlier attempts (resume) plus, in a new attempt,
     rows no complete shard or pending attempt holds (failed rows too when `retry_failed`)."""
     pending: list[Group] = []
-    claimed: set[str] = set()
     fs, attempts_path = storage.url_to_fs(storage.join(work, "attempts"))
     for name in list_dirs(storage.join(work, "attempts")):
         groups = load_groups(storage.join(work, "attempts", name))
         if groups is None:  # killed while planning: nothing was downloaded from it
             fs.rm(f"{attempts_path}/{name}", recursive=True)
             continue
-        for g in groups:
-            if not group_complete(g):
-                pending.append(g)
-                claimed.update(pq.read_table(storage.join(g.path, "input.parquet"), columns=["sample_id"])["sample_id"].to_pylist())
-    ledger = collect_ledger(work)
-    filt = filter_rows(read_table(table_path, ["key", "url"]))  # the full table is read only if there is work
-    status = dict(zip(ledger["key"].to_pylist(), ledger["status"].to_pylist())) if len(ledger) else {}
-    take = []
-    for i, (k, reason) in enumerate(zip(filt["key"].to_pylist(), filt["reason"].to_pylist())):
-        if reason or k in claimed:
-            continue
-        st = status.get(k)
-        if st is None or (retry_failed and st.startswith("failed")):
-            take.append(i)
-    if take:
-        table = read_table(table_path)
-        pending.extend(_new_attempt(table.take(pa.array(take, pa.int64())), work, cfg, len(list_dirs(storage.join(work, "attempts")))))
+        pending += [g for g in groups if not group_complete(g)]
+    with engine.connect() as con:
+        register_input(con, table_path)
+        register_fates(con, work)
+        claimed = [engine.path(con, storage.join(g.path, "input.parquet")) for g in pending]
+        con.execute("CREATE TEMP TABLE claimed (key VARCHAR)")
+        if claimed:
+            con.execute(f"INSERT INTO claimed SELECT DISTINCT CAST(sample_id AS VARCHAR) FROM read_parquet("
+                        f"[{', '.join(map(engine.lit, claimed))}])")
+        failed = "OR starts_with(f.status, 'failed')" if retry_failed else ""
+        con.execute(f"""CREATE TEMP TABLE todo AS
+            SELECT i.rn, row_number() OVER (ORDER BY md5(? || chr(31) || i.key), i.key) - 1 AS pos
+            FROM inp i LEFT JOIN fates f ON f.key = i.key
+            WHERE i.reason = '' AND i.key NOT IN (SELECT key FROM claimed) AND (f.status IS NULL {failed})""",
+                    [str(cfg.shuffle_seed)])
+        n = engine.scalar(con, "SELECT count(*) FROM todo")
+        if n:
+            seq = len(list_dirs(storage.join(work, "attempts")))
+            pending += _new_attempt(con, table_path, n, work, cfg, seq)
     return pending
 
 
-def _i2d_input(rows: pa.Table) -> pa.Table:
-    """Rows as img2dataset input: url, caption, sample_id (our key; 'key' is reserved) + extra columns."""
-    ucol = url_column(rows.column_names)
-    cols = {"url": rows[ucol], "caption": rows["caption"] if "caption" in rows.column_names else pa.array([""] * len(rows)),
-            "sample_id": rows["key"]}
-    for c in rows.column_names:
-        if c not in RESERVED and c not in (ucol, "key") and c not in cols:
-            cols[c] = rows[c]
-    return pa.table(cols)
+def i2d_select(columns: list[str]) -> str:
+    """SELECT list turning caption-table columns into img2dataset input: url, caption, sample_id (our key;
+    'key' is reserved by img2dataset) + the other columns (saved into each sample's json)."""
+    ucol = url_column(columns)
+    out = [f'CAST(t."{ucol}" AS VARCHAR) AS url',
+           "CAST(t.caption AS VARCHAR) AS caption" if "caption" in columns else "'' AS caption",
+           "CAST(t.key AS VARCHAR) AS sample_id"]
+    out += [f't."{c}"' for c in columns if c not in RESERVED and c not in (ucol, "key", "sample_id")]
+    return ", ".join(out)
 
 
-def _new_attempt(rows: pa.Table, work: str, cfg: DatasetConfig, seq: int) -> list[Group]:
-    rows = _i2d_input(rows)
-    ident = hashlib.sha256("\n".join(rows["sample_id"].to_pylist()).encode()).hexdigest()[:12]
-    name = f"{seq:04d}-{ident}"
+def _new_attempt(con: duckdb.DuckDBPyConnection, table_path: str, n: int, work: str, cfg: DatasetConfig,
+                 seq: int) -> list[Group]:
+    """Write the groups of a new attempt (rows of `todo` in permutation order), then plan.json (its marker)."""
+    cols = table_columns(con, table_path)
+    src = engine.lit(engine.path(con, table_path))
+    con.execute(f"""CREATE TEMP TABLE new_rows AS
+        SELECT d.pos, {i2d_select(cols)} FROM read_parquet({src}, file_row_number=true) t
+        JOIN todo d ON t.file_row_number = d.rn ORDER BY d.pos""")
+    h = hashlib.sha256()
+    engine.hash_text_column(con, "SELECT sample_id || chr(10) FROM new_rows ORDER BY pos", h)
+    name = f"{seq:04d}-{h.hexdigest()[:12]}"
     attempt = storage.join(work, "attempts", name)
     nps = cfg.number_sample_per_shard
     per_group = nps * cfg.shards_per_group
     groups, meta = [], []
-    for gi, start in enumerate(range(0, len(rows), per_group)):
-        part = rows.slice(start, per_group)
+    for gi, start in enumerate(range(0, n, per_group)):
+        rows = min(per_group, n - start)
         gpath = storage.join(attempt, f"g{gi:05d}")
-        with storage.atomic_open(storage.join(gpath, "input.parquet"), "wb") as f:
-            pq.write_table(part, f)
-        n_shards = math.ceil(len(part) / nps)
-        groups.append(Group(name, gpath, len(part), n_shards, nps))
-        meta.append({"name": f"g{gi:05d}", "n_rows": len(part), "n_shards": n_shards})
+        engine.copy_to_parquet(con, f"SELECT * EXCLUDE (pos) FROM new_rows WHERE pos >= {start} AND pos < {start + rows} "
+                               "ORDER BY pos", storage.join(gpath, "input.parquet"))
+        n_shards = math.ceil(rows / nps)
+        groups.append(Group(name, gpath, rows, n_shards, nps))
+        meta.append({"name": f"g{gi:05d}", "n_rows": rows, "n_shards": n_shards})
     storage.atomic_write_text(storage.join(attempt, "plan.json"),
-                              json.dumps({"nps": nps, "rows": len(rows), "groups": meta}, indent=1))
+                              json.dumps({"nps": nps, "rows": n, "groups": meta, "shuffle_seed": cfg.shuffle_seed}, indent=1))
     return groups

@@ -27,12 +27,12 @@ from dataclasses import dataclass
 from slip_core import artifacts, storage
 from slip_core.config import to_dict
 
-from datasets.config import PARALLEL_FIELDS, DatasetConfig
+from datasets.config import PARALLEL_FIELDS, PLANNING_FIELDS, DatasetConfig
 
 
 def work_dir(store: str, cfg: DatasetConfig) -> str:
     """Work folder identity = the settings that change what a download produces."""
-    ident = {k: v for k, v in to_dict(cfg).items() if k not in PARALLEL_FIELDS | {"quality"}}
+    ident = {k: v for k, v in to_dict(cfg).items() if k not in PARALLEL_FIELDS | PLANNING_FIELDS | {"quality"}}
     h = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     return storage.join(store, "dataset-work", f"{cfg.name}-{h}")
 

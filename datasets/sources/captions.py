@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from slip_core import storage
 
-from datasets.sources.yfcc import MAX_MALFORMED_KEPT, MAX_TEXT_CHARS  # one cap for every caption source
+from datasets.sources.yfcc import MAX_MALFORMED_KEPT, MAX_TEXT_CHARS, MalformedWriter  # one cap for every caption source
 
 URL_NAMES = ("url", "download_url", "image_url", "img_url", "URL")
 CAPTION_NAMES = ("caption", "text", "title", "alt", "TEXT", "captions")
@@ -69,8 +69,7 @@ def _batches(url: str, report: dict):
     read = pacsv.ReadOptions(column_names=names, block_size=1 << 24)
     def malformed(row) -> str:  # wrong column count: skipped, but counted (every input row has a fate)
         report["malformed"] += 1
-        if len(report["malformed_lines"]) < MAX_MALFORMED_KEPT:
-            report["malformed_lines"].append(row.number)
+        report["_bad"].append((row.text, f"{row.actual_columns} fields, want {row.expected_columns}"))
         return "skip"
 
     parse = pacsv.ParseOptions(delimiter=delim, newlines_in_values=True, invalid_row_handler=malformed)
@@ -80,11 +79,38 @@ def _batches(url: str, report: dict):
         yield from reader
 
 
-def normalize_table(source: str, output: str, caption_col: str | None = None) -> dict:
+def line_numbers(url: str, texts: list[str]) -> list[int | None]:
+    """0-based physical line of each malformed row text, in order (pyarrow's CSV reader does not tell):
+    one streamed pass over the file, run only when there are malformed rows."""
+    want: dict[bytes, list[int]] = {}
+    for i, t in enumerate(texts):
+        want.setdefault(t.encode("utf-8", "surrogateescape"), []).append(i)
+    out: list[int | None] = [None] * len(texts)
+    fs, path = storage.url_to_fs(url)
+    with fs.open(path, "rb", compression="infer") as f:
+        for n, raw in enumerate(f):
+            hit = want.get(raw.rstrip(b"\r\n"))
+            if hit:
+                out[hit.pop(0)] = n
+    return out
+
+
+def _record_malformed(source: str, report: dict, malformed_output: str | None) -> None:
+    bad = report.pop("_bad")
+    lines = line_numbers(source, [t for t, _ in bad]) if bad else []
+    report["malformed_lines"] = lines[:MAX_MALFORMED_KEPT]
+    writer = MalformedWriter(malformed_output)
+    for ln, (_, why) in zip(lines, bad):
+        writer.add(ln, why)
+    writer.close()
+
+
+def normalize_table(source: str, output: str, caption_col: str | None = None, malformed_output: str | None = None) -> dict:
     """Write `output` (parquet): key, url, caption + the source's other columns as strings.
     Returned report: `rows` written, `malformed` rows skipped (wrong column count; first line numbers in
-    `malformed_lines`, None where the reader cannot tell), `truncated_text` captions cut to MAX_TEXT_CHARS."""
-    report = {"rows": 0, "source": source, "malformed": 0, "malformed_lines": [], "truncated_text": 0}
+    `malformed_lines`), `truncated_text` captions cut to MAX_TEXT_CHARS. Every malformed row's line number
+    and reason go to `malformed_output` (parquet) when given."""
+    report = {"rows": 0, "source": source, "malformed": 0, "malformed_lines": [], "truncated_text": 0, "_bad": []}
     writer = None
     with storage.atomic_open(output, "wb") as out:
         for batch in _batches(source, report):
@@ -110,4 +136,5 @@ def normalize_table(source: str, output: str, caption_col: str | None = None) ->
         if writer is None:
             raise ValueError(f"{source}: no rows")
         writer.close()
+    _record_malformed(source, report, malformed_output)
     return report

@@ -129,6 +129,45 @@ def read_subset(url: str) -> bytearray:
     return bitmap
 
 
+MALFORMED_SCHEMA = pa.schema([("line_number", pa.int64()), ("reason", pa.string())])  # one row per malformed line
+
+
+class MalformedWriter:
+    """Streams (physical line number, reason) of every malformed input row to a parquet file (all of them:
+    the report keeps only the first MAX_MALFORMED_KEPT line numbers); atomic, like the main output."""
+
+    def __init__(self, url: str | None):
+        self.url, self.rows, self.cm, self.writer = url, [], None, None
+
+    def add(self, line: int | None, reason: str) -> None:
+        if self.url is not None:
+            self.rows.append((line, reason))
+            if len(self.rows) >= 65536:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.url is None or (not self.rows and self.writer is not None):
+            return
+        if self.writer is None:
+            self.cm = storage.atomic_open(self.url, "wb")
+            self.writer = pq.ParquetWriter(self.cm.__enter__(), MALFORMED_SCHEMA, compression="zstd")
+        lines, reasons = zip(*self.rows) if self.rows else ((), ())
+        self.writer.write_table(pa.table({"line_number": pa.array(lines, pa.int64()), "reason": pa.array(reasons, pa.string())}))
+        self.rows = []
+
+    def close(self) -> None:
+        if self.url is not None:
+            self.flush()
+            self.writer.close()
+            self.cm.__exit__(None, None, None)
+            self.cm = None
+
+    def abort(self, e: BaseException) -> None:
+        if self.cm is not None:
+            self.cm.__exit__(type(e), e, e.__traceback__)
+            self.cm = None
+
+
 def _write(writer: pq.ParquetWriter, rows: list[tuple]) -> None:
     if rows:
         cols = list(zip(*rows))
@@ -143,12 +182,14 @@ def filter_yfcc(
     mode: str = "slip",
     line_offset: int = 0,
     batch_rows: int = 65536,
+    malformed_output: str | None = None,
 ) -> FilterReport:
     """Stream `metadata` (any fsspec URL, plain or .bz2), keep subset rows, clean, write parquet `output`.
 
     `subset=None` keeps every well-formed row. `line_offset` is the line number of the first row of a
     23-column file that is one part of a split release. Returns a report (also written next to the
-    output as `<output>.report.json`). The output appears atomically.
+    output as `<output>.report.json`). The output appears atomically; so does `malformed_output` (if
+    given): every malformed row's physical line number and what is wrong with it.
     """
     if mode not in CLEANERS:
         raise ValueError(f"unknown cleaning mode {mode!r}; choose from {sorted(CLEANERS)}")
@@ -160,62 +201,70 @@ def filter_yfcc(
     layout, want_tabs = None, -1
     malformed_lines = report.malformed_lines
 
-    def bad(phys: int) -> None:
+    bad_rows = MalformedWriter(malformed_output)
+
+    def bad(phys: int, why: str) -> None:
         report.malformed += 1
+        bad_rows.add(phys, why)
         if len(malformed_lines) < MAX_MALFORMED_KEPT:
             malformed_lines.append(phys)
 
     # Hot loop: every row costs one tab count, one find and one int(); only subset members are split,
     # decoded and cleaned. Counters of the common cases are derived at the end instead of incremented.
-    with storage.atomic_open(output, "wb") as out, open_binary(metadata) as f:
-        writer = pq.ParquetWriter(out, SCHEMA, compression="zstd")
-        rows: list[tuple] = []
-        phys = -1
-        for phys, raw in enumerate(f):
-            ntab = raw.count(b"\t")
-            if ntab != want_tabs:
-                if layout is None and ntab + 1 in LAYOUT_COLUMNS:  # the first well-formed row fixes the layout
-                    layout, want_tabs = ntab + 1, ntab
-                    report.layout = LAYOUT_COLUMNS[layout]
-                    pos_ln, pos_id, pos_hash, pos_t, pos_d, pos_u = _POS[layout]
+    try:
+        with storage.atomic_open(output, "wb") as out, open_binary(metadata) as f:
+            writer = pq.ParquetWriter(out, SCHEMA, compression="zstd")
+            rows: list[tuple] = []
+            phys = -1
+            for phys, raw in enumerate(f):
+                ntab = raw.count(b"\t")
+                if ntab != want_tabs:
+                    if layout is None and ntab + 1 in LAYOUT_COLUMNS:  # the first well-formed row fixes the layout
+                        layout, want_tabs = ntab + 1, ntab
+                        report.layout = LAYOUT_COLUMNS[layout]
+                        pos_ln, pos_id, pos_hash, pos_t, pos_d, pos_u = _POS[layout]
+                    else:
+                        bad(phys, f"{ntab + 1} tab-separated fields, want {want_tabs + 1 if layout else '25 or 23'}")
+                        continue
+                if pos_ln is None:
+                    ln = phys + line_offset
                 else:
-                    bad(phys)
+                    head = raw[: raw.find(b"\t")]
+                    if not head.isdigit():
+                        bad(phys, "line number is not a number")
+                        continue
+                    ln = int(head)
+                if bitmap is not None and (ln >= nbits or not bitmap[ln]):
                     continue
-            if pos_ln is None:
-                ln = phys + line_offset
-            else:
-                head = raw[: raw.find(b"\t")]
-                if not head.isdigit():
-                    bad(phys)
+                parts = raw.rstrip(b"\r\n").split(b"\t")
+                pid = parts[pos_id]
+                if not pid.isdigit():
+                    bad(phys, "photo id is not a number")
                     continue
-                ln = int(head)
-            if bitmap is not None and (ln >= nbits or not bitmap[ln]):
-                continue
-            parts = raw.rstrip(b"\r\n").split(b"\t")
-            pid = parts[pos_id]
-            if not pid.isdigit():
-                bad(phys)
-                continue
-            report.in_subset += 1
-            try:  # only the three text fields are decoded
-                title, desc, url = parts[pos_t].decode(), parts[pos_d].decode(), parts[pos_u].decode()
-            except UnicodeDecodeError:  # counted once per row, kept with U+FFFD
-                report.decode_errors += 1
-                title, desc, url = (parts[i].decode("utf-8", "replace") for i in (pos_t, pos_d, pos_u))
-            title, desc = clean(title), clean(desc)
-            if len(title) > MAX_TEXT_CHARS or len(desc) > MAX_TEXT_CHARS:
-                report.truncated_text += 1
-                title, desc = title[:MAX_TEXT_CHARS], desc[:MAX_TEXT_CHARS]
-            if strict and not title and not desc:
-                report.dropped_empty += 1
-                continue
-            rows.append((f"{ln:09d}", ln, int(pid), parts[pos_hash].decode("ascii", "replace") if pos_hash is not None else "",
-                         title, desc, title or desc, url))
-            if len(rows) >= batch_rows:
-                _write(writer, rows)
-                rows = []
-        _write(writer, rows)
-        writer.close()
+                report.in_subset += 1
+                try:  # only the three text fields are decoded
+                    title, desc, url = parts[pos_t].decode(), parts[pos_d].decode(), parts[pos_u].decode()
+                except UnicodeDecodeError:  # counted once per row, kept with U+FFFD
+                    report.decode_errors += 1
+                    title, desc, url = (parts[i].decode("utf-8", "replace") for i in (pos_t, pos_d, pos_u))
+                title, desc = clean(title), clean(desc)
+                if len(title) > MAX_TEXT_CHARS or len(desc) > MAX_TEXT_CHARS:
+                    report.truncated_text += 1
+                    title, desc = title[:MAX_TEXT_CHARS], desc[:MAX_TEXT_CHARS]
+                if strict and not title and not desc:
+                    report.dropped_empty += 1
+                    continue
+                rows.append((f"{ln:09d}", ln, int(pid), parts[pos_hash].decode("ascii", "replace") if pos_hash is not None else "",
+                             title, desc, title or desc, url))
+                if len(rows) >= batch_rows:
+                    _write(writer, rows)
+                    rows = []
+            _write(writer, rows)
+            writer.close()
+            bad_rows.close()
+    except BaseException as e:
+        bad_rows.abort(e)
+        raise
     report.rows_read = phys + 1
     report.written = report.in_subset - report.dropped_empty
     if bitmap is not None:
