@@ -63,14 +63,18 @@ def table_of(table_manifest: str) -> str:
     return storage.join(artifacts.artifact_root(table_manifest), "captions.parquet")
 
 
+def malformed_of(table_manifest: str) -> str:
+    """The caption-table artifact's malformed rows (line number, reason): each gets a ledger row."""
+    return storage.join(artifacts.artifact_root(table_manifest), MALFORMED_FILE)
+
+
 def publish(table_manifest: str, store: str, cfg: config.DatasetConfig) -> str:
     report = json.loads(storage.read_text(storage.join(artifacts.artifact_root(table_manifest), "filter_report.json")))
-    root = artifacts.artifact_root(table_manifest)
     return publish_mod.publish(table_of(table_manifest), work.work_dir(store, cfg), cfg, store,
                                upstream={"captions": artifacts.upstream_ref(table_manifest)},
                                extra_stats={"filter": {k: v for k, v in report.items() if k != "malformed_lines"},
                                             "malformed_lines": report.get("malformed_lines", [])},
-                               malformed_path=storage.join(root, MALFORMED_FILE))
+                               malformed_path=malformed_of(table_manifest))
 
 
 def build(source: str, store: str, cfg: config.DatasetConfig, subset: str | None = None,

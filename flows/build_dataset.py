@@ -15,7 +15,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from datasets import config as dataset_config
-from datasets import download, ledger, pipeline, plan, work
+from datasets import download, engine, ledger, pipeline, plan, work
 from datasets.quality.fingerprint import fingerprint_ledger
 from flows.caching import stage_cache
 from slip_core import artifacts
@@ -50,11 +50,13 @@ def download_task(group: dict, config: dict, progress: bool) -> dict:
 def verify_task(table_manifest: str, store: str, config: dict) -> dict:
     """Every input row has exactly one status (raises otherwise); returns the summary + ledger fingerprint."""
     cfg = _cfg(config)
-    fates = ledger.final_ledger(pipeline.table_of(table_manifest), work.work_dir(store, cfg))
-    summary = ledger.status_summary(fates)
-    summary["fingerprint"] = ledger.ledger_fingerprint(fates)
-    if cfg.quality.enabled:  # issue 10: hash every image once, here (cached per shard; publish's quality pass reuses it)
-        summary["images_fingerprinted"] = len(fingerprint_ledger(fates))
+    with engine.connect() as con:
+        ledger.build_ledger(con, pipeline.table_of(table_manifest), work.work_dir(store, cfg), pipeline.malformed_of(table_manifest))
+        summary = ledger.status_summary(con)
+        summary["fingerprint"] = ledger.ledger_fingerprint(con)
+        if cfg.quality.enabled:  # issue 10: hash every image once, here (cached per shard; publish's quality pass reuses it)
+            fates = con.sql(ledger.ledger_sql()).to_arrow_table()
+            summary["images_fingerprinted"] = len(fingerprint_ledger(fates))
     return summary
 
 

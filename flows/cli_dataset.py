@@ -4,6 +4,7 @@
     slip dataset build SOURCE --store STORE [--subset S] [--preset yfcc15m|cc3m|cc12m|tiny]
                        [--set image_size=128 ...] [--retry-failed] [--no-prefect]
     slip dataset demo-corpus OUT_DIR [--n-fashion 3000] [--seed 0] [--port 18765] [--build STORE]
+    slip dataset gc --store STORE [--delete] [--min-age-s 3600]
 
 Every path may be an fsspec URL (s3://..., file://...).
 """
@@ -54,6 +55,18 @@ def _demo(a) -> int:
     return 0
 
 
+def _gc(a) -> int:
+    from datasets import gc
+
+    report = gc.collect(a.store, delete=a.delete, min_age_s=a.min_age_s)
+    for url in report["unreferenced"]:
+        print(url)
+    verb = "deleted" if a.delete else "unreferenced (rerun with --delete to remove)"
+    print(f"{len(report['unreferenced'])} shard(s), {report['bytes']} bytes {verb}; "
+          f"{report['referenced']} shard(s) referenced by published versions")
+    return 0
+
+
 def register(subparsers, name: str) -> None:
     p = subparsers.add_parser(name, help="YFCC100M/CC metadata -> cleaned caption table -> webdataset shards",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,6 +98,13 @@ def register(subparsers, name: str) -> None:
     d.add_argument("--port", type=int, default=None)
     d.add_argument("--build", metavar="STORE", help="also serve it and build the tiny dataset into STORE")
     d.set_defaults(func=_demo)
+
+    g = sub.add_parser("gc", help="list (or --delete) shards no published dataset version references")
+    g.add_argument("--store", required=True)
+    g.add_argument("--delete", action="store_true", help="remove them (default: only list)")
+    g.add_argument("--min-age-s", type=float, default=3600.0,
+                   help="never touch shards younger than this (a build may be publishing them)")
+    g.set_defaults(func=_gc)
 
     def _no_cmd(a) -> int:
         p.print_help()

@@ -63,9 +63,10 @@ def filter_yfcc_distributed(metadata: str, output: str, subset: str | None = Non
 
 @task(name="verify-files", cache_policy=NO_CACHE)
 def verify_files_task(url: str, manifest_json: str, first: int, count: int) -> list[str]:
-    """artifacts.verify on files[first:first+count] (the same checks and messages, on a slice)."""
+    """artifacts.verify on files[first:first+count] (the same checks and messages, on a slice), re-hashing
+    every byte (full=True: this flow is the full verification; reuse checks use the size+mtime fast path)."""
     m = artifacts.Manifest.from_json(manifest_json)
-    return artifacts.verify(url, dataclasses.replace(m, files=m.files[first:first + count]))
+    return artifacts.verify(url, dataclasses.replace(m, files=m.files[first:first + count]), full=True)
 
 
 @task(name="check-shard", cache_policy=NO_CACHE)

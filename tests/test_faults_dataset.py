@@ -159,10 +159,11 @@ def _assert_complete_and_identical(murl: str, corpus, reference) -> str:
     root = artifacts.artifact_root(murl)
     assert artifacts.verify(murl) == []
     ledger = pq.read_table(os.path.join(root, "ledger.parquet")).to_pylist()
-    keys = collections.Counter(r["key"] for r in ledger)
+    keys = collections.Counter(r["key"] for r in ledger if r["key"] is not None)  # None: malformed lines
     expected = corpus["corpus"].keys
     assert set(keys) == set(expected) and set(keys.values()) == {1}, keys
-    by_key = {r["key"]: r for r in ledger}
+    assert all(r["line_number"] is not None for r in ledger if r["key"] is None)
+    by_key = {r["key"]: r for r in ledger if r["key"] is not None}
     for key, row in expected.items():
         status, reason = row.expect
         assert by_key[key]["status"] == status and reason in by_key[key]["reason"], (row.url, by_key[key])

@@ -346,7 +346,8 @@ def test_repack_refuses_a_tampered_work_tar(tmp_path, fault_log):
     tbl = {n: [] for n in ledger.LEDGER_SCHEMA.names}
     for i, k in enumerate(keys):
         for n, v in dict(key=f"d{i}", url=f"http://127.0.0.1/{i}.jpg", status="success", reason="", error="",
-                         attempt="a0", source=f"{gpath}|0|{k}", shard="", width=32, height=32).items():
+                         attempt="a0", source=f"{gpath}|0|{k}", shard="", width=32, height=32,
+                         line_number=None).items():
             tbl[n].append(v)
     table = pa.table(tbl, schema=ledger.LEDGER_SCHEMA)
     symlinked = good[:3] + [M("000000001.jpg", type=tarfile.SYMTYPE, linkname="/etc/passwd")] + good[4:]

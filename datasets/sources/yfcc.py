@@ -24,18 +24,27 @@ batches and written with one ParquetWriter, so memory stays flat whatever the in
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import html
+import os
 import json
 import re
+import threading
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
 import fsspec
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from slip_core import storage
 from slip_core.failpoints import failpoint
+
+from datasets import engine
+from datasets.sources import yfcc_parse as yparse
 
 LAYOUT_COLUMNS = {25: "consolidated", 23: "legacy"}
 # field positions per layout: (line number or None, photo id, hash or None, title, description, url)
@@ -57,6 +66,9 @@ _URLS = re.compile(r"http\S+|www\S+")
 _SPACE = re.compile(r"[\s\x00-\x1f\x7f]+")
 MAX_MALFORMED_KEPT = 1000  # line numbers reported; the count is always exact
 MAX_TEXT_CHARS = 8192  # cleaned title / description cap (module docstring: "Long text")
+assert yparse.MAX_TEXT == MAX_TEXT_CHARS
+BLOCK_BYTES = 16 << 20  # metadata is parsed in blocks of whole lines of about this size
+PARSE_THREADS = min(os.cpu_count() or 1, 4)
 
 
 def _strip_tags(text: str) -> str:
@@ -168,11 +180,114 @@ class MalformedWriter:
             self.cm = None
 
 
-def _write(writer: pq.ParquetWriter, rows: list[tuple]) -> None:
-    if rows:
-        cols = list(zip(*rows))
-        writer.write_batch(pa.record_batch([pa.array(c, t) for c, t in zip(cols, SCHEMA.types)], schema=SCHEMA))
-        failpoint("filter.batch_written")  # crash tests: output open and incomplete
+class BadInput(ValueError):
+    """Metadata that cannot be filtered at all: missing, truncated or corrupt, or without one well-formed row.
+    Its message is one line naming the file and what is wrong (the CLIs print it and exit 2)."""
+
+
+def reference_row(raw: bytes, phys: int, layout: yparse.Layout, bitmap, line_offset: int, strict: bool, report: FilterReport,
+                  bad) -> tuple | None:
+    """One metadata line the way SLIP's make_dataset.py reads it (the definition the vectorised parser must
+    equal): the output row, or None (malformed -> `bad(phys, reason)`, not in the subset, or dropped)."""
+    pos_ln, pos_id, pos_hash, pos_t, pos_d, pos_u = layout.pos
+    ntab = raw.count(b"\t")
+    if ntab != layout.columns - 1:
+        bad(phys, f"{ntab + 1} tab-separated fields, want {'25 or 23' if phys < layout.first_good else layout.columns}")
+        return None
+    if pos_ln is None:
+        ln = phys + line_offset
+    else:
+        head = raw[: raw.find(b"\t")]
+        if not head.isdigit():
+            bad(phys, "line number is not a number")
+            return None
+        ln = int(head)
+    if bitmap is not None and (ln >= len(bitmap) or not bitmap[ln]):
+        return None
+    parts = raw.rstrip(b"\r\n").split(b"\t")
+    pid = parts[pos_id]
+    if not pid.isdigit():
+        bad(phys, "photo id is not a number")
+        return None
+    report.in_subset += 1
+    try:  # only the three text fields are decoded
+        title, desc, url = parts[pos_t].decode(), parts[pos_d].decode(), parts[pos_u].decode()
+    except UnicodeDecodeError:  # counted once per row, kept with U+FFFD
+        report.decode_errors += 1
+        title, desc, url = (parts[i].decode("utf-8", "replace") for i in (pos_t, pos_d, pos_u))
+    clean = clean_strict if strict else clean_slip
+    title, desc = clean(title), clean(desc)
+    if len(title) > MAX_TEXT_CHARS or len(desc) > MAX_TEXT_CHARS:
+        report.truncated_text += 1
+        title, desc = title[:MAX_TEXT_CHARS], desc[:MAX_TEXT_CHARS]
+    if strict and not title and not desc:
+        report.dropped_empty += 1
+        return None
+    return (phys, f"{ln:09d}", ln, int(pid), parts[pos_hash].decode("ascii", "replace") if pos_hash is not None else "",
+            title, desc, title or desc, url)
+
+
+def find_layout(metadata: str) -> yparse.Layout:
+    """The layout fixed by the file's first line with 25 or 23 fields; BadInput when there is none."""
+    with open_binary(metadata) as f:
+        for phys, raw in enumerate(_checked_lines(metadata, f)):
+            cols = raw.count(b"\t") + 1
+            if cols in LAYOUT_COLUMNS:
+                return yparse.Layout(cols, phys, _POS[cols])
+    raise BadInput(f"{metadata}: no well-formed row (want 25 or 23 tab-separated fields per line)")
+
+
+def _checked_lines(metadata: str, f):
+    try:
+        yield from f
+    except (EOFError, OSError, ValueError) as e:  # truncated / corrupt .bz2, .gz, .xz
+        raise BadInput(f"{metadata}: truncated or corrupt compressed file ({type(e).__name__}: {e})") from None
+
+
+def _blocks(metadata: str, f, size: int = BLOCK_BYTES):
+    """(block of whole lines, is the last block) from binary stream f. Read with readinto where the stream
+    has it, so the bytes are copied once; the partial line at a block's end starts the next block."""
+    carry = b""
+    while True:
+        data = bytearray(len(carry) + size)
+        data[:len(carry)] = carry
+        try:
+            if hasattr(f, "readinto"):
+                got = f.readinto(memoryview(data)[len(carry):]) or 0
+            else:
+                chunk = f.read(size)
+                got = len(chunk)
+                data[len(carry):len(carry) + got] = chunk
+        except (EOFError, OSError, ValueError) as e:
+            raise BadInput(f"{metadata}: truncated or corrupt compressed file ({type(e).__name__}: {e})") from None
+        n = len(carry) + got
+        if not got:
+            if carry:
+                yield bytes(carry), True
+            return
+        cut = data.rfind(b"\n", 0, n) + 1
+        if cut == 0:
+            carry = bytes(data[:n])
+            continue
+        carry = bytes(data[cut:n])
+        del data[cut:]
+        yield data, False
+
+
+_ROW_FIELDS = ("_phys", "key", "line_number", "photo_id", "photo_hash", "title", "description", "caption", "download_url")
+
+
+def _strict_rows(table: pa.Table, report: FilterReport) -> pa.Table:
+    """Strict mode on slip-cleaned rows (clean_strict = these steps after clean_slip); drops empty rows."""
+    title = [_SPACE.sub(" ", html.unescape(t)).strip() for t in table["title"].to_pylist()]
+    desc = [_SPACE.sub(" ", html.unescape(t)).strip() for t in table["description"].to_pylist()]
+    keep = [bool(t or d) for t, d in zip(title, desc)]
+    report.dropped_empty += keep.count(False)
+    table = table.set_column(table.column_names.index("title"), "title", pa.array(title, pa.large_string()))
+    table = table.set_column(table.column_names.index("description"), "description", pa.array(desc, pa.large_string()))
+    table = table.set_column(table.column_names.index("caption"), "caption",
+                             pa.array([t or d for t, d in zip(title, desc)], pa.large_string()))
+    return table.filter(pa.array(keep, pa.bool_()))
 
 
 def filter_yfcc(
@@ -183,94 +298,116 @@ def filter_yfcc(
     line_offset: int = 0,
     batch_rows: int = 65536,
     malformed_output: str | None = None,
+    vectorized: bool = True,
 ) -> FilterReport:
-    """Stream `metadata` (any fsspec URL, plain or .bz2), keep subset rows, clean, write parquet `output`.
+    """Stream `metadata` (any fsspec URL, plain or compressed), keep subset rows, clean, write parquet `output`.
 
     `subset=None` keeps every well-formed row. `line_offset` is the line number of the first row of a
     23-column file that is one part of a split release. Returns a report (also written next to the
     output as `<output>.report.json`). The output appears atomically; so does `malformed_output` (if
-    given): every malformed row's physical line number and what is wrong with it.
+    given): every malformed row's physical line number and what is wrong with it. `vectorized=False` runs
+    the reference line loop on every row (the parity tests compare both). A missing, truncated or corrupt
+    file, or one without a well-formed row, raises BadInput and writes nothing.
     """
     if mode not in CLEANERS:
         raise ValueError(f"unknown cleaning mode {mode!r}; choose from {sorted(CLEANERS)}")
-    clean, strict = CLEANERS[mode], mode == "strict"
+    strict = mode == "strict"
+    if not storage.exists(metadata):
+        raise BadInput(f"{metadata}: no such metadata file")
     report = FilterReport()
-    bitmap = read_subset(subset) if subset else None
-    report.subset_rows = bitmap.count(1) if bitmap is not None else 0
-    nbits = len(bitmap) if bitmap is not None else 0
-    layout, want_tabs = None, -1
-    malformed_lines = report.malformed_lines
-
+    subset_bits = read_subset(subset) if subset else None
+    report.subset_rows = subset_bits.count(1) if subset_bits is not None else 0
+    bitmap = np.frombuffer(subset_bits, np.uint8) if subset_bits is not None else None
+    layout = find_layout(metadata)
+    report.layout = LAYOUT_COLUMNS[layout.columns]
     bad_rows = MalformedWriter(malformed_output)
 
     def bad(phys: int, why: str) -> None:
         report.malformed += 1
         bad_rows.add(phys, why)
-        if len(malformed_lines) < MAX_MALFORMED_KEPT:
-            malformed_lines.append(phys)
+        if len(report.malformed_lines) < MAX_MALFORMED_KEPT:
+            report.malformed_lines.append(phys)
 
-    # Hot loop: every row costs one tab count, one find and one int(); only subset members are split,
-    # decoded and cleaned. Counters of the common cases are derived at the end instead of incremented.
+    phys0 = 0
     try:
-        with storage.atomic_open(output, "wb") as out, open_binary(metadata) as f:
+        with storage.atomic_open(output, "wb") as out, open_binary(metadata) as f, engine.connect() as con:
             writer = pq.ParquetWriter(out, SCHEMA, compression="zstd")
-            rows: list[tuple] = []
-            phys = -1
-            for phys, raw in enumerate(f):
-                ntab = raw.count(b"\t")
-                if ntab != want_tabs:
-                    if layout is None and ntab + 1 in LAYOUT_COLUMNS:  # the first well-formed row fixes the layout
-                        layout, want_tabs = ntab + 1, ntab
-                        report.layout = LAYOUT_COLUMNS[layout]
-                        pos_ln, pos_id, pos_hash, pos_t, pos_d, pos_u = _POS[layout]
-                    else:
-                        bad(phys, f"{ntab + 1} tab-separated fields, want {want_tabs + 1 if layout else '25 or 23'}")
-                        continue
-                if pos_ln is None:
-                    ln = phys + line_offset
-                else:
-                    head = raw[: raw.find(b"\t")]
-                    if not head.isdigit():
-                        bad(phys, "line number is not a number")
-                        continue
-                    ln = int(head)
-                if bitmap is not None and (ln >= nbits or not bitmap[ln]):
-                    continue
-                parts = raw.rstrip(b"\r\n").split(b"\t")
-                pid = parts[pos_id]
-                if not pid.isdigit():
-                    bad(phys, "photo id is not a number")
-                    continue
-                report.in_subset += 1
-                try:  # only the three text fields are decoded
-                    title, desc, url = parts[pos_t].decode(), parts[pos_d].decode(), parts[pos_u].decode()
-                except UnicodeDecodeError:  # counted once per row, kept with U+FFFD
-                    report.decode_errors += 1
-                    title, desc, url = (parts[i].decode("utf-8", "replace") for i in (pos_t, pos_d, pos_u))
-                title, desc = clean(title), clean(desc)
-                if len(title) > MAX_TEXT_CHARS or len(desc) > MAX_TEXT_CHARS:
-                    report.truncated_text += 1
-                    title, desc = title[:MAX_TEXT_CHARS], desc[:MAX_TEXT_CHARS]
-                if strict and not title and not desc:
-                    report.dropped_empty += 1
-                    continue
-                rows.append((f"{ln:09d}", ln, int(pid), parts[pos_hash].decode("ascii", "replace") if pos_hash is not None else "",
-                             title, desc, title or desc, url))
-                if len(rows) >= batch_rows:
-                    _write(writer, rows)
-                    rows = []
-            _write(writer, rows)
+            for block, last, parsed in _parsed_blocks(metadata, f, layout, bitmap, line_offset, con, vectorized):
+                table, n = _filter_block(block, phys0, last, layout, bitmap, line_offset, strict, report, bad, parsed)
+                phys0 += n
+                for batch in table.cast(SCHEMA).to_batches(batch_rows):
+                    writer.write_batch(batch)
+                    failpoint("filter.batch_written")  # crash tests: output open and incomplete
             writer.close()
             bad_rows.close()
     except BaseException as e:
         bad_rows.abort(e)
         raise
-    report.rows_read = phys + 1
+    report.rows_read = phys0
     report.written = report.in_subset - report.dropped_empty
     if bitmap is not None:
         report.not_in_subset = report.rows_read - report.malformed - report.in_subset
     storage.atomic_write_text(output + ".report.json", json.dumps(report.to_dict(), indent=1))
     return report
+
+
+def _parsed_blocks(metadata, f, layout, bitmap, line_offset, con, vectorized, workers: int = PARSE_THREADS):
+    """(block, last, parse_block result or None) in file order; blocks are parsed `workers` at a time in
+    threads (numpy, pyarrow and DuckDB release the GIL), each with its own DuckDB cursor. The physical line
+    number a block starts at is only known once the blocks before it are split, so it is added later
+    Each block's first physical line is counted here (bytes.count: memchr speed) so blocks parse independently."""
+    if not vectorized:
+        for block, last in _blocks(metadata, f):
+            yield block, last, None
+        return
+    local = threading.local()
+
+    def parse(block, phys0, last):
+        if not hasattr(local, "con"):
+            local.con = con.cursor()
+        return yparse.parse_block(block, phys0, layout, bitmap, line_offset, local.con, last)
+
+    phys0 = 0
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        pending: collections.deque = collections.deque()
+        for block, last in _blocks(metadata, f):
+            pending.append((block, last, pool.submit(parse, block, phys0, last)))
+            phys0 += block.count(b"\n") + (1 if last and not block.endswith(b"\n") else 0)
+            while len(pending) > workers:
+                b, lst, fut = pending.popleft()
+                yield b, lst, fut.result()
+        while pending:
+            b, lst, fut = pending.popleft()
+            yield b, lst, fut.result()
+
+
+def _filter_block(block, phys0, last, layout, bitmap, line_offset, strict, report, bad, parsed):
+    """(output rows of one block in file order, lines in it). Malformed lines are reported in line order."""
+    if parsed is not None:
+        b = parsed
+        n, fast, slow = b.n_lines, b.rows, b.slow
+        report.in_subset += b.in_subset
+    else:
+        b = None
+        lines = bytes(block).split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()
+        n, fast, slow = len(lines), None, [(phys0 + i, ln + b"\n") for i, ln in enumerate(lines)]
+    if fast is not None and strict:
+        fast = _strict_rows(fast, report)
+    malformed = []
+    rows = [r for p, raw in slow
+            if (r := reference_row(raw, p, layout, bitmap, line_offset, strict, report,
+                                   lambda q, why: malformed.append((q, why)))) is not None]
+    if b is not None:
+        malformed += b.malformed
+    for q, why in sorted(malformed):
+        bad(q, why)
+    slow_t = pa.table({k: pa.array([r[i] for r in rows], t) for i, (k, t) in enumerate(
+        zip(_ROW_FIELDS, [pa.int64()] + [pa.large_string() if f.type == pa.string() else f.type for f in SCHEMA]))})
+    table = slow_t if fast is None else pa.concat_tables([fast.cast(slow_t.schema), slow_t])
+    table = table.take(pc.sort_indices(table["_phys"])) if slow and fast is not None else table
+    return table.drop_columns(["_phys"]), n
 
 
 def format_row(line_number: int, photo_id: int, photo_hash: str, title: str, description: str,
