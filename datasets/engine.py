@@ -23,7 +23,7 @@ from slip_core import storage
 
 # Engine budget: the memory DuckDB's buffer manager may hold before it spills. Fixed, not proportional to
 # the table: that is what keeps the ledger's peak RSS flat from 1M to 15M rows (bench/dataset_scale.py).
-MEMORY_LIMIT = os.environ.get("SLIP_DUCKDB_MEMORY", "512MB")
+MEMORY_LIMIT = os.environ.get("SLIP_DUCKDB_MEMORY", "256MB")
 THREADS = int(os.environ.get("SLIP_DUCKDB_THREADS", "0")) or min(os.cpu_count() or 1, 8)
 BATCH_ROWS = 1 << 16
 _REGISTERED: dict[int, set] = {}

@@ -74,7 +74,8 @@ def register_input(con: duckdb.DuckDBPyConnection, table_path: str) -> None:
     line = "CAST(line_number AS BIGINT)" if "line_number" in cols else "CAST(NULL AS BIGINT)"
     src = engine.lit(engine.path(con, table_path))
     con.execute(f"""CREATE OR REPLACE TEMP VIEW inp_raw AS
-        SELECT file_row_number AS rn, CAST(key AS VARCHAR) AS key, CAST("{ucol}" AS VARCHAR) AS url, {line} AS line_number
+        SELECT file_row_number AS rn, CAST(key AS VARCHAR) AS key, CAST("{ucol}" AS VARCHAR) AS url,
+               {line} AS line_number
         FROM read_parquet({src}, file_row_number=true)""")
     con.execute("""CREATE OR REPLACE TEMP TABLE first_rows AS
         SELECT key, min(rn) AS first_rn FROM inp_raw GROUP BY key""")
@@ -86,64 +87,58 @@ def register_input(con: duckdb.DuckDBPyConnection, table_path: str) -> None:
 
 def register_work(con: duckdb.DuckDBPyConnection, work: str) -> None:
     """Temp tables of the work folder's inventory (one row per group / completed shard, not per sample):
-    `groups` (seq, attempt, gpath, nps, input file, complete) and `shards` (seq, attempt, gpath, shard, out file)."""
+    `groups` (gid, seq, attempt, gpath, nps, input file) and `shards` (gid, seq, shard, out file)."""
     g_rows, s_rows = [], []
     for seq, (attempt, groups) in enumerate(all_attempts(work)):
         for g in groups:
-            done = done_shards(g)
-            g_rows.append((seq, attempt, g.path, g.nps, engine.path(con, storage.join(g.path, "input.parquet")),
-                           done >= set(range(g.n_shards))))
-            s_rows += [(seq, attempt, g.path, s, engine.path(con, storage.join(g.path, "out", f"{s:05d}.parquet")))
-                       for s in sorted(done)]
+            gid = len(g_rows)
+            g_rows.append((gid, seq, attempt, g.path, g.nps, engine.path(con, storage.join(g.path, "input.parquet"))))
+            s_rows += [(gid, seq, s, engine.path(con, storage.join(g.path, "out", f"{s:05d}.parquet")))
+                       for s in sorted(done_shards(g))]
     groups = pa.table({n: pa.array([r[i] for r in g_rows], t) for i, (n, t) in enumerate(
-        [("seq", pa.int32()), ("attempt", pa.string()), ("gpath", pa.string()), ("nps", pa.int64()),
-         ("in_file", pa.string()), ("complete", pa.bool_())])})
+        [("gid", pa.int32()), ("seq", pa.int32()), ("attempt", pa.string()), ("gpath", pa.string()),
+         ("nps", pa.int64()), ("in_file", pa.string())])})
     shards = pa.table({n: pa.array([r[i] for r in s_rows], t) for i, (n, t) in enumerate(
-        [("seq", pa.int32()), ("attempt", pa.string()), ("gpath", pa.string()), ("shard", pa.int64()),
-         ("out_file", pa.string())])})
-    con.register("groups_arrow", groups)
-    con.register("shards_arrow", shards)
-    con.execute("CREATE OR REPLACE TEMP TABLE groups AS SELECT * FROM groups_arrow")
-    con.execute("CREATE OR REPLACE TEMP TABLE shards AS SELECT * FROM shards_arrow")
-    con.unregister("groups_arrow")
-    con.unregister("shards_arrow")
+        [("gid", pa.int32()), ("seq", pa.int32()), ("shard", pa.int64()), ("out_file", pa.string())])})
+    for name, t in (("groups", groups), ("shards", shards)):
+        con.register(f"{name}_arrow", t)
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS SELECT * FROM {name}_arrow")
+        con.unregister(f"{name}_arrow")
 
 
 def register_fates(con: duckdb.DuckDBPyConnection, work: str) -> None:
-    """Temp table `fates` (key, status, reason, error, attempt, source, width, height, gpath, shard, i2d_key):
-    the latest attempt's record of every row some complete shard holds."""
+    """Temp table `fates` (key, status, reason, error, seq, gid, src_shard, i2d_key, width, height): the latest
+    attempt's record of every row some complete shard holds. Compact: paths live in `groups`, once."""
     register_work(con, work)
-    out_files = [r[0] for r in con.execute("SELECT out_file FROM shards ORDER BY seq, gpath, shard").fetchall()]
+    out_files = [r[0] for r in con.execute("SELECT out_file FROM shards ORDER BY seq, gid, shard").fetchall()]
     in_files = [r[0] for r in con.execute("SELECT in_file FROM groups g WHERE EXISTS "
-                                          "(SELECT 1 FROM shards s WHERE s.gpath = g.gpath)").fetchall()]
+                                          "(SELECT 1 FROM shards s WHERE s.gid = g.gid)").fetchall()]
     if not out_files:
         con.execute("""CREATE OR REPLACE TEMP TABLE fates (key VARCHAR, status VARCHAR, reason VARCHAR, error VARCHAR,
-            attempt VARCHAR, source VARCHAR, width INTEGER, height INTEGER, gpath VARCHAR, shard BIGINT, i2d_key VARCHAR)""")
+            seq INTEGER, gid INTEGER, src_shard BIGINT, i2d_key VARCHAR, width INTEGER, height INTEGER)""")
         return
     err = "CASE WHEN o.status = 'success' THEN '' ELSE coalesce(nullif(o.error_message, ''), o.status) END"
     con.execute(f"""CREATE OR REPLACE TEMP VIEW records AS
-        SELECT CAST(o.sample_id AS VARCHAR) AS key, o.status, {err} AS error, s.seq, s.attempt, s.gpath, s.shard,
+        SELECT CAST(o.sample_id AS VARCHAR) AS key, o.status, {err} AS error, s.seq, s.gid, s.shard,
                CAST(o.key AS VARCHAR) AS i2d_key, CAST(o.width AS INTEGER) AS width, CAST(o.height AS INTEGER) AS height
         FROM read_parquet({'[' + ', '.join(map(engine.lit, out_files)) + ']'}, filename=true, union_by_name=true) o
         JOIN shards s ON o.filename = s.out_file""")
     # rows of a completed shard without a record: img2dataset caught an exception and wrote nothing
     con.execute(f"""CREATE OR REPLACE TEMP VIEW norecord AS
-        SELECT CAST(i.sample_id AS VARCHAR) AS key, s.seq, s.attempt, s.gpath, s.shard
+        SELECT CAST(i.sample_id AS VARCHAR) AS key, s.seq, s.gid, s.shard
         FROM read_parquet({'[' + ', '.join(map(engine.lit, in_files)) + ']'}, filename=true, file_row_number=true) i
         JOIN groups g ON i.filename = g.in_file
-        JOIN shards s ON s.gpath = g.gpath AND s.shard = i.file_row_number // g.nps
-        WHERE NOT EXISTS (SELECT 1 FROM records r WHERE r.gpath = s.gpath AND r.shard = s.shard
+        JOIN shards s ON s.gid = g.gid AND s.shard = i.file_row_number // g.nps
+        WHERE NOT EXISTS (SELECT 1 FROM records r WHERE r.gid = s.gid AND r.shard = s.shard
                           AND r.key = CAST(i.sample_id AS VARCHAR))""")
     con.execute(f"""CREATE OR REPLACE TEMP TABLE fates AS
-        SELECT key, v.status, v.reason, v.error, v.attempt, v.source, v.width, v.height, v.gpath, v.shard, v.i2d_key
-        FROM (SELECT key, arg_max(struct_pack(status, reason, error, attempt, source, width, height, gpath, shard, i2d_key),
-                                  seq) AS v
-              FROM (SELECT key, status, {reason_sql('error')} AS reason, error, seq, attempt,
-                           gpath || '|' || shard || '|' || i2d_key AS source, width, height, gpath, shard, i2d_key
-                    FROM records
+        SELECT key, v.status, v.reason, v.error, v.seq, v.gid, v.src_shard, v.i2d_key, v.width, v.height
+        FROM (SELECT key, arg_max(struct_pack(status, reason, error, seq, gid, src_shard, i2d_key, width, height), seq) AS v
+              FROM (SELECT key, status, {reason_sql('error')} AS reason, error, seq, gid, shard AS src_shard, i2d_key,
+                           width, height FROM records
                     UNION ALL
-                    SELECT key, 'failed_to_download', 'no record in img2dataset output', '', seq, attempt, '',
-                           NULL, NULL, gpath, shard, NULL FROM norecord)
+                    SELECT key, 'failed_to_download', 'no record in img2dataset output', '', seq, gid, shard, NULL,
+                           NULL, NULL FROM norecord)
               GROUP BY key)""")
 
 
@@ -160,29 +155,37 @@ def register_malformed(con: duckdb.DuckDBPyConnection, malformed_path: str | Non
 # ------------------------------------------------------------------------------------------- ledger
 
 def build_ledger(con: duckdb.DuckDBPyConnection, table_path: str, work: str, malformed_path: str | None = None) -> int:
-    """Temp table `ledger` (LEDGER_SCHEMA + ord, the output order; `shard` still empty) with one row per input
-    row; returns its row count. Raises while a downloadable row has no status yet."""
+    """Temp table `ledger` with one row per input row, in output order `ord` (input rows, then malformed lines),
+    and the views `ledger_v` (+ attempt, source, gpath) and `ledger_out` (LEDGER_SCHEMA, + url) over it; returns
+    the row count. Raises while a downloadable row has no status yet. Per row the table holds the key, the
+    fate and small integers (group id, shard): URLs and paths are joined in only when a view is read."""
     register_input(con, table_path)
     register_fates(con, work)
     register_malformed(con, malformed_path)
     con.execute("""CREATE OR REPLACE TEMP TABLE ledger AS
-        SELECT i.rn AS ord, i.key, i.url,
+        SELECT i.rn AS ord, i.key,
                CASE WHEN i.reason <> '' THEN 'filtered' ELSE f.status END AS status,
                CASE WHEN i.reason <> '' THEN i.reason ELSE f.reason END AS reason,
                CASE WHEN i.reason <> '' THEN '' ELSE f.error END AS error,
-               CASE WHEN i.reason <> '' THEN '' ELSE f.attempt END AS attempt,
-               CASE WHEN i.reason <> '' THEN '' ELSE f.source END AS source,
                '' AS shard,
                CASE WHEN i.reason <> '' THEN NULL ELSE f.width END AS width,
                CASE WHEN i.reason <> '' THEN NULL ELSE f.height END AS height,
                i.line_number,
-               CASE WHEN i.reason <> '' THEN NULL ELSE f.gpath END AS gpath,
-               CASE WHEN i.reason <> '' THEN NULL ELSE f.shard END AS src_shard,
+               CASE WHEN i.reason <> '' THEN NULL ELSE f.gid END AS gid,
+               CASE WHEN i.reason <> '' THEN NULL ELSE f.src_shard END AS src_shard,
                CASE WHEN i.reason <> '' THEN NULL ELSE f.i2d_key END AS i2d_key
         FROM inp i LEFT JOIN fates f ON i.reason = '' AND f.key = i.key
         UNION ALL
-        SELECT (SELECT count(*) FROM inp_raw) + line_number, NULL, NULL, 'filtered', 'malformed row: ' || reason, '', '', '',
+        SELECT (SELECT count(*) FROM inp_raw) + line_number, NULL, 'filtered', 'malformed row: ' || reason, '',
                '', NULL, NULL, line_number, NULL, NULL, NULL FROM malformed""")
+    con.execute("DROP TABLE fates")
+    con.execute("DROP TABLE first_rows")
+    con.execute("""CREATE OR REPLACE TEMP VIEW ledger_v AS
+        SELECT l.*, coalesce(g.attempt, '') AS attempt, g.gpath,
+               CASE WHEN l.i2d_key IS NULL THEN '' ELSE g.gpath || '|' || l.src_shard || '|' || l.i2d_key END AS source
+        FROM ledger l LEFT JOIN groups g ON g.gid = l.gid""")
+    con.execute("""CREATE OR REPLACE TEMP VIEW ledger_out AS
+        SELECT v.*, u.url FROM ledger_v v LEFT JOIN inp_raw u ON u.rn = v.ord""")
     missing = con.execute("SELECT key FROM ledger WHERE status IS NULL ORDER BY ord LIMIT 5").fetchall()
     if missing:
         n = engine.scalar(con, "SELECT count(*) FROM ledger WHERE status IS NULL")
@@ -192,7 +195,7 @@ def build_ledger(con: duckdb.DuckDBPyConnection, table_path: str, work: str, mal
 
 
 def ledger_sql(columns: str = LEDGER_COLUMNS) -> str:
-    return f"SELECT {columns} FROM ledger ORDER BY ord"
+    return f"SELECT {columns} FROM ledger_out ORDER BY ord"
 
 
 def final_ledger(table_path: str, work: str, malformed_path: str | None = None) -> pa.Table:
@@ -216,7 +219,7 @@ def status_summary(con: duckdb.DuckDBPyConnection, table: str = "ledger") -> dic
             "reasons": [{"status": s, "reason": r, "count": c} for s, r, c in reasons]}
 
 
-def ledger_fingerprint(con: duckdb.DuckDBPyConnection, table: str = "ledger") -> str:
+def ledger_fingerprint(con: duckdb.DuckDBPyConnection, table: str = "ledger_v") -> str:
     """sha256 over every row's (key, status, reason, source) in ledger order: identifies what a publication
     would contain. Streamed from the engine."""
     h = hashlib.sha256()

@@ -13,7 +13,7 @@ from slip_core import artifacts, storage
 from slip_core.failpoints import failpoint
 
 from datasets import config, download, plan, publish as publish_mod, work
-from datasets.sources import captions, yfcc
+from datasets.sources import BadInput, captions, yfcc
 from datasets.ledger import MALFORMED_FILE
 from datasets.sources.detect import detect_source
 
@@ -27,6 +27,9 @@ def file_sha256(url: str, store: str) -> str:
 def prepare_table(source: str, store: str, cfg: config.DatasetConfig, subset: str | None = None) -> str:
     """Caption-table artifact (captions.parquet + filter_report.json) for `source`; returns its manifest URL.
     Keyed on the contents of source and subset and the cleaning mode; an existing one is reused."""
+    for url, what in ((source, "metadata"), (subset, "subset")):
+        if url and not storage.exists(url):
+            raise BadInput(f"{url}: no such {what} file")
     src_sha = file_sha256(source, store)
     sub_sha = file_sha256(subset, store) if subset else ""
     kind = detect_source(source)
@@ -38,7 +41,17 @@ def prepare_table(source: str, store: str, cfg: config.DatasetConfig, subset: st
         if artifacts.is_complete(murl):
             return murl
         storage.remove_temp_files(root)  # what a killed earlier build left mid-write
-        return _build_table(source, root, cfg, kind, subset, src_sha, sub_sha)
+        try:
+            return _build_table(source, root, cfg, kind, subset, src_sha, sub_sha)
+        except BadInput:
+            _remove_if_empty(root)  # nothing of a refused input stays behind
+            raise
+
+
+def _remove_if_empty(root: str) -> None:
+    fs, p = storage.url_to_fs(root)
+    if fs.exists(p) and not fs.ls(p):
+        fs.rm(p, recursive=True)
 
 
 def _build_table(source, root, cfg, kind, subset, src_sha, sub_sha) -> str:
@@ -99,7 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--retry-failed", action="store_true")
     a = ap.parse_args(argv)
     cfg = config.make_config(json.loads(a.config), a.preset)
-    print(build(a.source, a.store, cfg, a.subset, a.retry_failed, progress=False))
+    try:
+        print(build(a.source, a.store, cfg, a.subset, a.retry_failed, progress=False))
+    except BadInput as e:  # missing / truncated / garbage metadata: one line, no traceback, nothing written
+        print(f"datasets.pipeline: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import duckdb
 
@@ -25,6 +27,34 @@ from datasets.config import DatasetConfig
 from datasets.ledger import register_fates, register_input, table_columns
 from datasets.sources.captions import url_column
 from datasets.work import Group, group_complete, list_dirs, load_groups
+
+# What a browser percent-encodes before sending a URL typed or pasted with spaces / non-ASCII characters
+# (WHATWG URL: C0 controls, space, '"', '<', '>', '`', '{', '}' and every non-ASCII character, as UTF-8).
+NEEDS_ENCODING = r'[^\x21-\x7e]|["<>`{}]'
+_PATH_SAFE = "/%:@!$&'()*+,;=-._~[]|^\\"
+_QUERY_SAFE = _PATH_SAFE + "?"
+
+
+def browser_url(url: str) -> str:
+    """`url` as a browser sends it: leading/trailing spaces and controls stripped, tabs/newlines removed,
+    the host IDNA-encoded, path / query / fragment percent-encoded (existing %XX escapes kept). CC3M / CC12M
+    have such rows; urllib refuses them ("URL can't contain control characters"). The ledger keeps the
+    original."""
+    url = re.sub(r"[\t\n\r]", "", url.strip("\x00\x01\x02\x03\x04\x05\x06\x07\x08\x09\x0a\x0b\x0c\x0d\x0e\x0f"
+                                              "\x10\x11\x12\x13\x14\x15\x16\x17\x18\x19\x1a\x1b\x1c\x1d\x1e\x1f "))
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if any(ord(c) > 127 for c in netloc):
+        userinfo, _, hostport = netloc.rpartition("@")
+        host, colon, port = hostport.partition(":")
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            host = quote(host, safe="")
+        netloc = (userinfo + "@" if userinfo else "") + host + colon + port
+    return urlunsplit((parts.scheme, netloc, quote(parts.path, safe=_PATH_SAFE), quote(parts.query, safe=_QUERY_SAFE),
+                       quote(parts.fragment, safe=_QUERY_SAFE)))
+
 
 RESERVED = {"key", "caption", "url", "width", "height", "original_width", "original_height", "status",
             "error_message", "exif", "md5", "sha256", "sha512"}  # img2dataset main.py arguments_validator
@@ -63,10 +93,12 @@ def plan(table_path: str, work: str, cfg: DatasetConfig, retry_failed: bool = Fa
 
 
 def i2d_select(columns: list[str]) -> str:
-    """SELECT list turning caption-table columns into img2dataset input: url, caption, sample_id (our key;
-    'key' is reserved by img2dataset) + the other columns (saved into each sample's json)."""
+    """SELECT list turning caption-table columns into img2dataset input: url (browser-encoded where needed),
+    caption, sample_id (our key; 'key' is reserved by img2dataset) + the other columns (saved into each
+    sample's json)."""
     ucol = url_column(columns)
-    out = [f'CAST(t."{ucol}" AS VARCHAR) AS url',
+    out = [f"""CASE WHEN regexp_matches(CAST(t."{ucol}" AS VARCHAR), '{NEEDS_ENCODING}')
+               THEN browser_url(CAST(t."{ucol}" AS VARCHAR)) ELSE CAST(t."{ucol}" AS VARCHAR) END AS url""",
            "CAST(t.caption AS VARCHAR) AS caption" if "caption" in columns else "'' AS caption",
            "CAST(t.key AS VARCHAR) AS sample_id"]
     out += [f't."{c}"' for c in columns if c not in RESERVED and c not in (ucol, "key", "sample_id")]
@@ -78,6 +110,7 @@ def _new_attempt(con: duckdb.DuckDBPyConnection, table_path: str, n: int, work: 
     """Write the groups of a new attempt (rows of `todo` in permutation order), then plan.json (its marker)."""
     cols = table_columns(con, table_path)
     src = engine.lit(engine.path(con, table_path))
+    con.create_function("browser_url", browser_url, ["VARCHAR"], "VARCHAR")
     con.execute(f"""CREATE TEMP TABLE new_rows AS
         SELECT d.pos, {i2d_select(cols)} FROM read_parquet({src}, file_row_number=true) t
         JOIN todo d ON t.file_row_number = d.rn ORDER BY d.pos""")

@@ -28,7 +28,7 @@ from slip_core.failpoints import failpoint
 from datasets import engine, tarshards
 from datasets import quality as quality_pass  # issue 10: dedup, decontamination, filters
 from datasets.config import PARALLEL_FIELDS, DatasetConfig
-from datasets.ledger import LEDGER_COLUMNS, LEDGER_SCHEMA, build_ledger, ledger_fingerprint, status_summary
+from datasets.ledger import LEDGER_SCHEMA, build_ledger, ledger_fingerprint, ledger_sql, status_summary
 
 VERSIONS_FILE = "versions.json"  # in the work folder: {settings hash: [artifact folder names, oldest first]}
 SHARD_ORDER = "gpath, src_shard, i2d_key"  # the repack order (deterministic)
@@ -88,7 +88,7 @@ def plan_shards(con: duckdb.DuckDBPyConnection, base: str | None, samples_per_sh
                 CASE WHEN starts_with(shard, '../') THEN shard ELSE '../' || ? || '/' || shard END AS ref
             FROM read_parquet({src}) WHERE status = 'success'""", [name])
         con.execute("""CREATE TEMP TABLE reusable AS SELECT b.ref FROM base_loc b
-            LEFT JOIN ledger l ON l.key = b.key AND l.status = 'success'
+            LEFT JOIN ledger_v l ON l.key = b.key AND l.status = 'success'
                  AND regexp_extract(l.source, '.*/attempts/(.*)', 1) = regexp_extract(b.source, '.*/attempts/(.*)', 1)
             GROUP BY b.ref HAVING count(*) = count(l.key)""")
         con.execute("""UPDATE ledger SET shard = b.ref FROM base_loc b
@@ -99,7 +99,7 @@ def plan_shards(con: duckdb.DuckDBPyConnection, base: str | None, samples_per_sh
             raise artifacts.ManifestError(f"base version {base} ledger names shards its manifest lacks: {missing[:3]}")
         reused = [artifacts.FileEntry(r, entries[r].sha256, entries[r].size) for r in refs]
     con.execute(f"""UPDATE ledger SET shard = printf('shards/%05d.tar', n.pos // {int(samples_per_shard)})
-        FROM (SELECT ord, row_number() OVER (ORDER BY {SHARD_ORDER}) - 1 AS pos FROM ledger
+        FROM (SELECT ord, row_number() OVER (ORDER BY {SHARD_ORDER}) - 1 AS pos FROM ledger_v
               WHERE status = 'success' AND shard = '') n
         WHERE ledger.ord = n.ord""")
     return reused
@@ -145,7 +145,7 @@ class _ShardWriter:
 def _source_shards(con: duckdb.DuckDBPyConnection):
     """(gpath, shard, {i2d key: (dataset key, output shard)}) per source shard, in repack order, streamed."""
     cur, wanted = None, {}
-    sql = (f"SELECT gpath, src_shard, i2d_key, key, shard FROM ledger WHERE status = 'success' "
+    sql = (f"SELECT gpath, src_shard, i2d_key, key, shard FROM ledger_v WHERE status = 'success' "
            f"AND NOT starts_with(shard, '../') ORDER BY {SHARD_ORDER}")
     for batch in engine.batches(con, sql):
         cols = [batch.column(i).to_pylist() for i in range(5)]  # one batch of rows at a time
@@ -186,6 +186,7 @@ def repack(ledger: pa.Table, root: str, samples_per_shard: int) -> tuple[pa.Tabl
         con.execute("""CREATE TEMP TABLE ledger AS SELECT row_number() OVER () AS ord, * REPLACE ('' AS shard),
             split_part(source, '|', 1) AS gpath, TRY_CAST(split_part(source, '|', 2) AS BIGINT) AS src_shard,
             split_part(source, '|', 3) AS i2d_key FROM ledger_in""")
+        con.execute("CREATE TEMP VIEW ledger_v AS SELECT * FROM ledger")
         plan_shards(con, None, samples_per_shard)
         sizes = repack_from_engine(con, root)
         cols = ", ".join(ledger.column_names)
@@ -197,7 +198,7 @@ def repack(ledger: pa.Table, root: str, samples_per_shard: int) -> tuple[pa.Tabl
 def apply_quality(con: duckdb.DuckDBPyConnection, cfg: DatasetConfig):
     """The quality pass on the engine's ledger: its decisions are written back into `ledger`.
     Returns (fingerprints, report) for the ledger columns and quality.json."""
-    led = con.sql(f"SELECT {LEDGER_COLUMNS} FROM ledger ORDER BY ord").to_arrow_table().cast(LEDGER_SCHEMA)
+    led = con.sql(ledger_sql()).to_arrow_table().cast(LEDGER_SCHEMA)
     out, fps, report = quality_pass.run_quality(led, cfg.quality)
     con.register("quality_out", out.select(["key", "status", "reason"]))
     con.execute("""UPDATE ledger SET status = q.status, reason = q.reason FROM quality_out q
@@ -208,11 +209,11 @@ def apply_quality(con: duckdb.DuckDBPyConnection, cfg: DatasetConfig):
 
 def _ledger_out_sql(con: duckdb.DuckDBPyConnection, fps: pa.Table | None) -> str:
     if fps is None:
-        return f"SELECT {LEDGER_COLUMNS} FROM ledger ORDER BY ord"
+        return ledger_sql()
     con.register("fps_in", fps.select(["key", "sha256", "orig_sha256", "phash"]))
     cols = ", ".join(f"l.{c}" for c in LEDGER_SCHEMA.names)
     return (f"SELECT {cols}, f.sha256 AS image_sha256, f.orig_sha256, lower(hex(f.phash)) AS phash "
-            "FROM ledger l LEFT JOIN fps_in f ON f.key = l.key ORDER BY l.ord")
+            "FROM ledger_out l LEFT JOIN fps_in f ON f.key = l.key ORDER BY l.ord")
 
 
 # ------------------------------------------------------------------------------------------ publish
@@ -242,7 +243,7 @@ def publish(table_path: str, work: str, cfg: DatasetConfig, store: str, upstream
         engine.copy_to_parquet(con, _ledger_out_sql(con, fps), storage.join(root, "ledger.parquet"))
         sizes = dict(con.execute("SELECT shard, count(*) FROM ledger WHERE status = 'success' GROUP BY shard").fetchall())
         storage.atomic_write_text(storage.join(root, "sizes.json"), json.dumps(sizes, indent=1, sort_keys=True))
-        attempts = [r[0] for r in con.execute("SELECT DISTINCT attempt FROM ledger WHERE attempt <> '' ORDER BY 1").fetchall()]
+        attempts = [r[0] for r in con.execute("SELECT DISTINCT attempt FROM ledger_v WHERE attempt <> '' ORDER BY 1").fetchall()]
         stats = {**status_summary(con), "shards": len(sizes), "num_samples": sum(sizes.values()),
                  "attempts": attempts, "input_table_sha256": table_sha, "work_dir": work,
                  "incremental": {"extends": base.rstrip("/").rsplit("/", 1)[-1] if base else "",

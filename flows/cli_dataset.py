@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from slip_core.config import parse_sets
 
 
 def _filter(a) -> int:
-    from datasets.sources import yfcc
+    from datasets.sources import BadInput, yfcc
 
-    report = yfcc.filter_yfcc(a.metadata, a.output, subset=a.subset, mode=a.mode, line_offset=a.line_offset)
+    try:
+        report = yfcc.filter_yfcc(a.metadata, a.output, subset=a.subset, mode=a.mode, line_offset=a.line_offset)
+    except BadInput as e:  # one line naming the file and what is wrong; no output file
+        print(f"slip dataset filter-yfcc: {e}", file=sys.stderr)
+        return 2
     d = report.to_dict()
     d["malformed_lines"] = d["malformed_lines"][:20]
     print(json.dumps(d, indent=1))
@@ -31,11 +36,17 @@ def _build(a) -> int:
 
     config = {"preset": a.preset, **parse_sets(a.set)}
     cfg = make_config({k: v for k, v in config.items() if k != "preset"}, a.preset)  # fail before Prefect starts
-    if a.no_prefect:
-        from datasets import pipeline
+    from datasets import pipeline
+    from datasets.sources import BadInput
 
-        print(pipeline.build(a.source, a.store, cfg, a.subset, a.retry_failed, progress=True))
-        return 0
+    try:  # the caption table first, here: bad input is one line on stderr, not a task traceback
+        pipeline.prepare_table(a.source, a.store, cfg, a.subset)
+        if a.no_prefect:
+            print(pipeline.build(a.source, a.store, cfg, a.subset, a.retry_failed, progress=True))
+            return 0
+    except BadInput as e:
+        print(f"slip dataset build: {e}", file=sys.stderr)
+        return 2
     from flows.build_dataset import build_dataset
 
     print(build_dataset(a.source, a.store, config=config, subset=a.subset, retry_failed=a.retry_failed, progress=True))

@@ -84,6 +84,7 @@ def test_every_row_has_its_expected_status_and_reason(built, fault_log):
         assert ledger[key]["status"] == status, (row.url, ledger[key])
         assert reason in ledger[key]["reason"], (row.url, ledger[key])
         assert (ledger[key]["shard"] != "") == (status == "success")
+        assert ledger[key]["url"] == row.url  # the original, also where it was percent-encoded for the download
     m = artifacts.load_verified(built["manifest"])
     n_ok = sum(r.expect[0] == "success" for r in corpus.keys.values())
     assert m.kind == "dataset" and m.metrics["num_samples"] == n_ok == m.metrics["n_success"]

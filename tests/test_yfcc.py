@@ -185,3 +185,69 @@ def test_httpserve_faults(tmp_path):
             urllib.request.urlopen(base + "/_fault/500")
     with pytest.raises(OSError):
         urllib.request.urlopen(base + "/a.jpg", timeout=2)  # stopped cleanly
+
+
+def _hostile_metadata(columns: int) -> bytes:
+    """Lines the vectorised parser must treat exactly as the reference line loop does."""
+    rows = [yfcc.format_row(i, 1000 + i, f"{i:032x}", t, d, u, columns=columns) for i, (t, d, u) in enumerate([
+        ("plain", "text", "http://x/0.jpg"), ("", "", "http://x/1.jpg"), ("a+b %41%zz %", "50%+off", "http://x/2 b.jpg"),
+        ("<a href=x>link</a> <b>b</b> <i>i</i> <a", "see http://t.co/x and www.y.z/q done", "http://x/3.jpg"),
+        ("caf\u00e9 \u2603", "%E2%98%83 snow%C3", "http://x/\u00e9.jpg"), ("x" * 9000, "y", "http://x/5.jpg"),
+        ("tab\u00a0http\u00a0x", "line\nbreak <a\nb>", "http://x/6.jpg"), ("&amp; &lt;b&gt;", "  spaces  ", "http://x/7.jpg"),
+    ])]
+    lines = [r.encode() for r in rows]
+    lines.insert(3, b"1\t2\t3")  # wrong field count
+    lines.insert(5, b"")  # empty line
+    lines.append(rows[0].replace("0\t", "x0\t", 1).encode() if columns == 25 else b"only\ttwo")
+    lines.append(rows[1].encode().replace(b"1001", b"1e01", 1))  # bad photo id
+    lines.append(rows[2].encode().replace(b"a+b", b"a\xff+b", 1))  # invalid UTF-8
+    lines.append(rows[3].encode() + b"\r")  # CR at the end
+    lines.append(b"9" * 30 + rows[4].encode()[1:] if columns == 25 else rows[4].encode())  # huge line number
+    return b"\n".join(lines) + b"\n" + rows[5].encode()  # no final newline
+
+
+@pytest.mark.parametrize("columns", [25, 23])
+@pytest.mark.parametrize("mode", ["slip", "strict"])
+@pytest.mark.parametrize("with_subset", [False, True])
+def test_vectorised_filter_equals_the_reference_loop(tmp_path, columns, mode, with_subset):
+    meta = tmp_path / "m"
+    meta.write_bytes(_hostile_metadata(columns))
+    subset = None
+    if with_subset:
+        subset = tmp_path / "s.tsv"
+        subset.write_text("".join(f"{i}\t{1000 + i}\tx\n" for i in (0, 2, 3, 4, 5, 6, 9, 11, 12, 13)))
+    out = {}
+    for vec in (True, False):
+        o = tmp_path / f"o{vec}.parquet"
+        rep = yfcc.filter_yfcc(str(meta), str(o), subset=str(subset) if subset else None, mode=mode,
+                               malformed_output=str(tmp_path / f"bad{vec}.parquet"), vectorized=vec, line_offset=7)
+        out[vec] = (pq.read_table(o).to_pylist(), rep.to_dict(), pq.read_table(tmp_path / f"bad{vec}.parquet").to_pylist())
+    assert out[True] == out[False]
+    assert out[True][1]["malformed"] == len(out[True][2]) >= 3 and out[True][0]
+
+
+def test_bad_input_is_one_line_nonzero_and_writes_nothing(tmp_path, capsys, fault_log):
+    import bz2
+    import gzip
+
+    from flows.cli import main
+
+    lines = "".join(yfcc.format_row(i, 100 + i, "h", f"t {i}", "d", f"http://x/{i}.jpg") + "\n" for i in range(3000)).encode()
+    (tmp_path / "cut.bz2").write_bytes(bz2.compress(lines)[:-200])
+    (tmp_path / "cut.gz").write_bytes(gzip.compress(lines)[:-100])
+    (tmp_path / "garbage").write_bytes(bytes(range(256)) * 40)
+    cases = [("missing metadata file", ["filter-yfcc", "--metadata", str(tmp_path / "nope")], "no such metadata file"),
+             ("truncated .bz2 metadata", ["filter-yfcc", "--metadata", str(tmp_path / "cut.bz2")], "truncated or corrupt"),
+             ("truncated .gz metadata", ["filter-yfcc", "--metadata", str(tmp_path / "cut.gz")], "truncated or corrupt"),
+             ("metadata without one well-formed row", ["filter-yfcc", "--metadata", str(tmp_path / "garbage")],
+              "no well-formed row"),
+             ("missing source file (dataset build)", ["build", str(tmp_path / "nope.tsv"), "--store", str(tmp_path / "st"),
+                                                      "--no-prefect"], "no such metadata file")]
+    for label, args, why in cases:
+        out = tmp_path / "out.parquet"
+        extra = ["--output", str(out)] if args[0] == "filter-yfcc" else []
+        assert main(["dataset", *args, *extra]) == 2, label
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and why in err and args[2 if args[0] == "filter-yfcc" else 1] in err, (label, err)
+        assert not out.exists() and not [p for p in tmp_path.rglob("*.parquet")], label
+        fault_log.record("input", "filter", label, f"exit 2, one stderr line: {err[:90]}", bound="no output file")

@@ -5,3 +5,8 @@
     captions.py      any url + caption table (CC3M / CC12M TSVs, CSV, parquet)
     detect.py        which of these a source file is
 """
+
+
+class BadInput(ValueError):
+    """A source that cannot be read at all: missing, truncated or corrupt, or without one well-formed row.
+    Its message is one line naming the file and what is wrong (the CLIs print it and exit 2)."""

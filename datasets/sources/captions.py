@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from slip_core import storage
 
+from datasets.sources import BadInput
 from datasets.sources.yfcc import MAX_MALFORMED_KEPT, MAX_TEXT_CHARS, MalformedWriter  # one cap for every caption source
 
 URL_NAMES = ("url", "download_url", "image_url", "img_url", "URL")
@@ -38,13 +39,19 @@ def _looks_like_url(s: str) -> bool:
 
 def _sniff(url: str, delimiter: str) -> tuple[bool, list[str] | None]:
     """(has_header, column names for a headerless file) from the first line."""
-    with storage.url_to_fs(url)[0].open(storage.url_to_fs(url)[1], "rb", compression="infer") as f:
-        first = f.readline().decode("utf-8", "replace").rstrip("\r\n").split(delimiter)
+    fs, path = storage.url_to_fs(url)
+    if not fs.exists(path):
+        raise BadInput(f"{url}: no such file")
+    with fs.open(path, "rb", compression="infer") as f:
+        try:
+            first = f.readline().decode("utf-8", "replace").rstrip("\r\n").split(delimiter)
+        except (EOFError, OSError) as e:
+            raise BadInput(f"{url}: truncated or unreadable ({type(e).__name__}: {e})") from None
     if any(c in URL_NAMES for c in first):
         return True, None
     if len(first) == 2:  # CC3M (caption, url) or CC12M (url, caption)
         return False, ["url", "caption"] if _looks_like_url(first[0]) else ["caption", "url"]
-    raise ValueError(f"{url}: cannot tell the URL column from the first line {first[:4]!r}")
+    raise BadInput(f"{url}: cannot tell the URL column from the first line {repr(first[:4])[:120]}")
 
 
 def row_keys(urls, captions) -> pa.Array:
@@ -75,8 +82,10 @@ def _batches(url: str, report: dict):
     parse = pacsv.ParseOptions(delimiter=delim, newlines_in_values=True, invalid_row_handler=malformed)
     conv = pacsv.ConvertOptions(strings_can_be_null=False)
     with fs.open(path, "rb", compression="infer") as f:
-        reader = pacsv.open_csv(f, read_options=read, parse_options=parse, convert_options=conv)
-        yield from reader
+        try:
+            yield from pacsv.open_csv(f, read_options=read, parse_options=parse, convert_options=conv)
+        except (EOFError, OSError, pa.ArrowInvalid) as e:  # truncated .gz / .bz2, unreadable bytes
+            raise BadInput(f"{url}: truncated or unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
 def line_numbers(url: str, texts: list[str]) -> list[int | None]:
@@ -134,7 +143,7 @@ def normalize_table(source: str, output: str, caption_col: str | None = None, ma
             writer.write_table(table.cast(writer.schema))
             report["rows"] += len(table)
         if writer is None:
-            raise ValueError(f"{source}: no rows")
+            raise BadInput(f"{source}: no well-formed row (want a URL and a caption column)")
         writer.close()
     _record_malformed(source, report, malformed_output)
     return report

@@ -44,6 +44,7 @@ from slip_core import storage
 from slip_core.failpoints import failpoint
 
 from datasets import engine
+from datasets.sources import BadInput
 from datasets.sources import yfcc_parse as yparse
 
 LAYOUT_COLUMNS = {25: "consolidated", 23: "legacy"}
@@ -129,8 +130,10 @@ def read_subset(url: str) -> bytearray:
     """OpenAI's subset TSV -> membership bitmap indexed by line number (100 MB for all of YFCC100M,
     far less than a Python set of 14.8M ints). A header line or blank lines are skipped."""
     bitmap = bytearray()
+    if not storage.exists(url):
+        raise BadInput(f"{url}: no such subset file")
     with open_binary(url) as f:
-        for raw in f:
+        for raw in _checked_lines(url, f):
             head = raw.split(b"\t", 1)[0].strip()
             if not head.isdigit():
                 continue
@@ -180,11 +183,6 @@ class MalformedWriter:
             self.cm = None
 
 
-class BadInput(ValueError):
-    """Metadata that cannot be filtered at all: missing, truncated or corrupt, or without one well-formed row.
-    Its message is one line naming the file and what is wrong (the CLIs print it and exit 2)."""
-
-
 def reference_row(raw: bytes, phys: int, layout: yparse.Layout, bitmap, line_offset: int, strict: bool, report: FilterReport,
                   bad) -> tuple | None:
     """One metadata line the way SLIP's make_dataset.py reads it (the definition the vectorised parser must
@@ -202,12 +200,18 @@ def reference_row(raw: bytes, phys: int, layout: yparse.Layout, bitmap, line_off
             bad(phys, "line number is not a number")
             return None
         ln = int(head)
+        if ln >= 1 << 63:  # the table's int64 column cannot hold it
+            bad(phys, "line number out of range")
+            return None
     if bitmap is not None and (ln >= len(bitmap) or not bitmap[ln]):
         return None
     parts = raw.rstrip(b"\r\n").split(b"\t")
     pid = parts[pos_id]
     if not pid.isdigit():
         bad(phys, "photo id is not a number")
+        return None
+    if int(pid) >= 1 << 63:
+        bad(phys, "photo id out of range")
         return None
     report.in_subset += 1
     try:  # only the three text fields are decoded
@@ -332,13 +336,15 @@ def filter_yfcc(
     try:
         with storage.atomic_open(output, "wb") as out, open_binary(metadata) as f, engine.connect() as con:
             writer = pq.ParquetWriter(out, SCHEMA, compression="zstd")
-            for block, last, parsed in _parsed_blocks(metadata, f, layout, bitmap, line_offset, con, vectorized):
-                table, n = _filter_block(block, phys0, last, layout, bitmap, line_offset, strict, report, bad, parsed)
-                phys0 += n
-                for batch in table.cast(SCHEMA).to_batches(batch_rows):
-                    writer.write_batch(batch)
-                    failpoint("filter.batch_written")  # crash tests: output open and incomplete
-            writer.close()
+            try:
+                for block, last, parsed in _parsed_blocks(metadata, f, layout, bitmap, line_offset, con, vectorized):
+                    table, n = _filter_block(block, phys0, last, layout, bitmap, line_offset, strict, report, bad, parsed)
+                    phys0 += n
+                    for batch in table.cast(SCHEMA).to_batches(batch_rows):
+                        writer.write_batch(batch)
+                        failpoint("filter.batch_written")  # crash tests: output open and incomplete
+            finally:
+                writer.close()  # also on error (the temp file is dropped): no writer left to close a closed file
             bad_rows.close()
     except BaseException as e:
         bad_rows.abort(e)
