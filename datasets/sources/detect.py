@@ -17,7 +17,7 @@ def detect_source(source: str) -> str:
         for _ in range(5):
             try:
                 line = f.readline()
-            except (EOFError, OSError, ValueError) as e:
+            except yfcc.READ_ERRORS as e:
                 raise BadInput(f"{source}: truncated or corrupt compressed file ({type(e).__name__}: {e})") from None
             if not line:
                 break

@@ -121,9 +121,20 @@ class FilterReport:
         return dict(self.__dict__)
 
 
-def open_binary(url: str):
-    """Plain or compressed (by extension: .bz2, .gz, .xz, .zst) file at any fsspec URL."""
+def open_binary(url: str, threads: int | None = None):
+    """Plain or compressed (by extension: .bz2, .gz, .xz, .zst) file at any fsspec URL. bzip2 (how YFCC100M's
+    metadata ships) is decompressed in parallel, `threads` blocks at a time (indexed_bzip2: finds the block
+    boundaries of one stream itself, so single-stream files parallelise too; bench/filter_yfcc.py measures it
+    against `bzip2 -dc`)."""
+    if str(url).lower().endswith(".bz2"):
+        import indexed_bzip2
+
+        fs, path = storage.url_to_fs(url)
+        return indexed_bzip2.open(fs.open(path, "rb", block_size=1 << 22), parallelization=threads or os.cpu_count() or 1)
     return fsspec.open(url, "rb", compression="infer").open()
+
+
+READ_ERRORS = (EOFError, OSError, ValueError, RuntimeError)  # what a truncated / corrupt compressed stream raises
 
 
 def read_subset(url: str) -> bytearray:
@@ -244,7 +255,7 @@ def find_layout(metadata: str) -> yparse.Layout:
 def _checked_lines(metadata: str, f):
     try:
         yield from f
-    except (EOFError, OSError, ValueError) as e:  # truncated / corrupt .bz2, .gz, .xz
+    except READ_ERRORS as e:  # truncated / corrupt .bz2, .gz, .xz
         raise BadInput(f"{metadata}: truncated or corrupt compressed file ({type(e).__name__}: {e})") from None
 
 
@@ -262,7 +273,7 @@ def _blocks(metadata: str, f, size: int = BLOCK_BYTES):
                 chunk = f.read(size)
                 got = len(chunk)
                 data[len(carry):len(carry) + got] = chunk
-        except (EOFError, OSError, ValueError) as e:
+        except READ_ERRORS as e:
             raise BadInput(f"{metadata}: truncated or corrupt compressed file ({type(e).__name__}: {e})") from None
         n = len(carry) + got
         if not got:
