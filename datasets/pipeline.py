@@ -13,7 +13,7 @@ from slip_core import artifacts, storage
 from slip_core.failpoints import failpoint
 
 from datasets import config, download, plan, publish as publish_mod, work
-from datasets.sources import BadInput, captions, yfcc
+from datasets.sources import BadInput, captions, yfcc, yfcc_parquet
 from datasets.ledger import MALFORMED_FILE
 from datasets.sources.detect import detect_source
 
@@ -24,15 +24,27 @@ def file_sha256(url: str, store: str) -> str:
     return storage.sha256_file_stamped(url, storage.join(store, ".hashcache"))
 
 
+def source_sha256(source: str, store: str, kind: str) -> str:
+    """Content hash of the source: its file's sha256, or for a parquet mirror of several files the sha256
+    over their (name, sha256) list."""
+    if kind != "yfcc-parquet":
+        return file_sha256(source, store)
+    fl = yfcc_parquet.files(source)
+    if len(fl) == 1:
+        return file_sha256(fl[0], store)
+    listing = "\n".join(f"{u.rsplit('/', 1)[-1]}\t{file_sha256(u, store)}" for u in fl)
+    return storage.sha256_bytes(listing.encode())
+
+
 def prepare_table(source: str, store: str, cfg: config.DatasetConfig, subset: str | None = None) -> str:
     """Caption-table artifact (captions.parquet + filter_report.json) for `source`; returns its manifest URL.
     Keyed on the contents of source and subset and the cleaning mode; an existing one is reused."""
-    for url, what in ((source, "metadata"), (subset, "subset")):
-        if url and not storage.exists(url):
-            raise BadInput(f"{url}: no such {what} file")
-    src_sha = file_sha256(source, store)
-    sub_sha = file_sha256(subset, store) if subset else ""
     kind = detect_source(source)
+    for url, what in ((source, "metadata"), (subset, "subset")):
+        if url and not (kind == "yfcc-parquet" and url == source) and not storage.exists(url):
+            raise BadInput(f"{url}: no such {what} file")
+    src_sha = source_sha256(source, store, kind)
+    sub_sha = file_sha256(subset, store) if subset else ""
     root = artifacts.stage_root(store, "caption-table", cfg.name, src_sha, sub_sha, cfg.clean_mode, kind)
     murl = artifacts.manifest_url(root)
     if artifacts.is_complete(murl):  # complete and intact: reuse
@@ -56,8 +68,9 @@ def _remove_if_empty(root: str) -> None:
 
 def _build_table(source, root, cfg, kind, subset, src_sha, sub_sha) -> str:
     out, bad = storage.join(root, "captions.parquet"), storage.join(root, MALFORMED_FILE)
-    if kind == "yfcc":
-        report = yfcc.filter_yfcc(source, out, subset=subset, mode=cfg.clean_mode, malformed_output=bad).to_dict()
+    if kind in ("yfcc", "yfcc-parquet"):
+        run = yfcc.filter_yfcc if kind == "yfcc" else yfcc_parquet.filter_yfcc_parquet
+        report = run(source, out, subset=subset, mode=cfg.clean_mode, malformed_output=bad).to_dict()
         fs, p = storage.url_to_fs(out + ".report.json")
         fs.rm(p)
     else:

@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from datasets import config as dataset_config
 from datasets import download, engine, ledger, pipeline, plan, work
 from datasets.quality.fingerprint import fingerprint_ledger
+from datasets.sources.detect import detect_source
 from flows.caching import stage_cache
 from slip_core import artifacts
 from slip_core.config import to_dict
@@ -90,7 +91,7 @@ def build_dataset(source: str, store: str, config: dict | None = None, subset: s
     log = get_run_logger()
     cfg = _cfg(config)
     cfg_dict = {**to_dict(cfg)}
-    sha = (pipeline.file_sha256(source, store), pipeline.file_sha256(subset, store) if subset else "")
+    sha = (pipeline.source_sha256(source, store, detect_source(source)), pipeline.file_sha256(subset, store) if subset else "")
     table = filter_task(source, subset, store, cfg_dict, *sha)
     with work.work_lock(work.work_dir(store, cfg)):  # one build per work folder at a time
         groups = plan_task(table, store, cfg_dict, retry_failed)

@@ -10,6 +10,7 @@ import time
 import urllib.request
 
 import fsspec
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -17,6 +18,7 @@ from datasets import demo_corpus, offline, pipeline
 from datasets.sources import captions, yfcc
 from datasets.sources.detect import detect_source
 from datasets.httpserve import serve_directory
+from slip_core import storage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -251,3 +253,78 @@ def test_bad_input_is_one_line_nonzero_and_writes_nothing(tmp_path, capsys, faul
         assert len(err.splitlines()) == 1 and why in err and args[2 if args[0] == "filter-yfcc" else 1] in err, (label, err)
         assert not out.exists() and not [p for p in tmp_path.rglob("*.parquet")], label
         fault_log.record("input", "filter", label, f"exit 2, one stderr line: {err[:90]}", bound="no output file")
+
+
+def _mirror_rows():
+    """(line, photo id, title, description, url) in YFCC100M's encoding, with the cases a mirror has:
+    missing and empty titles, HTML, URL-encoded text, links."""
+    return [(0, 10, "a+cat+on+a+mat", "my+%3Cb%3Ecat%3C%2Fb%3E", "http://x/0.jpg"),
+            (1, 11, "", "only+a+description+http%3A%2F%2Fflickr.com%2Fx", "http://x/1.jpg"),
+            (2, 12, None, "%3Ca+href%3D%22http%3A%2F%2Fa.b%22%3Elink%3C%2Fa%3E+text", "http://x/2.jpg"),
+            (3, 13, "caf%C3%A9+%E2%98%83", None, "http://x/3.jpg"),
+            (4, 14, "100%25+real+%2Bplus", "www.example.com+and+<i>italic</i>", "http://x/4.jpg"),
+            (5, None, "no photo id", "", "http://x/5.jpg"),  # malformed
+            (6, 16, "no url", "", None)]  # malformed
+
+
+def test_parquet_mirror_equals_the_tsv_path(tmp_path):
+    """A parquet mirror in YFCC100M's column names (two files, one with a row group split) gives exactly the
+    rows the 25-column TSV gives for the same rows: keys, cleaning, separate title and description."""
+    from datasets.sources import yfcc_parquet
+
+    rows = _mirror_rows()
+    with open(tmp_path / "m.tsv", "w") as f:  # the TSV path on the same rows (the malformed ones left out)
+        for ln, pid, t, d, u in rows:
+            if pid is not None and u is not None:
+                f.write(yfcc.format_row(ln, pid, "h%d" % ln, "", "", u).replace("\t\t", "\t", 0) + "\n")
+    lines = (tmp_path / "m.tsv").read_text().splitlines()
+    with open(tmp_path / "m.tsv", "w") as f:  # put the raw (already URL-encoded) text in place
+        for line, (ln, pid, t, d, u) in zip(lines, [r for r in rows if r[1] is not None and r[4] is not None]):
+            parts = line.split("\t")
+            parts[8], parts[9] = t or "", d or ""
+            f.write("\t".join(parts) + "\n")
+    tsv = yfcc.filter_yfcc(str(tmp_path / "m.tsv"), str(tmp_path / "tsv.parquet"))
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    cols = lambda rs: {"photoid": [r[1] for r in rs], "line_number": [r[0] for r in rs],  # noqa: E731
+                       "title": [r[2] for r in rs], "description": [r[3] for r in rs],
+                       "downloadurl": [r[4] for r in rs], "hash": [f"h{r[0]}" for r in rs], "uid": ["1@N0"] * len(rs)}
+    pq.write_table(pa.table(cols(rows[:3])), mirror / "part-0.parquet", row_group_size=2)
+    pq.write_table(pa.table(cols(rows[3:])), mirror / "part-1.parquet")
+    assert detect_source(str(mirror)) == "yfcc-parquet" and detect_source(str(mirror / "*.parquet")) == "yfcc-parquet"
+    assert detect_source(str(tmp_path / "tsv.parquet")) == "table"  # our own caption table is not a mirror
+    rep = yfcc_parquet.filter_yfcc_parquet(str(mirror), str(tmp_path / "pq.parquet"),
+                                           malformed_output=str(tmp_path / "bad.parquet"))
+    got, want = pq.read_table(tmp_path / "pq.parquet"), pq.read_table(tmp_path / "tsv.parquet")
+    assert got.equals(want), (got.to_pylist(), want.to_pylist())
+    assert got["title"].to_pylist()[:3] == ["a cat on a mat", "", ""] and got["description"][2].as_py() == "link text"
+    assert (rep.written, rep.malformed, tsv.written) == (5, 2, 5)
+    assert pq.read_table(tmp_path / "bad.parquet")["line_number"].to_pylist() == [5, 6]
+    # without a line number column the key is the photo id
+    pq.write_table(pa.table({k: v for k, v in cols(rows[:2]).items() if k != "line_number"}), tmp_path / "noln.parquet")
+    yfcc_parquet.filter_yfcc_parquet(str(tmp_path / "noln.parquet"), str(tmp_path / "o2.parquet"))
+    assert pq.read_table(tmp_path / "o2.parquet")["key"].to_pylist() == ["10", "11"]
+
+
+@pytest.fixture
+def s3_bucket():
+    from tests._s3_util import s3_server
+
+    with s3_server() as url:
+        yield url
+
+
+def test_parquet_mirror_on_s3(tmp_path, s3_bucket):
+    """Same reader over s3:// (moto): files found by prefix, read in row groups through fsspec."""
+    from datasets.sources import yfcc_parquet
+
+    rows = [r for r in _mirror_rows() if r[1] is not None and r[4] is not None]
+    t = pa.table({"photo_id": [str(r[1]) for r in rows], "title": [r[2] for r in rows],
+                  "description": [r[3] for r in rows], "download_url": [r[4] for r in rows]})
+    local = tmp_path / "x.parquet"
+    pq.write_table(t, local)
+    url = f"{s3_bucket}/mirror/part-0.parquet"
+    storage.put_file_atomic(str(local), url)
+    assert detect_source(f"{s3_bucket}/mirror") == "yfcc-parquet"
+    rep = yfcc_parquet.filter_yfcc_parquet(f"{s3_bucket}/mirror", str(tmp_path / "o.parquet"))
+    assert rep.written == len(rows) and pq.read_table(tmp_path / "o.parquet")["key"].to_pylist() == [str(r[1]) for r in rows]

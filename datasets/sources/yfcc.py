@@ -97,7 +97,12 @@ def clean_slip(text: str) -> str:
 
 def clean_strict(text: str) -> str:
     """Our stricter option: SLIP cleaning, then entities, control chars and whitespace normalised."""
-    return _SPACE.sub(" ", html.unescape(clean_slip(text))).strip()
+    return clean_strict_from_slip(clean_slip(text))
+
+
+def clean_strict_from_slip(text: str) -> str:
+    """The steps strict mode adds to SLIP-cleaned text."""
+    return _SPACE.sub(" ", html.unescape(text)).strip()
 
 
 CLEANERS = {"slip": clean_slip, "strict": clean_strict}
@@ -294,8 +299,8 @@ _ROW_FIELDS = ("_phys", "key", "line_number", "photo_id", "photo_hash", "title",
 
 def _strict_rows(table: pa.Table, report: FilterReport) -> pa.Table:
     """Strict mode on slip-cleaned rows (clean_strict = these steps after clean_slip); drops empty rows."""
-    title = [_SPACE.sub(" ", html.unescape(t)).strip() for t in table["title"].to_pylist()]
-    desc = [_SPACE.sub(" ", html.unescape(t)).strip() for t in table["description"].to_pylist()]
+    title = [clean_strict_from_slip(t) for t in table["title"].to_pylist()]
+    desc = [clean_strict_from_slip(t) for t in table["description"].to_pylist()]
     keep = [bool(t or d) for t, d in zip(title, desc)]
     report.dropped_empty += keep.count(False)
     table = table.set_column(table.column_names.index("title"), "title", pa.array(title, pa.large_string()))
