@@ -14,6 +14,7 @@ largest sizes), the 15M-row peak extrapolated from it, and the increment's bytes
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import resource
@@ -92,12 +93,20 @@ def main() -> None:
     results = {}
     incr = None
     for n in SIZES:
-        d = tempfile.mkdtemp(prefix=f"bench-scale-{n}-", dir=os.environ.get("BENCH_TMP"))
+        keep = os.environ.get("BENCH_KEEP")  # a folder: prepared work folders are kept there and reused
+        d = os.path.join(keep, f"rows-{n}") if keep else tempfile.mkdtemp(prefix=f"bench-scale-{n}-", dir=os.environ.get("BENCH_TMP"))
         try:
             table, store = os.path.join(d, "table.parquet"), os.path.join(d, "store")
             work = os.path.join(store, "dataset-work", "bench")
-            synthetic.write_table(table, n)
-            _run("prepare", table, work, store)
+            if not os.path.exists(os.path.join(d, "prepared")):
+                shutil.rmtree(d, ignore_errors=True)
+                os.makedirs(d)
+                synthetic.write_table(table, n)
+                _run("prepare", table, work, store)
+                open(os.path.join(d, "prepared"), "w").close()
+            shutil.rmtree(os.path.join(store, "dataset"), ignore_errors=True)  # published versions: redone
+            for extra in glob.glob(os.path.join(work, "attempts", "0001-*")) + glob.glob(os.path.join(work, "versions.json")):
+                shutil.rmtree(extra) if os.path.isdir(extra) else os.unlink(extra)  # the increment: redone
             results[n] = _run("publish", table, work, store)
             if n == min(SIZES):
                 grown = os.path.join(d, "table2.parquet")
@@ -105,7 +114,8 @@ def main() -> None:
                 incr = _run("increment", grown, work, store)
                 incr["full_version_bytes"] = results[n]["own_bytes"]
         finally:
-            shutil.rmtree(d, ignore_errors=True)
+            if not keep:
+                shutil.rmtree(d, ignore_errors=True)
     big, small = max(SIZES), sorted(SIZES)[-2] if len(SIZES) > 1 else min(SIZES)
     slope = ((results[big]["peak_rss_mb"] - results[small]["peak_rss_mb"]) * 2**20 / (big - small)) if big > small else None
     print(json.dumps({

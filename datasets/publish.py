@@ -20,6 +20,7 @@ import json
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from slip_core import artifacts, storage
 from slip_core.config import to_dict
@@ -91,18 +92,27 @@ def plan_shards(con: duckdb.DuckDBPyConnection, base: str | None, samples_per_sh
             LEFT JOIN ledger_v l ON l.key = b.key AND l.status = 'success'
                  AND regexp_extract(l.source, '.*/attempts/(.*)', 1) = regexp_extract(b.source, '.*/attempts/(.*)', 1)
             GROUP BY b.ref HAVING count(*) = count(l.key)""")
-        con.execute("""UPDATE ledger SET shard = b.ref FROM base_loc b
-            WHERE b.key = ledger.key AND b.ref IN (SELECT ref FROM reusable)""")
+        set_shards(con, """SELECT l.ord, b.ref AS new_shard FROM ledger l JOIN base_loc b ON b.key = l.key
+            WHERE b.ref IN (SELECT ref FROM reusable)""")
         refs = [r[0] for r in con.execute("SELECT ref FROM reusable ORDER BY ref").fetchall()]
         missing = [r for r in refs if r not in entries]
         if missing:
             raise artifacts.ManifestError(f"base version {base} ledger names shards its manifest lacks: {missing[:3]}")
         reused = [artifacts.FileEntry(r, entries[r].sha256, entries[r].size) for r in refs]
-    con.execute(f"""UPDATE ledger SET shard = printf('shards/%05d.tar', n.pos // {int(samples_per_shard)})
-        FROM (SELECT ord, row_number() OVER (ORDER BY {SHARD_ORDER}) - 1 AS pos FROM ledger_v
-              WHERE status = 'success' AND shard = '') n
-        WHERE ledger.ord = n.ord""")
+    set_shards(con, f"""SELECT ord, printf('shards/%05d.tar', (row_number() OVER (ORDER BY {SHARD_ORDER}) - 1)
+                                  // {int(samples_per_shard)}) AS new_shard
+        FROM ledger_v WHERE status = 'success' AND shard = ''""")
     return reused
+
+
+def set_shards(con: duckdb.DuckDBPyConnection, assignment_sql: str) -> None:
+    """ledger.shard from `assignment_sql` (ord, new_shard) for the rows it lists. The table is rebuilt (a
+    join, which spills) rather than UPDATEd (DuckDB keeps updates in memory: OOM at millions of rows)."""
+    con.execute(f"CREATE OR REPLACE TEMP TABLE shard_assignment AS {assignment_sql}")
+    con.execute("""CREATE OR REPLACE TEMP TABLE ledger AS
+        SELECT l.* REPLACE (coalesce(a.new_shard, l.shard) AS shard)
+        FROM ledger l LEFT JOIN shard_assignment a ON a.ord = l.ord""")
+    con.execute("DROP TABLE shard_assignment")
 
 
 # ------------------------------------------------------------------------------------------- repack
@@ -200,9 +210,11 @@ def apply_quality(con: duckdb.DuckDBPyConnection, cfg: DatasetConfig):
     Returns (fingerprints, report) for the ledger columns and quality.json."""
     led = con.sql(ledger_sql()).to_arrow_table().cast(LEDGER_SCHEMA)
     out, fps, report = quality_pass.run_quality(led, cfg.quality)
-    con.register("quality_out", out.select(["key", "status", "reason"]))
-    con.execute("""UPDATE ledger SET status = q.status, reason = q.reason FROM quality_out q
-        WHERE q.key = ledger.key AND ledger.status = 'success' AND q.status <> 'success'""")
+    con.register("quality_out", out.select(["key", "status", "reason"]).filter(pc.not_equal(out["status"], "success")))
+    con.execute("""CREATE OR REPLACE TEMP TABLE ledger AS
+        SELECT l.* REPLACE (CASE WHEN q.key IS NOT NULL AND l.status = 'success' THEN q.status ELSE l.status END AS status,
+                            CASE WHEN q.key IS NOT NULL AND l.status = 'success' THEN q.reason ELSE l.reason END AS reason)
+        FROM ledger l LEFT JOIN quality_out q ON q.key = l.key""")
     con.unregister("quality_out")
     return fps, report
 

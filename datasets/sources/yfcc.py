@@ -341,13 +341,7 @@ def filter_yfcc(
     layout = find_layout(metadata)
     report.layout = LAYOUT_COLUMNS[layout.columns]
     bad_rows = MalformedWriter(malformed_output)
-
-    def bad(phys: int, why: str) -> None:
-        report.malformed += 1
-        bad_rows.add(phys, why)
-        if len(report.malformed_lines) < MAX_MALFORMED_KEPT:
-            report.malformed_lines.append(phys)
-
+    bad = malformed_recorder(report, bad_rows)
     phys0 = 0
     try:
         with storage.atomic_open(output, "wb") as out, open_binary(metadata) as f, engine.connect() as con:
@@ -365,19 +359,33 @@ def filter_yfcc(
     except BaseException as e:
         bad_rows.abort(e)
         raise
-    report.rows_read = phys0
+    return finish_report(report, phys0, bitmap is not None, output)
+
+
+def finish_report(report: FilterReport, rows_read: int, with_subset: bool, output: str) -> FilterReport:
+    """The derived counters, and `<output>.report.json` (every YFCC source writes its report so)."""
+    report.rows_read = rows_read
     report.written = report.in_subset - report.dropped_empty
-    if bitmap is not None:
+    if with_subset:
         report.not_in_subset = report.rows_read - report.malformed - report.in_subset
     storage.atomic_write_text(output + ".report.json", json.dumps(report.to_dict(), indent=1))
     return report
 
 
+def malformed_recorder(report: FilterReport, writer: MalformedWriter):
+    """bad(line, reason): count a malformed row, stream it to `writer`, list its line in the report."""
+    def bad(line: int, why: str) -> None:
+        report.malformed += 1
+        writer.add(line, why)
+        if len(report.malformed_lines) < MAX_MALFORMED_KEPT:
+            report.malformed_lines.append(line)
+    return bad
+
+
 def _parsed_blocks(metadata, f, layout, bitmap, line_offset, con, vectorized, workers: int = PARSE_THREADS):
     """(block, last, parse_block result or None) in file order; blocks are parsed `workers` at a time in
-    threads (numpy, pyarrow and DuckDB release the GIL), each with its own DuckDB cursor. The physical line
-    number a block starts at is only known once the blocks before it are split, so it is added later
-    Each block's first physical line is counted here (bytes.count: memchr speed) so blocks parse independently."""
+    threads (numpy, pyarrow and DuckDB release the GIL), each with its own DuckDB cursor. Each block's first
+    physical line is counted here (bytes.count: memchr speed), so blocks parse independently."""
     if not vectorized:
         for block, last in _blocks(metadata, f):
             yield block, last, None

@@ -22,7 +22,6 @@ at a time (bounded memory); cleaning is vectorised with the same code as the TSV
 """
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pyarrow as pa
@@ -174,12 +173,7 @@ def filter_yfcc_parquet(source: str, output: str, subset: str | None = None, mod
     bitmap = np.frombuffer(yfcc.read_subset(subset), np.uint8) if subset else None
     report.subset_rows = int(bitmap.sum()) if bitmap is not None else 0
     bad_rows = yfcc.MalformedWriter(malformed_output)
-
-    def bad(row: int, why: str) -> None:
-        report.malformed += 1
-        bad_rows.add(row, why)
-        if len(report.malformed_lines) < yfcc.MAX_MALFORMED_KEPT:
-            report.malformed_lines.append(row)
+    bad = yfcc.malformed_recorder(report, bad_rows)
 
     row0 = 0
     try:
@@ -206,9 +200,4 @@ def filter_yfcc_parquet(source: str, output: str, subset: str | None = None, mod
     except BaseException as e:
         bad_rows.abort(e)
         raise
-    report.rows_read = row0
-    report.written = report.in_subset - report.dropped_empty
-    if bitmap is not None:
-        report.not_in_subset = report.rows_read - report.malformed - report.in_subset
-    storage.atomic_write_text(output + ".report.json", json.dumps(report.to_dict(), indent=1))
-    return report
+    return yfcc.finish_report(report, row0, bitmap is not None, output)
