@@ -71,11 +71,17 @@ def file_list(con: duckdb.DuckDBPyConnection, urls: list[str]) -> str:
 
 
 def copy_to_parquet(con: duckdb.DuckDBPyConnection, sql: str, url: str, params: list | None = None) -> None:
-    """Stream the result of `sql` into the parquet file `url`, atomically (storage.atomic_open), zstd."""
+    """Stream the result of `sql` into the parquet file `url`, atomically (storage.atomic_open), zstd. Written
+    by one thread: the same rows give the same bytes (parallel writers may cut row groups differently)."""
+    threads = scalar(con, "SELECT current_setting('threads')")
     with tempfile.TemporaryDirectory(prefix="slip-copy-") as tmp:
         local = os.path.join(tmp, "out.parquet")
-        con.execute(f"COPY ({sql}) TO {lit(local)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 122880)",
-                    params or [])
+        con.execute("SET threads = 1")
+        try:
+            con.execute(f"COPY ({sql}) TO {lit(local)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 122880)",
+                        params or [])
+        finally:
+            con.execute(f"SET threads = {int(threads)}")
         storage.put_file_atomic(local, url)
 
 

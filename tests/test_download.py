@@ -298,8 +298,12 @@ def test_kill_and_rerun_loses_nothing_and_duplicates_nothing(built, tmp_path):
     assert len(ledger) == 24 and all(r["status"] == "success" for r in ledger)
     keys = _tar_keys(murl)
     assert len(keys) == len(set(keys)) == 24
-    # rows of shards finished before the kill were fetched exactly once
+    # rows of shards finished before the kill were fetched exactly once (rows are shuffled into shards:
+    # shard s holds positions 4s..4s+3 of the group's frozen input)
+    (group_input,) = glob.glob(os.path.join(work.work_dir(store, cfg), "attempts", "*", "g00000", "input.parquet"))
+    order = pq.read_table(group_input)["sample_id"].to_pylist()
+    assert sorted(order) != order or len(order) < 2  # the shuffle is in effect
     for s in done_before:
-        for i in range(4 * s, 4 * s + 4):
-            assert hits[f"/_fault/sleep/0.4?k={i}"] == 1, i
+        for key in order[4 * s:4 * s + 4]:
+            assert hits[f"/_fault/sleep/0.4?k={int(key)}"] == 1, key
     assert all(hits[f"/_fault/sleep/0.4?k={i}"] >= 1 for i in range(24))
