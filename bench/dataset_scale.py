@@ -63,13 +63,21 @@ def child(mode: str, table: str, work: str, store: str) -> None:
 
 
 def _run(mode: str, table: str, work: str, store: str) -> dict:
+    """One step in a fresh process; if DuckDB runs out of its budget, once more with a larger one (reported)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
                                                         + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    r = subprocess.run([sys.executable, __file__, "--child", mode, table, work, store], capture_output=True, text=True,
-                       env=env)
-    if r.returncode:
-        raise SystemExit(f"{mode} failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    from datasets import engine
+
+    for memory in (engine.MEMORY_LIMIT, "1GB"):
+        env["SLIP_DUCKDB_MEMORY"] = memory
+        r = subprocess.run([sys.executable, __file__, "--child", mode, table, work, store], capture_output=True,
+                           text=True, env=env)
+        if r.returncode == 0:
+            return {**json.loads(r.stdout.strip().splitlines()[-1]), "duckdb_memory": memory}
+        if "Out of Memory" not in r.stderr:
+            break
+        print(f"{mode}: DuckDB out of memory at {memory}: {r.stderr.strip().splitlines()[-8][:200]}", file=sys.stderr)
+    raise SystemExit(f"{mode} failed:\n{r.stderr[-3000:]}")
 
 
 def grow(table: str, out: str, n_new: int) -> None:
@@ -121,6 +129,7 @@ def main() -> None:
     print(json.dumps({
         "name": "dataset_scale", "rows": SIZES, "rows_per_s": round(big / results[big]["seconds"]),
         "publish_seconds": {n: r["seconds"] for n, r in results.items()},
+        "duckdb_memory": {n: r["duckdb_memory"] for n, r in results.items()},
         "peak_rss_mb": {n: r["peak_rss_mb"] for n, r in results.items()},
         "rss_bytes_per_row": round(slope, 1) if slope is not None else None,
         "peak_rss_mb_15m_extrapolated": round(results[big]["peak_rss_mb"] + slope * (15_000_000 - big) / 2**20, 1)

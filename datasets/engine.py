@@ -23,7 +23,7 @@ from slip_core import storage
 
 # Engine budget: the memory DuckDB's buffer manager may hold before it spills. Fixed, not proportional to
 # the table: that is what keeps the ledger's peak RSS flat from 1M to 15M rows (bench/dataset_scale.py).
-MEMORY_LIMIT = os.environ.get("SLIP_DUCKDB_MEMORY", "256MB")
+MEMORY_LIMIT = os.environ.get("SLIP_DUCKDB_MEMORY", "512MB")
 THREADS = int(os.environ.get("SLIP_DUCKDB_THREADS", "0")) or min(os.cpu_count() or 1, 8)
 BATCH_ROWS = 1 << 16
 _REGISTERED: dict[int, set] = {}
@@ -35,7 +35,9 @@ def connect(temp_dir: str | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
     temp folder by default) and are deleted on exit."""
     with tempfile.TemporaryDirectory(prefix="slip-duckdb-", dir=temp_dir) as tmp:
         con = duckdb.connect(config={"memory_limit": MEMORY_LIMIT, "threads": THREADS, "temp_directory": tmp,
-                                     "preserve_insertion_order": True,
+                                     # every query whose order matters says ORDER BY; not keeping insertion
+                                     # order otherwise lets joins and scans stream (DuckDB's advice for memory)
+                                     "preserve_insertion_order": False,
                                      "autoinstall_known_extensions": False, "autoload_known_extensions": False})
         con.execute("SET enable_progress_bar = false")
         _REGISTERED[id(con)] = set()  # fsspec protocols registered on this connection

@@ -192,8 +192,8 @@ def repack(ledger: pa.Table, root: str, samples_per_shard: int) -> tuple[pa.Tabl
     """repack_from_engine for a ledger given as an Arrow table (LEDGER_SCHEMA): returns it with `shard`
     filled in, and sizes."""
     with engine.connect() as con:
-        con.register("ledger_in", ledger)
-        con.execute("""CREATE TEMP TABLE ledger AS SELECT row_number() OVER () AS ord, * REPLACE ('' AS shard),
+        con.register("ledger_in", ledger.append_column("ord", pa.array(range(len(ledger)), pa.int64())))
+        con.execute("""CREATE TEMP TABLE ledger AS SELECT * REPLACE ('' AS shard),
             split_part(source, '|', 1) AS gpath, TRY_CAST(split_part(source, '|', 2) AS BIGINT) AS src_shard,
             split_part(source, '|', 3) AS i2d_key FROM ledger_in""")
         con.execute("CREATE TEMP VIEW ledger_v AS SELECT * FROM ledger")

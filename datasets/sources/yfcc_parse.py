@@ -135,13 +135,13 @@ def _valid_utf8(arr: pa.Array) -> np.ndarray:
 
 def clean_in_engine(con: duckdb.DuckDBPyConnection, title: pa.Array, desc: pa.Array) -> tuple[pa.Array, pa.Array]:
     """SLIP's tag then URL removal on already unquoted text, in DuckDB (RE2)."""
-    con.register("yfcc_text", pa.table({"t": title, "d": desc}))
+    con.register("yfcc_text", pa.table({"i": np.arange(len(title)), "t": title, "d": desc}))
     tags, urls = f"'{TAGS_RE2}'", f"'{URLS_RE2}'"  # no quote inside either pattern
     inner = ", ".join(f"CASE WHEN contains({c}, '<') THEN regexp_replace({c}, {tags}, '', 'g') ELSE {c} END AS {c}"
                       for c in ("t", "d"))
     outer = ", ".join(f"CASE WHEN contains({c}, 'http') OR contains({c}, 'www') THEN regexp_replace({c}, {urls}, '', 'g') "
                       f"ELSE {c} END AS {c}" for c in ("t", "d"))
-    out = con.sql(f"SELECT {outer} FROM (SELECT {inner} FROM yfcc_text)").to_arrow_table()
+    out = con.sql(f"SELECT {outer} FROM (SELECT i, {inner} FROM yfcc_text) ORDER BY i").to_arrow_table()
     con.unregister("yfcc_text")
     return out["t"].combine_chunks(), out["d"].combine_chunks()
 
