@@ -36,13 +36,14 @@ def main() -> None:
     import pyarrow.parquet as pq
     from prefect.testing.utilities import prefect_test_harness
 
+    from datasets import config as dataset_config
     from datasets import download, pipeline
     from datasets.demo_corpus import build_demo_corpus
     from flows.build_dataset import build_dataset
     from slip_core import artifacts
 
     corpus = build_demo_corpus(os.path.join(tmp, "corpus"), n_fashion=N_FASHION, port=18777, n_dead_links=0)
-    cfg = download.make_config({"name": "bench"}, "tiny")
+    cfg = dataset_config.make_config({"name": "bench"}, "tiny")
     table = pipeline.prepare_table(corpus.metadata, os.path.join(tmp, "tablestore"), cfg, corpus.subset)
     rows = pq.read_table(pipeline.table_of(table)).rename_columns(
         ["key", "line_number", "photo_id", "photo_hash", "title", "description", "caption", "url"])

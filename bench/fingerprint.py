@@ -3,11 +3,11 @@
 Corpus: the 20 offline photos, each resized to a 256 px short side and JPEG q95 (what the yfcc15m preset's
 img2dataset writes) in several crops/qualities so that no two samples are byte-identical, packed into
 shard tars like img2dataset's. One worker process per core, one shard per task, sha256 + pHash + caption
-per sample (datasets.fingerprint.fingerprint_tars).
+per sample (datasets.quality.fingerprint.fingerprint_tars).
 
 Value: our pass (JPEG draft-mode decode). Baseline in the same run: the same pass decoding every JPEG at
 full resolution (draft=False). Also reported: the sha256-only pass (reading + hashing the tars, no decode),
-the floor any fingerprinting pass pays. Also reported: near-duplicate search (datasets.dedup, multi-index
+the floor any fingerprinting pass pays. Also reported: near-duplicate search (datasets.quality.dedup, multi-index
 hashing, threshold 20) over the pHashes of N_DEDUP Fashion-MNIST train images vs the brute-force all-pairs
 comparison (numpy popcount) on the same hashes. Prints one JSON line.
 """
@@ -59,7 +59,7 @@ def make_shards(d: str) -> list[str]:
 
 def _fp(args) -> int:
     url, draft = args
-    from datasets import fingerprint
+    from datasets.quality import fingerprint
 
     return len(fingerprint.fingerprint_tars([url], draft=draft))
 
@@ -67,7 +67,7 @@ def _fp(args) -> int:
 def _sha(url: str) -> int:
     import hashlib
 
-    from datasets import fingerprint
+    from datasets.quality import fingerprint
 
     n = 0
     for _, sample in fingerprint.iter_tar_samples(url):
@@ -77,7 +77,7 @@ def _sha(url: str) -> int:
 
 
 def _hash_arrays(arrays) -> list[bytes]:
-    from datasets import fingerprint
+    from datasets.quality import fingerprint
 
     return [fingerprint.phash_array(a) for a in arrays]
 
@@ -86,7 +86,8 @@ def dedup_speed(pool) -> dict:
     import numpy as np
     import pyarrow as pa
 
-    from datasets import dedup, fingerprint, offline
+    from datasets import offline
+    from datasets.quality import dedup, fingerprint
 
     images = offline.fashion_mnist("train")[0][:N_DEDUP]
     hashes = [h for part in pool.map(_hash_arrays, np.array_split(images, 20)) for h in part]

@@ -26,7 +26,7 @@ from PIL import Image
 
 from datasets import offline
 from datasets.httpserve import serve_directory
-from datasets.yfcc import format_row
+from datasets.sources.yfcc import format_row
 
 DEFAULT_PORT = int(os.environ.get("SLIP_DEMO_PORT", "18765"))
 FORMAT_VERSION = 1

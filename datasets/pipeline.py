@@ -6,52 +6,45 @@ benchmark and `python -m datasets.pipeline` use directly, and the single place t
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 
 from slip_core import artifacts, storage
 from slip_core.failpoints import failpoint
 
-from datasets import captions, download, ledger, yfcc
-
-
-def detect_source(source: str) -> str:
-    """'yfcc' for YFCC100M metadata (25 or 23 tab-separated fields), 'table' for any url+caption table."""
-    low = source.lower()
-    if low.endswith((".parquet", ".csv", ".csv.gz")):
-        return "table"
-    with yfcc._open_binary(source) as f:
-        for _ in range(5):
-            line = f.readline()
-            if not line:
-                break
-            if line.count(b"\t") + 1 in yfcc.LAYOUT_COLUMNS:
-                return "yfcc"
-    return "table"
+from datasets import config, download, plan, publish as publish_mod, work
+from datasets.sources import BadInput, captions, yfcc, yfcc_parquet
+from datasets.ledger import MALFORMED_FILE
+from datasets.sources.detect import detect_source
 
 
 def file_sha256(url: str, store: str) -> str:
-    """sha256 of a file's contents, remembered in `<store>/.hashcache/` under (url, size, mtime/ETag) so
-    an unchanged 50 GB metadata file is hashed once, not on every scheduled rerun."""
-    fs, p = storage.url_to_fs(url)
-    info = fs.info(p)
-    stamp = json.dumps([str(url), info.get("size"), info.get("mtime"), info.get("ETag") or info.get("etag"),
-                        info.get("LastModified") and str(info.get("LastModified"))], sort_keys=True)
-    memo = storage.join(store, ".hashcache", hashlib.sha256(stamp.encode()).hexdigest()[:32])
-    if storage.exists(memo):
-        return storage.read_text(memo).strip()
-    digest = storage.sha256_file(url)
-    storage.atomic_write_text(memo, digest)
-    return digest
+    """sha256 of a file's contents, remembered in `<store>/.hashcache/` under its size and mtime / ETag
+    (storage.sha256_file_stamped), so an unchanged 50 GB metadata file is hashed once, not on every rerun."""
+    return storage.sha256_file_stamped(url, storage.join(store, ".hashcache"))
 
 
-def prepare_table(source: str, store: str, cfg: download.DatasetConfig, subset: str | None = None) -> str:
+def source_sha256(source: str, store: str, kind: str) -> str:
+    """Content hash of the source: its file's sha256, or for a parquet mirror of several files the sha256
+    over their (name, sha256) list."""
+    if kind != "yfcc-parquet":
+        return file_sha256(source, store)
+    fl = yfcc_parquet.files(source)
+    if len(fl) == 1:
+        return file_sha256(fl[0], store)
+    listing = "\n".join(f"{u.rsplit('/', 1)[-1]}\t{file_sha256(u, store)}" for u in fl)
+    return storage.sha256_bytes(listing.encode())
+
+
+def prepare_table(source: str, store: str, cfg: config.DatasetConfig, subset: str | None = None) -> str:
     """Caption-table artifact (captions.parquet + filter_report.json) for `source`; returns its manifest URL.
     Keyed on the contents of source and subset and the cleaning mode; an existing one is reused."""
-    src_sha = file_sha256(source, store)
-    sub_sha = file_sha256(subset, store) if subset else ""
     kind = detect_source(source)
+    for url, what in ((source, "metadata"), (subset, "subset")):
+        if url and not (kind == "yfcc-parquet" and url == source) and not storage.exists(url):
+            raise BadInput(f"{url}: no such {what} file")
+    src_sha = source_sha256(source, store, kind)
+    sub_sha = file_sha256(subset, store) if subset else ""
     root = artifacts.stage_root(store, "caption-table", cfg.name, src_sha, sub_sha, cfg.clean_mode, kind)
     murl = artifacts.manifest_url(root)
     if artifacts.is_complete(murl):  # complete and intact: reuse
@@ -60,20 +53,31 @@ def prepare_table(source: str, store: str, cfg: download.DatasetConfig, subset: 
         if artifacts.is_complete(murl):
             return murl
         storage.remove_temp_files(root)  # what a killed earlier build left mid-write
-        return _build_table(source, root, cfg, kind, subset, src_sha, sub_sha)
+        try:
+            return _build_table(source, root, cfg, kind, subset, src_sha, sub_sha)
+        except BadInput:
+            _remove_if_empty(root)  # nothing of a refused input stays behind
+            raise
+
+
+def _remove_if_empty(root: str) -> None:
+    fs, p = storage.url_to_fs(root)
+    if fs.exists(p) and not fs.ls(p):
+        fs.rm(p, recursive=True)
 
 
 def _build_table(source, root, cfg, kind, subset, src_sha, sub_sha) -> str:
-    out = storage.join(root, "captions.parquet")
-    if kind == "yfcc":
-        report = yfcc.filter_yfcc(source, out, subset=subset, mode=cfg.clean_mode).to_dict()
+    out, bad = storage.join(root, "captions.parquet"), storage.join(root, MALFORMED_FILE)
+    if kind in ("yfcc", "yfcc-parquet"):
+        run = yfcc.filter_yfcc if kind == "yfcc" else yfcc_parquet.filter_yfcc_parquet
+        report = run(source, out, subset=subset, mode=cfg.clean_mode, malformed_output=bad).to_dict()
         fs, p = storage.url_to_fs(out + ".report.json")
         fs.rm(p)
     else:
-        report = captions.normalize_table(source, out)
+        report = captions.normalize_table(source, out, malformed_output=bad)
     report.update(source=source, source_sha256=src_sha, subset=subset or "", subset_sha256=sub_sha, kind=kind)
     storage.atomic_write_text(storage.join(root, "filter_report.json"), json.dumps(report, indent=1))
-    m = artifacts.build_manifest(root, ["captions.parquet", "filter_report.json"], kind="caption-table", name=cfg.name,
+    m = artifacts.build_manifest(root, ["captions.parquet", MALFORMED_FILE, "filter_report.json"], kind="caption-table", name=cfg.name,
                                  config={"clean_mode": cfg.clean_mode, "subset_name": cfg.subset_name, "kind": kind,
                                          "source": source, "source_sha256": src_sha,
                                          "subset": subset or "", "subset_sha256": sub_sha},
@@ -85,21 +89,27 @@ def table_of(table_manifest: str) -> str:
     return storage.join(artifacts.artifact_root(table_manifest), "captions.parquet")
 
 
-def publish(table_manifest: str, store: str, cfg: download.DatasetConfig) -> str:
+def malformed_of(table_manifest: str) -> str:
+    """The caption-table artifact's malformed rows (line number, reason): each gets a ledger row."""
+    return storage.join(artifacts.artifact_root(table_manifest), MALFORMED_FILE)
+
+
+def publish(table_manifest: str, store: str, cfg: config.DatasetConfig) -> str:
     report = json.loads(storage.read_text(storage.join(artifacts.artifact_root(table_manifest), "filter_report.json")))
-    return ledger.publish(table_of(table_manifest), download.work_dir(store, cfg), cfg, store,
-                            upstream={"captions": artifacts.upstream_ref(table_manifest)},
-                            extra_stats={"filter": {k: v for k, v in report.items() if k != "malformed_lines"},
-                                         "malformed_lines": report.get("malformed_lines", [])})
+    return publish_mod.publish(table_of(table_manifest), work.work_dir(store, cfg), cfg, store,
+                               upstream={"captions": artifacts.upstream_ref(table_manifest)},
+                               extra_stats={"filter": {k: v for k, v in report.items() if k != "malformed_lines"},
+                                            "malformed_lines": report.get("malformed_lines", [])},
+                               malformed_path=malformed_of(table_manifest))
 
 
-def build(source: str, store: str, cfg: download.DatasetConfig, subset: str | None = None,
+def build(source: str, store: str, cfg: config.DatasetConfig, subset: str | None = None,
           retry_failed: bool = False, progress: bool = False) -> str:
     """The whole stage in this process; returns the dataset manifest URL."""
     tm = prepare_table(source, store, cfg, subset)
     failpoint("dataset.table_published")  # crash tests (slip_core/failpoints.py)
-    with download.work_lock(download.work_dir(store, cfg)):
-        for group in download.plan(table_of(tm), download.work_dir(store, cfg), cfg, retry_failed=retry_failed):
+    with work.work_lock(work.work_dir(store, cfg)):
+        for group in plan.plan(table_of(tm), work.work_dir(store, cfg), cfg, retry_failed=retry_failed):
             download.run_group(group, cfg, progress=progress)
             failpoint("dataset.group_downloaded")
         return publish(tm, store, cfg)
@@ -114,8 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default="{}", help="JSON dict of DatasetConfig overrides")
     ap.add_argument("--retry-failed", action="store_true")
     a = ap.parse_args(argv)
-    cfg = download.make_config(json.loads(a.config), a.preset)
-    print(build(a.source, a.store, cfg, a.subset, a.retry_failed, progress=False))
+    cfg = config.make_config(json.loads(a.config), a.preset)
+    try:
+        print(build(a.source, a.store, cfg, a.subset, a.retry_failed, progress=False))
+    except BadInput as e:  # missing / truncated / garbage metadata: one line, no traceback, nothing written
+        print(f"datasets.pipeline: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 import collections
 import json
 
-from slip_core import storage, tarsamples
+from slip_core import artifacts, storage, tarsamples
 
 REQUIRED = ("jpg", "txt", "json")
 
 
 def check_shard(root: str, rel: str, expected: int) -> list[str]:
     """Problems with shard `rel` under artifact `root` ([] = fine)."""
-    url = storage.join(root, rel)
+    url = artifacts.resolve(root, rel)  # an incremental version's earlier shards are `../<artifact>/...`
     fs, path = storage.url_to_fs(url)
     exts: dict[str, set[str]] = collections.defaultdict(set)
     unsafe: list[str] = []

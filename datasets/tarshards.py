@@ -133,22 +133,34 @@ def split_name(name: str) -> tuple[str, str] | None:
     return (f"{d}/{stem}" if d else stem), ext.lower()
 
 
-def _header(name: str, size: int) -> bytes:
-    raw = name.encode("utf-8")
-    if len(raw) > 100:
-        raise ValueError(f"tar member name too long for ustar: {name!r}")
+def _template() -> bytearray:
     h = bytearray(BLOCK)
-    h[0:len(raw)] = raw
     h[100:108] = b"0000444\0"
     h[108:116] = b"0000000\0"
     h[116:124] = b"0000000\0"
-    h[124:136] = b"%011o\0" % size
     h[136:148] = b"00000000000\0"
-    h[148:156] = b" " * 8
+    h[148:156] = b" " * 8  # the checksum counts its own field as spaces
     h[156:157] = b"0"
     h[257:263] = b"ustar\0"
     h[263:265] = b"00"
-    h[148:156] = b"%06o\0 " % sum(h)
+    return h
+
+
+_TEMPLATE = bytes(_template())
+_TEMPLATE_SUM = sum(_TEMPLATE)
+
+
+def _header(name: str, size: int) -> bytes:
+    """A plain ustar header with fixed mode/owner/mtime; the checksum is the template's constant sum plus
+    the name and size bytes (the same value as summing the whole block, without doing so per member)."""
+    raw = name.encode("utf-8")
+    if len(raw) > 100:
+        raise ValueError(f"tar member name too long for ustar: {name!r}")
+    size_field = b"%011o\0" % size
+    h = bytearray(_TEMPLATE)
+    h[0:len(raw)] = raw
+    h[124:136] = size_field
+    h[148:156] = b"%06o\0 " % (_TEMPLATE_SUM + sum(raw) + sum(size_field))
     return bytes(h)
 
 

@@ -1,10 +1,10 @@
 """Prefect flow for the dataset stage: filter -> plan -> download (mapped over shard groups) -> verify -> publish.
 
-The logic lives in datasets/ (pipeline.py, download.py, yfcc.py); the tasks only call it. Caching: the
+The logic lives in datasets/ (pipeline.py, plan.py, download.py, ledger.py, publish.py, sources/); the tasks only call it. Caching: the
 filter and publish tasks use flows.caching's content policy (input sha256s, manifests by manifest sha256,
 config by value, task source, code version); publish is also keyed on the ledger fingerprint, so an
 unchanged rerun is two cache hits and a ledger read. Plan/download are never cached by Prefect: their
-cache is img2dataset's per-shard `_stats.json` markers (kill-and-rerun resumes, see download.py).
+cache is img2dataset's per-shard `_stats.json` markers (kill-and-rerun resumes, see datasets/work.py).
 """
 from __future__ import annotations
 
@@ -14,16 +14,18 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from datasets import download, ledger, pipeline
-from datasets.fingerprint import fingerprint_ledger
+from datasets import config as dataset_config
+from datasets import download, engine, ledger, pipeline, plan, work
+from datasets.quality.fingerprint import fingerprint_ledger
+from datasets.sources.detect import detect_source
 from flows.caching import stage_cache
 from slip_core import artifacts
 from slip_core.config import to_dict
 
 
-def _cfg(config: dict | None) -> download.DatasetConfig:
+def _cfg(config: dict | None) -> dataset_config.DatasetConfig:
     config = dict(config or {})
-    return download.make_config(config, config.pop("preset", None) or "yfcc15m")
+    return dataset_config.make_config(config, config.pop("preset", None) or "yfcc15m")
 
 
 @task(name="filter", cache_policy=stage_cache("source", "subset"), persist_result=True)
@@ -36,24 +38,26 @@ def filter_task(source: str, subset: str | None, store: str, config: dict, sourc
 @task(name="plan", cache_policy=NO_CACHE)
 def plan_task(table_manifest: str, store: str, config: dict, retry_failed: bool) -> list[dict]:
     cfg = _cfg(config)
-    groups = download.plan(pipeline.table_of(table_manifest), download.work_dir(store, cfg), cfg, retry_failed)
+    groups = plan.plan(pipeline.table_of(table_manifest), work.work_dir(store, cfg), cfg, retry_failed)
     return [g.__dict__ for g in groups]
 
 
 @task(name="download", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
 def download_task(group: dict, config: dict, progress: bool) -> dict:
-    return download.run_group(download.Group(**group), _cfg(config), progress=progress)
+    return download.run_group(work.Group(**group), _cfg(config), progress=progress)
 
 
 @task(name="verify", cache_policy=NO_CACHE)
 def verify_task(table_manifest: str, store: str, config: dict) -> dict:
     """Every input row has exactly one status (raises otherwise); returns the summary + ledger fingerprint."""
     cfg = _cfg(config)
-    fates = ledger.final_ledger(pipeline.table_of(table_manifest), download.work_dir(store, cfg))
-    summary = ledger._status_summary(fates)
-    summary["fingerprint"] = ledger.ledger_fingerprint(fates)
-    if cfg.quality.enabled:  # issue 10: hash every image once, here (cached per shard; publish's quality pass reuses it)
-        summary["images_fingerprinted"] = len(fingerprint_ledger(fates))
+    with engine.connect() as con:
+        ledger.build_ledger(con, pipeline.table_of(table_manifest), work.work_dir(store, cfg), pipeline.malformed_of(table_manifest))
+        summary = ledger.status_summary(con)
+        summary["fingerprint"] = ledger.ledger_fingerprint(con)
+        if cfg.quality.enabled:  # issue 10: hash every image once, here (cached per shard; publish's quality pass reuses it)
+            fates = con.sql(ledger.ledger_sql()).to_arrow_table()
+            summary["images_fingerprinted"] = len(fingerprint_ledger(fates))
     return summary
 
 
@@ -87,9 +91,9 @@ def build_dataset(source: str, store: str, config: dict | None = None, subset: s
     log = get_run_logger()
     cfg = _cfg(config)
     cfg_dict = {**to_dict(cfg)}
-    sha = (pipeline.file_sha256(source, store), pipeline.file_sha256(subset, store) if subset else "")
+    sha = (pipeline.source_sha256(source, store, detect_source(source)), pipeline.file_sha256(subset, store) if subset else "")
     table = filter_task(source, subset, store, cfg_dict, *sha)
-    with download.work_lock(download.work_dir(store, cfg)):  # one build per work folder at a time
+    with work.work_lock(work.work_dir(store, cfg)):  # one build per work folder at a time
         groups = plan_task(table, store, cfg_dict, retry_failed)
         log.info("%d shard group(s) to download (%d rows)", len(groups), sum(g["n_rows"] for g in groups))
         for start in range(0, len(groups), max(1, cfg.parallel_groups)):

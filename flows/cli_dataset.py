@@ -4,6 +4,7 @@
     slip dataset build SOURCE --store STORE [--subset S] [--preset yfcc15m|cc3m|cc12m|tiny]
                        [--set image_size=128 ...] [--retry-failed] [--no-prefect]
     slip dataset demo-corpus OUT_DIR [--n-fashion 3000] [--seed 0] [--port 18765] [--build STORE]
+    slip dataset gc --store STORE [--delete] [--min-age-s 3600]
 
 Every path may be an fsspec URL (s3://..., file://...).
 """
@@ -11,14 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from slip_core.config import parse_sets
 
 
 def _filter(a) -> int:
-    from datasets import yfcc
+    from datasets.sources import BadInput, yfcc
 
-    report = yfcc.filter_yfcc(a.metadata, a.output, subset=a.subset, mode=a.mode, line_offset=a.line_offset)
+    try:
+        report = yfcc.filter_yfcc(a.metadata, a.output, subset=a.subset, mode=a.mode, line_offset=a.line_offset)
+    except BadInput as e:  # one line naming the file and what is wrong; no output file
+        print(f"slip dataset filter-yfcc: {e}", file=sys.stderr)
+        return 2
     d = report.to_dict()
     d["malformed_lines"] = d["malformed_lines"][:20]
     print(json.dumps(d, indent=1))
@@ -26,15 +32,21 @@ def _filter(a) -> int:
 
 
 def _build(a) -> int:
-    from datasets import download
+    from datasets.config import make_config
 
     config = {"preset": a.preset, **parse_sets(a.set)}
-    cfg = download.make_config({k: v for k, v in config.items() if k != "preset"}, a.preset)  # fail before Prefect starts
-    if a.no_prefect:
-        from datasets import pipeline
+    cfg = make_config({k: v for k, v in config.items() if k != "preset"}, a.preset)  # fail before Prefect starts
+    from datasets import pipeline
+    from datasets.sources import BadInput
 
-        print(pipeline.build(a.source, a.store, cfg, a.subset, a.retry_failed, progress=True))
-        return 0
+    try:  # the caption table first, here: bad input is one line on stderr, not a task traceback
+        pipeline.prepare_table(a.source, a.store, cfg, a.subset)
+        if a.no_prefect:
+            print(pipeline.build(a.source, a.store, cfg, a.subset, a.retry_failed, progress=True))
+            return 0
+    except BadInput as e:
+        print(f"slip dataset build: {e}", file=sys.stderr)
+        return 2
     from flows.build_dataset import build_dataset
 
     print(build_dataset(a.source, a.store, config=config, subset=a.subset, retry_failed=a.retry_failed, progress=True))
@@ -51,6 +63,18 @@ def _demo(a) -> int:
 
         with corpus.serve():
             print(build_dataset(corpus.metadata, a.build, config={"preset": "tiny"}, subset=corpus.subset, progress=True))
+    return 0
+
+
+def _gc(a) -> int:
+    from datasets import gc
+
+    report = gc.collect(a.store, delete=a.delete, min_age_s=a.min_age_s)
+    for url in report["unreferenced"]:
+        print(url)
+    verb = "deleted" if a.delete else "unreferenced (rerun with --delete to remove)"
+    print(f"{len(report['unreferenced'])} shard(s), {report['bytes']} bytes {verb}; "
+          f"{report['referenced']} shard(s) referenced by published versions")
     return 0
 
 
@@ -85,6 +109,13 @@ def register(subparsers, name: str) -> None:
     d.add_argument("--port", type=int, default=None)
     d.add_argument("--build", metavar="STORE", help="also serve it and build the tiny dataset into STORE")
     d.set_defaults(func=_demo)
+
+    g = sub.add_parser("gc", help="list (or --delete) shards no published dataset version references")
+    g.add_argument("--store", required=True)
+    g.add_argument("--delete", action="store_true", help="remove them (default: only list)")
+    g.add_argument("--min-age-s", type=float, default=3600.0,
+                   help="never touch shards younger than this (a build may be publishing them)")
+    g.set_defaults(func=_gc)
 
     def _no_cmd(a) -> int:
         p.print_help()

@@ -1,7 +1,7 @@
 """CPU-bound dataset stages as many small Prefect tasks, for a Dask cluster (or threads) - flows/runners.py.
 
     filter_yfcc_distributed   YFCC100M metadata -> caption table, one task per byte range
-                              (datasets/yfcc_chunks.py: identical rows and report to yfcc.filter_yfcc)
+                              (datasets/sources/yfcc_chunks.py: identical rows and report to yfcc.filter_yfcc)
     verify_dataset_distributed  re-hash every file of an artifact and check every shard's samples
                               against sizes.json, one task per batch of files / per shard
 
@@ -23,7 +23,8 @@ import uuid
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from datasets import shardcheck, yfcc_chunks
+from datasets import shardcheck
+from datasets.sources import yfcc_chunks
 from flows.runners import with_runner
 from slip_core import artifacts, storage
 
@@ -62,9 +63,10 @@ def filter_yfcc_distributed(metadata: str, output: str, subset: str | None = Non
 
 @task(name="verify-files", cache_policy=NO_CACHE)
 def verify_files_task(url: str, manifest_json: str, first: int, count: int) -> list[str]:
-    """artifacts.verify on files[first:first+count] (the same checks and messages, on a slice)."""
+    """artifacts.verify on files[first:first+count] (the same checks and messages, on a slice), re-hashing
+    every byte (full=True: this flow is the full verification; reuse checks use the size+mtime fast path)."""
     m = artifacts.Manifest.from_json(manifest_json)
-    return artifacts.verify(url, dataclasses.replace(m, files=m.files[first:first + count]))
+    return artifacts.verify(url, dataclasses.replace(m, files=m.files[first:first + count]), full=True)
 
 
 @task(name="check-shard", cache_policy=NO_CACHE)

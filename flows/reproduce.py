@@ -23,7 +23,7 @@ STAGES = ("dataset", "train", "eval")
 
 @dataclass(frozen=True)
 class ReproducePreset:
-    dataset: str  # datasets.download.DATASET_PRESETS key
+    dataset: str  # datasets.config.DATASET_PRESETS key
     train: str  # slip_core.trainer.TRAIN_PRESETS key
     eval: str  # EVAL_PRESETS key
     demo_corpus: bool = False  # build the embedded demo corpus and serve it on 127.0.0.1

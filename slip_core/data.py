@@ -40,11 +40,12 @@ COUNTERS = ("ok", "corrupt", "too_large", "no_caption", "bad_tar", "unsafe_membe
 
 # ------------------------------------------------------------------------------------------ manifests
 def shard_urls(dataset_manifest_url: str) -> list[str]:
-    """URLs of a dataset artifact's shards (`shards/*.tar` in its manifest), sorted."""
+    """URLs of a dataset artifact's shards (`shards/*.tar` in its manifest), sorted: its own and, for an
+    incremental version, the earlier versions' shards it references (`../<artifact>/shards/...`)."""
     url = artifacts.manifest_url(dataset_manifest_url)
     m = artifacts.load_manifest(url)
     root = artifacts.artifact_root(url)
-    urls = sorted(storage.join(root, f.path) for f in m.files if SHARD_RE.search(f.path))
+    urls = sorted(artifacts.resolve(root, f.path) for f in m.files if SHARD_RE.search(f.path))
     if not urls:
         raise artifacts.ManifestError(f"dataset manifest {url} lists no shards/*.tar files")
     return urls

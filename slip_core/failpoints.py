@@ -14,12 +14,12 @@ costs one call and one test of an empty dict. SIGKILL, not an exception: nothing
 `finally`, no atexit, no flush), exactly like the OOM killer or a lost node.
 
 Points (grep `failpoint(` for the code):
-    filter.batch_written       datasets/yfcc.py   a batch of caption rows written, the parquet not yet closed
+    filter.batch_written       datasets/sources/yfcc.py  a batch of caption rows written, the parquet not yet closed
     dataset.table_published    datasets/pipeline.py  caption-table artifact published, nothing downloaded
     dataset.group_downloaded   datasets/pipeline.py  an img2dataset group finished, the next not started
-    publish.sample_written     datasets/ledger.py  a sample appended to the open output shard
-    publish.shard_closed       datasets/ledger.py  an output shard closed and renamed into place
-    publish.before_manifest    datasets/ledger.py  shards, ledger, sizes and stats written, no manifest yet
+    publish.sample_written     datasets/publish.py  a sample appended to the open output shard
+    publish.shard_closed       datasets/publish.py  an output shard closed and renamed into place
+    publish.before_manifest    datasets/publish.py  shards, ledger, sizes and stats written, no manifest yet
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 import uuid
@@ -73,9 +74,53 @@ def sha256_file(url: str) -> str:
     return h.hexdigest()
 
 
+HASH_MEMO_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                             "slip-pipeline", "hashes")
+
+
+def file_stamp(url: str) -> list:
+    """What changes whenever a file's bytes may have: size and mtime in ns + inode locally; size, ETag and
+    LastModified on object stores."""
+    fs, path = url_to_fs(url)
+    if is_local(url):
+        st = os.stat(path)
+        return [os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
+    info = fs.info(path)
+    return [str(url), info.get("size"), info.get("ETag") or info.get("etag"),
+            str(info.get("LastModified") or info.get("mtime") or "")]
+
+
+def sha256_file_stamped(url: str, memo_dir: str | None = None) -> str:
+    """sha256_file, remembered under the file's stamp (file_stamp) in `memo_dir` (any URL; default a per-user
+    cache folder): an unchanged file is hashed once, not on every rerun that checks it. Any write to the
+    file changes its stamp, so the memo is never consulted for different bytes."""
+    stamp = json.dumps(file_stamp(url), sort_keys=True, default=str)
+    memo = join(memo_dir or HASH_MEMO_DIR, hashlib.sha256(stamp.encode()).hexdigest()[:32])
+    with contextlib.suppress(FileNotFoundError, OSError, UnicodeDecodeError):
+        digest = read_text(memo).strip()
+        if len(digest) == 64:
+            return digest
+    digest = sha256_file(url)
+    with contextlib.suppress(OSError):  # a read-only cache only costs the re-hash next time
+        atomic_write_text(memo, digest)
+    return digest
+
+
 def file_size(url: str) -> int:
     fs, path = url_to_fs(url)
     return int(fs.size(path))
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (Linux /proc; elsewhere the set-and-restore idiom)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -89,6 +134,7 @@ def atomic_open(url: str, mode: str = "wb") -> Iterator[IO]:
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
         try:
+            os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; a plain open() honours the umask
             with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
                 yield f
                 f.flush()

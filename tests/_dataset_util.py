@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from datasets import offline
-from datasets.yfcc import format_row
+from datasets.sources.yfcc import format_row
 
 # DatasetConfig overrides for tests: small shards, few processes/threads, short timeout and per-image bounds
 # (2 cores; the deadline is above the timeout, so a plain slow answer still fails as "timed out").
@@ -115,6 +115,10 @@ def fault_rows(base: str, images: list[tuple[str, str, str]], img_dir: str) -> l
     rows[1].fault, rows[1].stage = "title not valid UTF-8 (latin-1 bytes)", "filter"
     rows.append(Row(f"{base}/{images[2][0]}", "not in the subset", in_subset=False, expect=("absent", ""),
                     fault="row not in the subset", stage="filter"))
+    spaced = "a photo of café.jpg"  # CC3M/CC12M-style raw URL: a space and a non-ASCII character
+    shutil.copyfile(os.path.join(img_dir, images[0][0]), os.path.join(img_dir, spaced))
+    rows.append(Row(f"{base}/{spaced}", "spaces in the url", fault="URL with spaces and non-ASCII (percent-encoded "
+                    "before download, as browsers do; the ledger keeps the original)", stage="download"))
     png_b64 = base64.b64encode(open(os.path.join(img_dir, images[-1][0]), "rb").read()).decode()
     deadline = f"download exceeded the {TEST_CONFIG['download_deadline_s']:g} s deadline"
     fail, resize = "failed_to_download", "failed_to_resize"

@@ -1,7 +1,7 @@
 """Helpers for the dataset-quality tests: real images as img2dataset-style shards + a matching ledger.
 
 The shards are written like img2dataset's webdataset output (`<key>.jpg`, `<key>.txt`, `<key>.json` with
-its metadata row) and the ledger has datasets/download.py's columns, with `source` naming
+its metadata row) and the ledger has datasets/ledger.py's columns, with `source` naming
 '<group path>|<shard id>|<img2dataset key>' — so the tests exercise the same path the dataset stage uses.
 """
 from __future__ import annotations

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datasets import decontaminate, fingerprint, offline
+from datasets import offline
+from datasets.quality import decontaminate, fingerprint
 from datasets.quality import QualityConfig, apply_quality_report
 from tests._quality_util import assert_one_status, encode, failed_rows, ledger, write_group
 

@@ -11,7 +11,8 @@ import pyarrow.compute as pc
 import pytest
 from PIL import Image
 
-from datasets import dedup, fingerprint, offline
+from datasets import offline
+from datasets.quality import dedup, fingerprint
 from datasets.quality import QualityConfig, apply_quality, apply_quality_report
 from tests._quality_util import assert_one_status, encode, failed_rows, ledger, short_side, write_group
 
@@ -167,7 +168,7 @@ def test_audit_a_published_dataset(tmp_path, capsys):
 
     import pyarrow.parquet as pq
 
-    from datasets import quality
+    from datasets.quality import __main__ as quality_cli
     from slip_core import artifacts
 
     photos = [Image.open(p.path).convert("RGB") for p in offline.photo_corpus()[:4]]
@@ -186,6 +187,6 @@ def test_audit_a_published_dataset(tmp_path, capsys):
     pq.write_table(ledger(rows + failed_rows(["e"])), root / "ledger.parquet")
     murl = artifacts.publish(artifacts.build_manifest(str(root), ["shards/00000.tar", "ledger.parquet"], kind="dataset",
                                                       name="audit"), str(root))
-    assert quality.main([murl, "--preset", "off", "--config", '{"exact_dedup": true, "near_dup_hamming": 20}']) == 0
+    assert quality_cli.main([murl, "--preset", "off", "--config", '{"exact_dedup": true, "near_dup_hamming": 20}']) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["success_in"] == 4 and report["filtered"] == 1 and report["by_reason"] == {"duplicate_of": 1}

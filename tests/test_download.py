@@ -20,9 +20,12 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from datasets import download, img2dataset_bounded, pipeline, yfcc
+from datasets import config as dataset_config
+from datasets import img2dataset_bounded, pipeline, work
+from datasets.sources import yfcc
 from datasets.httpserve import serve_directory
 from slip_core import artifacts
+from slip_core.data import shard_urls
 from tests._dataset_util import BAD_LINES, TEST_CONFIG, Row, fault_rows, huge_png, write_images, write_metadata
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +35,7 @@ BOUND = f"< {BUILD_BOUND_S} s"
 
 def _cfg(**kw):
     # subprocess_timeout_s: a hang fails the build (run_group kills img2dataset) instead of the test session
-    return download.make_config({**TEST_CONFIG, "name": "test", "subprocess_timeout_s": 2 * BUILD_BOUND_S, **kw}, "tiny")
+    return dataset_config.make_config({**TEST_CONFIG, "name": "test", "subprocess_timeout_s": 2 * BUILD_BOUND_S, **kw}, "tiny")
 
 
 def _ledger(manifest_url):
@@ -40,9 +43,9 @@ def _ledger(manifest_url):
 
 
 def _tar_keys(manifest_url):
-    root = artifacts.artifact_root(manifest_url)
+    """Keys of every shard the version lists (its own and, when incremental, earlier versions' shards)."""
     keys = []
-    for tar in sorted(glob.glob(os.path.join(root, "shards", "*.tar"))):
+    for tar in shard_urls(manifest_url):
         keys += [s["__key__"] for s in wds.WebDataset(tar, shardshuffle=False)]
     return keys
 
@@ -68,14 +71,20 @@ def built(tmp_path_factory):
 def test_every_row_has_its_expected_status_and_reason(built, fault_log):
     """Every hostile input of fault_rows / BAD_LINES ends with one recorded fate, and the build ends in bounded time."""
     assert built["seconds"] < BUILD_BOUND_S
-    ledger = {r["key"]: r for r in _ledger(built["manifest"])}
+    rows = _ledger(built["manifest"])
+    ledger = {r["key"]: r for r in rows if r["key"] is not None}
     corpus = built["corpus"]
     assert set(ledger) == set(corpus.keys)  # subset rows exactly; the non-subset row is absent
+    # every malformed metadata line has its own ledger row: no key, its line number and what is wrong
+    bad = sorted((r["line_number"], r["status"]) for r in rows if r["key"] is None)
+    assert bad == [(ln, "filtered") for ln in sorted(corpus.bad_lines.values())]
+    assert all(r["reason"].startswith("malformed row: ") for r in rows if r["key"] is None)
     for key, row in corpus.keys.items():
         status, reason = row.expect
         assert ledger[key]["status"] == status, (row.url, ledger[key])
         assert reason in ledger[key]["reason"], (row.url, ledger[key])
         assert (ledger[key]["shard"] != "") == (status == "success")
+        assert ledger[key]["url"] == row.url  # the original, also where it was percent-encoded for the download
     m = artifacts.load_verified(built["manifest"])
     n_ok = sum(r.expect[0] == "success" for r in corpus.keys.values())
     assert m.kind == "dataset" and m.metrics["num_samples"] == n_ok == m.metrics["n_success"]
@@ -83,7 +92,7 @@ def test_every_row_has_its_expected_status_and_reason(built, fault_log):
     filt = stats["filter"]
     assert filt["malformed"] == len(BAD_LINES) and stats["malformed_lines"] == sorted(corpus.bad_lines.values())
     assert filt["decode_errors"] == 1 and filt["not_in_subset"] == 1 and filt["truncated_text"] == 2
-    assert stats["by_status"]["filtered"] == 3
+    assert stats["by_status"]["filtered"] == 3 + len(BAD_LINES)  # + the malformed lines, one ledger row each
     assert m.upstream["captions"].kind == "caption-table"
 
     for key, row in corpus.keys.items():
@@ -196,7 +205,7 @@ def test_unchanged_rerun_downloads_nothing_and_concurrent_builds_are_refused(bui
     before = sum(built["hits"].values())
     assert pipeline.build(built["corpus"].metadata, built["store"], _cfg(), subset=built["corpus"].subset) == built["manifest"]
     assert sum(built["hits"].values()) == before
-    with download.work_lock(download.work_dir(built["store"], _cfg())):
+    with work.work_lock(work.work_dir(built["store"], _cfg())):
         with pytest.raises(RuntimeError, match="another dataset build"):
             pipeline.build(built["corpus"].metadata, built["store"], _cfg(), subset=built["corpus"].subset)
 
@@ -216,27 +225,41 @@ def test_incremental_snapshot_downloads_only_new_rows(built):
     murl = pipeline.build(snap.metadata, store, _cfg(), subset=snap.subset)
     new_hits = built["hits"] - hits_before
     assert sorted(new_hits) == sorted(f"/{rel}?new" for rel, _, _ in built["images"][-3:])  # nothing else fetched
-    ledger = {r["key"]: r for r in _ledger(murl)}
+    ledger = {r["key"]: r for r in _ledger(murl) if r["key"] is not None}
     assert set(ledger) == set(snap.keys)
     for key, row in snap.keys.items():
         assert ledger[key]["status"] == row.expect[0], (key, row.url)
-    attempts = sorted(glob.glob(os.path.join(download.work_dir(store, _cfg()), "attempts", "*")))
+    attempts = sorted(glob.glob(os.path.join(work.work_dir(store, _cfg()), "attempts", "*")))
     assert len(attempts) == 2
     new_input = pq.read_table(os.path.join(attempts[1], "g00000", "input.parquet"))["sample_id"].to_pylist()
     assert sorted(new_input) == sorted(k for k in snap.keys if k not in old.keys)
     assert sorted(_tar_keys(murl)) == sorted(k for k, r in ledger.items() if r["status"] == "success")
+    # incremental publish: the new version wrote shards for the new samples only, and references the
+    # earlier version's shards (verified like its own files)
+    m = artifacts.load_verified(murl, full=True)
+    own = [f for f in m.files if f.path.startswith("shards/")]
+    reused = [f for f in m.files if f.path.startswith("../")]
+    old_root = os.path.basename(artifacts.artifact_root(built["manifest"]))
+    assert reused and all(f.path.startswith(f"../{old_root}/shards/") for f in reused)
+    own_keys = [s["__key__"] for s in wds.WebDataset([os.path.join(artifacts.artifact_root(murl), f.path) for f in own],
+                                                       shardshuffle=False)]
+    new_ok = {k for k in snap.keys if k not in old.keys and ledger[k]["status"] == "success"}
+    assert set(own_keys) == new_ok
+    stats = json.load(open(os.path.join(artifacts.artifact_root(murl), "stats.json")))
+    assert stats["incremental"] == {"extends": old_root, "reused_shards": len(reused), "new_shards": len(own),
+                                    "new_samples": len(new_ok)}
 
 
 def test_retry_failed_retries_only_failed_rows_and_merges(built):
     store = _copy_store(built, "store_retry")
     shutil.copyfile(os.path.join(built["img_dir"], built["images"][3][0]), os.path.join(built["img_dir"], "late.jpg"))
     try:
-        before = {r["key"]: r for r in _ledger(built["manifest"])}
+        before = {r["key"]: r for r in _ledger(built["manifest"]) if r["key"] is not None}
         hits_before = collections.Counter(built["hits"])
         murl = pipeline.build(built["corpus"].metadata, store, _cfg(), subset=built["corpus"].subset, retry_failed=True)
     finally:
         os.unlink(os.path.join(built["img_dir"], "late.jpg"))
-    after = {r["key"]: r for r in _ledger(murl)}
+    after = {r["key"]: r for r in _ledger(murl) if r["key"] is not None}
     failed = {k for k, r in before.items() if r["status"].startswith("failed")}
     refetched = {p for p in built["hits"] - hits_before if not p.startswith("/_fault/loop/") or p.endswith("/0")}
     assert refetched == {r.url.split(built["base"])[1] for k, r in built["corpus"].keys.items() if k in failed}
@@ -261,8 +284,8 @@ def test_kill_and_rerun_loses_nothing_and_duplicates_nothing(built, tmp_path):
         cmd = [sys.executable, "-m", "datasets.pipeline", corpus.metadata, store, "--subset", corpus.subset,
                "--preset", "tiny", "--config", json.dumps(conf)]
         proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
-        cfg = download.make_config(conf, "tiny")
-        out = os.path.join(download.work_dir(store, cfg), "attempts", "*", "g00000", "out", "*_stats.json")
+        cfg = dataset_config.make_config(conf, "tiny")
+        out = os.path.join(work.work_dir(store, cfg), "attempts", "*", "g00000", "out", "*_stats.json")
         deadline = time.time() + 120
         while len(glob.glob(out)) < 2 and time.time() < deadline and proc.poll() is None:
             time.sleep(0.05)
@@ -275,8 +298,12 @@ def test_kill_and_rerun_loses_nothing_and_duplicates_nothing(built, tmp_path):
     assert len(ledger) == 24 and all(r["status"] == "success" for r in ledger)
     keys = _tar_keys(murl)
     assert len(keys) == len(set(keys)) == 24
-    # rows of shards finished before the kill were fetched exactly once
+    # rows of shards finished before the kill were fetched exactly once (rows are shuffled into shards:
+    # shard s holds positions 4s..4s+3 of the group's frozen input)
+    (group_input,) = glob.glob(os.path.join(work.work_dir(store, cfg), "attempts", "*", "g00000", "input.parquet"))
+    order = pq.read_table(group_input)["sample_id"].to_pylist()
+    assert sorted(order) != order or len(order) < 2  # the shuffle is in effect
     for s in done_before:
-        for i in range(4 * s, 4 * s + 4):
-            assert hits[f"/_fault/sleep/0.4?k={i}"] == 1, i
+        for key in order[4 * s:4 * s + 4]:
+            assert hits[f"/_fault/sleep/0.4?k={int(key)}"] == 1, key
     assert all(hits[f"/_fault/sleep/0.4?k={i}"] >= 1 for i in range(24))

@@ -32,7 +32,8 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from datasets import download, pipeline
+from datasets import config as dataset_config
+from datasets import pipeline, work
 from datasets.httpserve import serve_directory
 from slip_core import artifacts
 from tests._dataset_util import TEST_CONFIG, Row, write_images, write_metadata
@@ -46,7 +47,7 @@ RUN_LIMIT_S = 120
 
 
 def _cfg():
-    return download.make_config(CONF, "tiny")
+    return dataset_config.make_config(CONF, "tiny")
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -158,10 +159,11 @@ def _assert_complete_and_identical(murl: str, corpus, reference) -> str:
     root = artifacts.artifact_root(murl)
     assert artifacts.verify(murl) == []
     ledger = pq.read_table(os.path.join(root, "ledger.parquet")).to_pylist()
-    keys = collections.Counter(r["key"] for r in ledger)
+    keys = collections.Counter(r["key"] for r in ledger if r["key"] is not None)  # None: malformed lines
     expected = corpus["corpus"].keys
     assert set(keys) == set(expected) and set(keys.values()) == {1}, keys
-    by_key = {r["key"]: r for r in ledger}
+    assert all(r["line_number"] is not None for r in ledger if r["key"] is None)
+    by_key = {r["key"]: r for r in ledger if r["key"] is not None}
     for key, row in expected.items():
         status, reason = row.expect
         assert by_key[key]["status"] == status and reason in by_key[key]["reason"], (row.url, by_key[key])
@@ -212,7 +214,7 @@ def test_kills_before_and_during_the_download_then_rerun(corpus, reference, faul
     assert not os.path.exists(os.path.join(store, "dataset-work")) and sum(corpus["hits"].values()) == sum(hits0.values())
 
     # 3. rerun, SIGKILLed from outside once img2dataset has finished >= 1 shard (its child and pool worker live on)
-    stats = os.path.join(download.work_dir(store, cfg), "attempts", "*", "g00000", "out", "*_stats.json")
+    stats = os.path.join(work.work_dir(store, cfg), "attempts", "*", "g00000", "out", "*_stats.json")
     with open(os.path.join(str(corpus["d"]), "mid-download.log"), "wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=log)
         deadline = time.time() + RUN_LIMIT_S
@@ -229,8 +231,8 @@ def test_kills_before_and_during_the_download_then_rerun(corpus, reference, faul
     # 4. rerun, killed after the download group finished, before publishing
     _run_killed(cmd, "dataset.group_downloaded")
     _assert_nothing_looks_complete_that_is_not(store, reference)
-    (attempt,) = download.all_attempts(download.work_dir(store, cfg))
-    assert [download.group_complete(g) for g in attempt[1]] == [True]
+    (attempt,) = work.all_attempts(work.work_dir(store, cfg))
+    assert [work.group_complete(g) for g in attempt[1]] == [True]
     assert not os.path.exists(os.path.join(store, "dataset"))
     downloadable = [r.url.split("127.0.0.1:", 1)[1].split("/", 1)[1] for r in c.keys.values() if r.url.startswith("http")]
     fetched = _fetches(corpus, hits0)

@@ -1,7 +1,7 @@
 """Perceptual fingerprints on real images: copies resized / re-encoded are close, distinct images are far.
 
 Measured false-positive rates (pairs of distinct images within the default 20-bit threshold) are printed
-with -s and asserted; see also the module docstring of datasets/fingerprint.py.
+with -s and asserted; see also the module docstring of datasets/quality/fingerprint.py.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datasets import fingerprint as fpm
+from datasets.quality import fingerprint as fpm
 from datasets import offline
 from tests._quality_util import encode, short_side
 
@@ -128,3 +128,21 @@ def test_tar_reading_sanitises_member_names(tmp_path):
     assert (r["width"], r["height"], r["orig_width"], r["orig_height"]) == (64, 64, 28, 28)
     assert r["error"] == "" and len(r["phash"]) == fpm.PHASH_BYTES
     assert not os.path.exists(tmp_path.parent / "evil.jpg")
+
+
+def test_shards_are_hashed_in_parallel_with_the_same_result(tmp_path, monkeypatch):
+    """map_shards over a process pool gives the sequential result, shard for shard, and fills the cache."""
+    from datasets.quality import fingerprint as fp
+    from datasets import synthetic
+    from datasets.config import make_config
+
+    cfg = make_config({"name": "fp", "number_sample_per_shard": 40, "shards_per_group": 4}, "tiny")
+    synthetic.write_table(str(tmp_path / "t.parquet"), 200)
+    synthetic.build_work(str(tmp_path / "t.parquet"), str(tmp_path / "work"), cfg)
+    tars = sorted(str(p) for p in (tmp_path / "work").rglob("out/*.tar"))
+    assert len(tars) == 5
+    seq = [fp.shard_fingerprints(t, cache=False) for t in tars]
+    par = fp.map_shards(tars, cache=True, workers=2)
+    assert all(a.equals(b) for a, b in zip(seq, par))
+    assert all(os.path.exists(fp._cache_url(t)) for t in tars)
+    assert all(a.equals(b) for a, b in zip(seq, fp.map_shards(tars, workers=2)))  # from the cache now

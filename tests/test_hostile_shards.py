@@ -27,7 +27,9 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from datasets import catalog, decontaminate, download, fingerprint, img2dataset_bounded, ledger, shardcheck, tarshards
+from datasets import catalog, img2dataset_bounded, ledger, publish, shardcheck, tarshards
+from datasets.config import DatasetConfig
+from datasets.quality import decontaminate, fingerprint
 from evaluation import common
 from slip_core import data as D
 from slip_core import tarsamples
@@ -346,7 +348,8 @@ def test_repack_refuses_a_tampered_work_tar(tmp_path, fault_log):
     tbl = {n: [] for n in ledger.LEDGER_SCHEMA.names}
     for i, k in enumerate(keys):
         for n, v in dict(key=f"d{i}", url=f"http://127.0.0.1/{i}.jpg", status="success", reason="", error="",
-                         attempt="a0", source=f"{gpath}|0|{k}", shard="", width=32, height=32).items():
+                         attempt="a0", source=f"{gpath}|0|{k}", shard="", width=32, height=32,
+                         line_number=None).items():
             tbl[n].append(v)
     table = pa.table(tbl, schema=ledger.LEDGER_SCHEMA)
     symlinked = good[:3] + [M("000000001.jpg", type=tarfile.SYMTYPE, linkname="/etc/passwd")] + good[4:]
@@ -361,7 +364,7 @@ def test_repack_refuses_a_tampered_work_tar(tmp_path, fault_log):
             write_tar(tar, members)
         root = tmp_path / f"pub-{len(outcomes)}"
         with pytest.raises(err) as e:
-            ledger.repack(table, str(root), samples_per_shard=10)
+            publish.repack(table, str(root), samples_per_shard=10)
         left = [p.name for p in root.rglob("*") if p.is_file()] if root.exists() else []
         assert left == [], left  # the partial shard was dropped, nothing looks published
         what = re.sub(r"\d+", "N", str(e.value)) if err is tarshards.BadTar else str(e.value)
@@ -439,7 +442,7 @@ def test_pixel_cap_on_every_image_decode_path(tmp_path, fault_log):
     (tmp_path / "test" / "bomb.png").write_bytes(BOMB)
     with pytest.raises(ValueError, match="10000x10000 > 89478485 pixels"):
         decontaminate.fingerprint_folder("x", tmp_path)  # eval-set decontamination
-    fetched = img2dataset_bounded._too_many_pixels(io.BytesIO(BOMB), download.DatasetConfig().max_image_pixels)
+    fetched = img2dataset_bounded._too_many_pixels(io.BytesIO(BOMB), DatasetConfig().max_image_pixels)
     assert time.monotonic() - t0 < 5
     assert e1.value.reason == e2.value.reason == "too_large"
     assert fetched == "image header declares 10000x10000 = 100000000 pixels, over max_image_pixels (89478485)"
@@ -453,8 +456,8 @@ def test_pixel_cap_on_every_image_decode_path(tmp_path, fault_log):
                 sites.add(str(p.relative_to(REPO)))
             other += [f"{p.relative_to(REPO)}: {m}" for m in re.findall(
                 r"cv2\.imdecode|cv2\.imread|torchvision\.io\.\w+|decode_jpeg|read_image", src)]
-    assert sites == {"slip_core/augment.py", "slip_core/eval_images.py", "datasets/fingerprint.py",
-                     "datasets/decontaminate.py", "datasets/img2dataset_bounded.py"}, f"new image decode site: route it through a capped opener: {sites}"
+    assert sites == {"slip_core/augment.py", "slip_core/eval_images.py", "datasets/quality/fingerprint.py",
+                     "datasets/quality/decontaminate.py", "datasets/img2dataset_bounded.py"}, f"new image decode site: route it through a capped opener: {sites}"
     assert other == [], other
     fault_log.record("security", "loader", "pixel caps on every image decode (10000x10000 PNG bomb, which PIL alone "
                      "would decode)", "refused on the header at 89478485 px by the loader (too_large), eval reader "

@@ -13,7 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets import fingerprint, offline, quality_filters as qf
+from datasets import offline
+from datasets.quality import filters as qf
+from datasets.quality import fingerprint
 from datasets.quality import QUALITY_PRESETS, QualityConfig, apply_quality_report, clip_scores_for_ledger, make_quality_config
 from tests._quality_util import assert_one_status, encode, failed_rows, ledger, short_side, write_group
 

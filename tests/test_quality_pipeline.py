@@ -7,8 +7,10 @@ import os
 
 from PIL import Image
 
-from datasets import download, fingerprint, offline, pipeline, quality
+from datasets import config as dataset_config
+from datasets import download, offline, pipeline, plan, quality, work
 from datasets import ledger as ledger_mod
+from datasets.quality import fingerprint
 from datasets.httpserve import serve_directory
 from tests._dataset_util import TEST_CONFIG, Row, write_metadata
 from slip_core.config import to_dict
@@ -43,22 +45,22 @@ def _write(img_dir: str) -> list[tuple[str, str, str, str]]:
 
 
 def test_quality_pass_on_a_real_img2dataset_download(tmp_path, monkeypatch):
-    from datasets import decontaminate
+    from datasets.quality import decontaminate
 
     monkeypatch.setattr(decontaminate, "_cache_path", lambda name, key: tmp_path / "evalfp" / f"{name}-{key}.parquet")
     monkeypatch.setenv("SLIP_EVAL_DATA", str(tmp_path / "eval"))  # catalog.prepare materialises Fashion-MNIST here
     img_dir = str(tmp_path / "images")
     files = _write(img_dir)
-    cfg = download.make_config({**TEST_CONFIG, "name": "qtest"}, "tiny")
+    cfg = dataset_config.make_config({**TEST_CONFIG, "name": "qtest"}, "tiny")
     with serve_directory(img_dir) as base:
         corpus = write_metadata(str(tmp_path / "yfcc100m_dataset"), str(tmp_path / "subset.tsv"),
                                 [Row(f"{base}/{rel}", t, d) for rel, t, d, _ in files])
         store = str(tmp_path / "store")
         tm = pipeline.prepare_table(corpus.metadata, store, cfg, corpus.subset)
-        work = download.work_dir(store, cfg)
-        for group in download.plan(pipeline.table_of(tm), work, cfg):
+        wdir = work.work_dir(store, cfg)
+        for group in plan.plan(pipeline.table_of(tm), wdir, cfg):
             download.run_group(group, cfg)
-    ledger = ledger_mod.final_ledger(pipeline.table_of(tm), work)
+    ledger = ledger_mod.final_ledger(pipeline.table_of(tm), wdir)
     assert ledger["status"].to_pylist() == ["success"] * len(files)
 
     out, fps, report = quality.run_quality(ledger, QCFG)
@@ -78,7 +80,7 @@ def test_quality_pass_on_a_real_img2dataset_download(tmp_path, monkeypatch):
     published = fingerprint.attach_to_ledger(out, fps)
     assert all(len(p) == 64 for p in published["phash"].to_pylist())
 
-    # The dataset stage's hook (ledger.publish with DatasetConfig.quality): same work folder (quality is
+    # The dataset stage's hook (publish.publish with DatasetConfig.quality): same work folder (quality is
     # not part of the download identity, nothing is re-downloaded), filtered samples are not in the shards,
     # the ledger carries the decisions and the fingerprints, quality.json is part of the manifest.
     import json
@@ -88,8 +90,8 @@ def test_quality_pass_on_a_real_img2dataset_download(tmp_path, monkeypatch):
 
     from slip_core import artifacts
 
-    qcfg = download.make_config({**TEST_CONFIG, "name": "qtest", "quality": to_dict(QCFG)}, "tiny")
-    assert download.work_dir(store, qcfg) == work
+    qcfg = dataset_config.make_config({**TEST_CONFIG, "name": "qtest", "quality": to_dict(QCFG)}, "tiny")
+    assert work.work_dir(store, qcfg) == wdir
     murl = pipeline.publish(tm, store, qcfg)
     root = artifacts.artifact_root(murl)
     m = artifacts.load_verified(murl)
@@ -102,7 +104,7 @@ def test_quality_pass_on_a_real_img2dataset_download(tmp_path, monkeypatch):
     assert in_shards == sorted(k for k, v in want.items() if v == "success") and m.metrics["num_samples"] == len(in_shards)
     assert json.load(open(os.path.join(root, "quality.json")))["by_reason"] == report["by_reason"]
     # the next version keeps v1's decisions: previous_dataset = this manifest
-    v2 = download.make_config({**TEST_CONFIG, "name": "qtest", "quality": {**to_dict(QCFG), "previous_dataset": murl}}, "tiny")
-    assert download.work_dir(store, v2) == work
+    v2 = dataset_config.make_config({**TEST_CONFIG, "name": "qtest", "quality": {**to_dict(QCFG), "previous_dataset": murl}}, "tiny")
+    assert work.work_dir(store, v2) == wdir
     led2 = pq.read_table(os.path.join(artifacts.artifact_root(pipeline.publish(tm, store, v2)), "ledger.parquet"))
     assert led2["reason"].to_pylist() == led["reason"].to_pylist()

@@ -21,7 +21,7 @@ import pytest
 
 pytest.importorskip("prefect_dask")
 
-from datasets import yfcc, yfcc_chunks  # noqa: E402
+from datasets.sources import yfcc, yfcc_chunks  # noqa: E402
 from flows import filter_distributed as fd  # noqa: E402
 from flows.runners import task_runner, with_runner  # noqa: E402
 from slip_core import artifacts  # noqa: E402

@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from datasets import download, img2dataset_spark, pipeline
+from datasets import config as dataset_config
+from datasets import download, img2dataset_spark, pipeline, work
 from datasets.httpserve import serve_directory
 from slip_core import artifacts
 from tests._dataset_util import TEST_CONFIG, Row, write_images, write_metadata
@@ -30,7 +31,7 @@ pytestmark = [pytest.mark.slow,
 def _cfg(distributor: str):
     # Spark: local[2] (processes_count); multiprocessing: one worker process is enough to compare (2 shared cores).
     procs = 2 if distributor == "pyspark" else 1
-    return download.make_config({**TEST_CONFIG, "name": "scale", "processes_count": procs, "distributor": distributor}, "tiny")
+    return dataset_config.make_config({**TEST_CONFIG, "name": "scale", "processes_count": procs, "distributor": distributor}, "tiny")
 
 
 def _samples(manifest_url: str) -> dict[str, dict]:
@@ -86,7 +87,7 @@ def test_pyspark_runs_our_wrapper_and_stays_out_of_the_work_folder_identity():
     assert cmd[1:3] == ["-m", "datasets.img2dataset_spark"] and "--distributor=pyspark" in cmd
     assert "--processes_count=2" in cmd
     assert download.img2dataset_command("in.parquet", "out", mp, [])[1:3] == ["-m", "datasets.img2dataset_bounded"]
-    assert download.work_dir("/s", mp) == download.work_dir("/s", sp)  # parallelism, not content
+    assert work.work_dir("/s", mp) == work.work_dir("/s", sp)  # parallelism, not content
     with pytest.raises(ValueError, match="distributor"):
         _cfg("dask")
     conf = img2dataset_spark.spark_conf(["--processes_count=3"], {"SLIP_SPARK_CONF": '{"spark.driver.memory": "512m"}'})

@@ -10,11 +10,15 @@ import time
 import urllib.request
 
 import fsspec
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from datasets import captions, demo_corpus, offline, pipeline, yfcc
+from datasets import demo_corpus, offline, pipeline
+from datasets.sources import captions, yfcc
+from datasets.sources.detect import detect_source
 from datasets.httpserve import serve_directory
+from slip_core import storage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,7 +95,7 @@ def test_filter_23_columns_bz2_and_fsspec_url(tmp_path):
         t = pq.read_table(f).to_pylist()
     assert rep.layout == "legacy" and rep.malformed == 0
     assert [(r["line_number"], r["photo_id"], r["photo_hash"]) for r in t] == [(1, 101, ""), (4, 104, "")]
-    assert pipeline.detect_source("memory://yfcc/meta.bz2") == "yfcc"
+    assert detect_source("memory://yfcc/meta.bz2") == "yfcc"
 
 
 def test_strict_mode_drops_empty_and_non_utf8_is_counted(tmp_path):
@@ -183,3 +187,144 @@ def test_httpserve_faults(tmp_path):
             urllib.request.urlopen(base + "/_fault/500")
     with pytest.raises(OSError):
         urllib.request.urlopen(base + "/a.jpg", timeout=2)  # stopped cleanly
+
+
+def _hostile_metadata(columns: int) -> bytes:
+    """Lines the vectorised parser must treat exactly as the reference line loop does."""
+    rows = [yfcc.format_row(i, 1000 + i, f"{i:032x}", t, d, u, columns=columns) for i, (t, d, u) in enumerate([
+        ("plain", "text", "http://x/0.jpg"), ("", "", "http://x/1.jpg"), ("a+b %41%zz %", "50%+off", "http://x/2 b.jpg"),
+        ("<a href=x>link</a> <b>b</b> <i>i</i> <a", "see http://t.co/x and www.y.z/q done", "http://x/3.jpg"),
+        ("caf\u00e9 \u2603", "%E2%98%83 snow%C3", "http://x/\u00e9.jpg"), ("x" * 9000, "y", "http://x/5.jpg"),
+        ("tab\u00a0http\u00a0x", "line\nbreak <a\nb>", "http://x/6.jpg"), ("&amp; &lt;b&gt;", "  spaces  ", "http://x/7.jpg"),
+    ])]
+    lines = [r.encode() for r in rows]
+    lines.insert(3, b"1\t2\t3")  # wrong field count
+    lines.insert(5, b"")  # empty line
+    lines.append(rows[0].replace("0\t", "x0\t", 1).encode() if columns == 25 else b"only\ttwo")
+    lines.append(rows[1].encode().replace(b"1001", b"1e01", 1))  # bad photo id
+    lines.append(rows[2].encode().replace(b"a+b", b"a\xff+b", 1))  # invalid UTF-8
+    lines.append(rows[3].encode() + b"\r")  # CR at the end
+    lines.append(b"9" * 30 + rows[4].encode()[1:] if columns == 25 else rows[4].encode())  # huge line number
+    return b"\n".join(lines) + b"\n" + rows[5].encode()  # no final newline
+
+
+@pytest.mark.parametrize("columns", [25, 23])
+@pytest.mark.parametrize("mode", ["slip", "strict"])
+@pytest.mark.parametrize("with_subset", [False, True])
+def test_vectorised_filter_equals_the_reference_loop(tmp_path, columns, mode, with_subset):
+    meta = tmp_path / "m"
+    meta.write_bytes(_hostile_metadata(columns))
+    subset = None
+    if with_subset:
+        subset = tmp_path / "s.tsv"
+        subset.write_text("".join(f"{i}\t{1000 + i}\tx\n" for i in (0, 2, 3, 4, 5, 6, 9, 11, 12, 13)))
+    out = {}
+    for vec in (True, False):
+        o = tmp_path / f"o{vec}.parquet"
+        rep = yfcc.filter_yfcc(str(meta), str(o), subset=str(subset) if subset else None, mode=mode,
+                               malformed_output=str(tmp_path / f"bad{vec}.parquet"), vectorized=vec, line_offset=7)
+        out[vec] = (pq.read_table(o).to_pylist(), rep.to_dict(), pq.read_table(tmp_path / f"bad{vec}.parquet").to_pylist())
+    assert out[True] == out[False]
+    assert out[True][1]["malformed"] == len(out[True][2]) >= 3 and out[True][0]
+
+
+def test_bad_input_is_one_line_nonzero_and_writes_nothing(tmp_path, capsys, fault_log):
+    import bz2
+    import gzip
+
+    from flows.cli import main
+
+    lines = "".join(yfcc.format_row(i, 100 + i, "h", f"t {i}", "d", f"http://x/{i}.jpg") + "\n" for i in range(3000)).encode()
+    (tmp_path / "cut.bz2").write_bytes(bz2.compress(lines)[:-200])
+    (tmp_path / "cut.gz").write_bytes(gzip.compress(lines)[:-100])
+    (tmp_path / "garbage").write_bytes(bytes(range(256)) * 40)
+    cases = [("missing metadata file", ["filter-yfcc", "--metadata", str(tmp_path / "nope")], "no such metadata file"),
+             ("truncated .bz2 metadata", ["filter-yfcc", "--metadata", str(tmp_path / "cut.bz2")], "truncated or corrupt"),
+             ("truncated .gz metadata", ["filter-yfcc", "--metadata", str(tmp_path / "cut.gz")], "truncated or corrupt"),
+             ("metadata without one well-formed row", ["filter-yfcc", "--metadata", str(tmp_path / "garbage")],
+              "no well-formed row"),
+             ("missing source file (dataset build)", ["build", str(tmp_path / "nope.tsv"), "--store", str(tmp_path / "st"),
+                                                      "--no-prefect"], "no such metadata file")]
+    for label, args, why in cases:
+        out = tmp_path / "out.parquet"
+        extra = ["--output", str(out)] if args[0] == "filter-yfcc" else []
+        assert main(["dataset", *args, *extra]) == 2, label
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and why in err and args[2 if args[0] == "filter-yfcc" else 1] in err, (label, err)
+        assert not out.exists() and not [p for p in tmp_path.rglob("*.parquet")], label
+        fault_log.record("input", "filter", label, f"exit 2, one stderr line: {err[:90]}", bound="no output file")
+
+
+def _mirror_rows():
+    """(line, photo id, title, description, url) in YFCC100M's encoding, with the cases a mirror has:
+    missing and empty titles, HTML, URL-encoded text, links."""
+    return [(0, 10, "a+cat+on+a+mat", "my+%3Cb%3Ecat%3C%2Fb%3E", "http://x/0.jpg"),
+            (1, 11, "", "only+a+description+http%3A%2F%2Fflickr.com%2Fx", "http://x/1.jpg"),
+            (2, 12, None, "%3Ca+href%3D%22http%3A%2F%2Fa.b%22%3Elink%3C%2Fa%3E+text", "http://x/2.jpg"),
+            (3, 13, "caf%C3%A9+%E2%98%83", None, "http://x/3.jpg"),
+            (4, 14, "100%25+real+%2Bplus", "www.example.com+and+<i>italic</i>", "http://x/4.jpg"),
+            (5, None, "no photo id", "", "http://x/5.jpg"),  # malformed
+            (6, 16, "no url", "", None)]  # malformed
+
+
+def test_parquet_mirror_equals_the_tsv_path(tmp_path):
+    """A parquet mirror in YFCC100M's column names (two files, one with a row group split) gives exactly the
+    rows the 25-column TSV gives for the same rows: keys, cleaning, separate title and description."""
+    from datasets.sources import yfcc_parquet
+
+    rows = _mirror_rows()
+    with open(tmp_path / "m.tsv", "w") as f:  # the TSV path on the same rows (the malformed ones left out)
+        for ln, pid, t, d, u in rows:
+            if pid is not None and u is not None:
+                f.write(yfcc.format_row(ln, pid, "h%d" % ln, "", "", u).replace("\t\t", "\t", 0) + "\n")
+    lines = (tmp_path / "m.tsv").read_text().splitlines()
+    with open(tmp_path / "m.tsv", "w") as f:  # put the raw (already URL-encoded) text in place
+        for line, (ln, pid, t, d, u) in zip(lines, [r for r in rows if r[1] is not None and r[4] is not None]):
+            parts = line.split("\t")
+            parts[8], parts[9] = t or "", d or ""
+            f.write("\t".join(parts) + "\n")
+    tsv = yfcc.filter_yfcc(str(tmp_path / "m.tsv"), str(tmp_path / "tsv.parquet"))
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    cols = lambda rs: {"photoid": [r[1] for r in rs], "line_number": [r[0] for r in rs],  # noqa: E731
+                       "title": [r[2] for r in rs], "description": [r[3] for r in rs],
+                       "downloadurl": [r[4] for r in rs], "hash": [f"h{r[0]}" for r in rs], "uid": ["1@N0"] * len(rs)}
+    pq.write_table(pa.table(cols(rows[:3])), mirror / "part-0.parquet", row_group_size=2)
+    pq.write_table(pa.table(cols(rows[3:])), mirror / "part-1.parquet")
+    assert detect_source(str(mirror)) == "yfcc-parquet" and detect_source(str(mirror / "*.parquet")) == "yfcc-parquet"
+    assert detect_source(str(tmp_path / "tsv.parquet")) == "table"  # our own caption table is not a mirror
+    rep = yfcc_parquet.filter_yfcc_parquet(str(mirror), str(tmp_path / "pq.parquet"),
+                                           malformed_output=str(tmp_path / "bad.parquet"))
+    got, want = pq.read_table(tmp_path / "pq.parquet"), pq.read_table(tmp_path / "tsv.parquet")
+    assert got.equals(want), (got.to_pylist(), want.to_pylist())
+    assert got["title"].to_pylist()[:3] == ["a cat on a mat", "", ""] and got["description"][2].as_py() == "link text"
+    assert (rep.written, rep.malformed, tsv.written) == (5, 2, 5)
+    assert pq.read_table(tmp_path / "bad.parquet")["line_number"].to_pylist() == [5, 6]
+    # without a line number column the key is the photo id
+    pq.write_table(pa.table({k: v for k, v in cols(rows[:2]).items() if k != "line_number"}), tmp_path / "noln.parquet")
+    yfcc_parquet.filter_yfcc_parquet(str(tmp_path / "noln.parquet"), str(tmp_path / "o2.parquet"))
+    assert pq.read_table(tmp_path / "o2.parquet")["key"].to_pylist() == ["10", "11"]
+
+
+@pytest.fixture
+def s3_bucket():
+    from tests._s3_util import s3_server
+
+    with s3_server() as url:
+        yield url
+
+
+def test_parquet_mirror_on_s3(tmp_path, s3_bucket):
+    """Same reader over s3:// (moto): files found by prefix, read in row groups through fsspec."""
+    from datasets.sources import yfcc_parquet
+
+    rows = [r for r in _mirror_rows() if r[1] is not None and r[4] is not None]
+    t = pa.table({"photo_id": [str(r[1]) for r in rows], "title": [r[2] for r in rows],
+                  "description": [r[3] for r in rows], "download_url": [r[4] for r in rows]})
+    local = tmp_path / "x.parquet"
+    pq.write_table(t, local)
+    url = f"{s3_bucket}/mirror/part-0.parquet"
+    storage.put_file_atomic(str(local), url)
+    assert detect_source(f"{s3_bucket}/mirror") == "yfcc-parquet"
+    rep = yfcc_parquet.filter_yfcc_parquet(f"{s3_bucket}/mirror", str(tmp_path / "o.parquet"))
+    assert rep.written == len(rows) and pq.read_table(tmp_path / "o.parquet")["key"].to_pylist() == [str(r[1]) for r in rows]

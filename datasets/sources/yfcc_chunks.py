@@ -24,7 +24,7 @@ import fsspec
 import pyarrow.parquet as pq
 from fsspec.utils import infer_compression
 
-from datasets import yfcc
+from datasets.sources import yfcc
 from slip_core import storage
 
 BLOCK = 8 << 20  # copy / count in 8 MiB blocks: memory stays flat whatever the range size
@@ -36,7 +36,7 @@ def _fields(line: bytes) -> int:
 
 def file_layout(metadata: str, max_lines: int = 100_000) -> int | None:
     """Field count (25 or 23) of the first line that has one, as filter_yfcc decides it; None if none."""
-    with yfcc._open_binary(metadata) as f:
+    with yfcc.open_binary(metadata) as f:
         for i, line in enumerate(f):
             if _fields(line) in yfcc.LAYOUT_COLUMNS:
                 return _fields(line)
@@ -75,7 +75,7 @@ def plan_ranges(metadata: str, n_chunks: int) -> list[tuple[int, int]]:
 def _read_range(metadata: str, start: int, end: int):
     """Bytes of [start, end) in blocks (end = -1: to EOF; compressed files are read decompressed)."""
     if end == -1 and start == 0:
-        with yfcc._open_binary(metadata) as f:
+        with yfcc.open_binary(metadata) as f:
             while block := f.read(BLOCK):
                 yield block
         return

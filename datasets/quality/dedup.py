@@ -28,6 +28,8 @@ from itertools import combinations
 import numpy as np
 import pyarrow as pa
 
+from datasets.quality import fingerprint
+
 DUP_PREFIX = "duplicate_of:"
 
 
@@ -171,8 +173,6 @@ def previous_table(ledger: pa.Table, fingerprints: pa.Table | None = None) -> pa
     """A published version's ledger (key, status, reason) joined with its fingerprints (given, or the
     ledger's own fingerprint columns, fingerprint.attach_to_ledger): what `find_duplicates(previous=...)`
     and `apply_quality(previous=...)` take for the next version."""
-    from datasets import fingerprint
-
     fp = fingerprint.from_ledger(ledger) if fingerprints is None else fingerprints
     fp = fp.select(["key", "sha256", "orig_sha256", "phash"])
     return ledger.select(["key", "status", "reason"]).join(fp, "key", join_type="inner")

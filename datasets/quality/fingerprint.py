@@ -18,10 +18,13 @@ images above the loader's pixel cap are never decoded (error 'too_large'). JPEGs
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import hashlib
 import io
 import json
 import logging
+import multiprocessing
+import os
 from typing import Iterable, Iterator
 
 import imagehash
@@ -192,7 +195,7 @@ def fingerprint_tars(tar_urls: Iterable[str], key_map: dict[tuple[str, str], str
 
 def ledger_sources(ledger: pa.Table) -> tuple[list[str], dict[tuple[str, str], str]]:
     """Tars and {(tar url, img2dataset key): dataset key} for the ledger's `success` rows, from its `source`
-    column ('<group path>|<shard id>|<img2dataset key>', datasets/download.py)."""
+    column ('<group path>|<shard id>|<img2dataset key>', datasets/ledger.py)."""
     key_map: dict[tuple[str, str], str] = {}
     tars: dict[str, None] = {}
     for k, st, src in zip(ledger["key"].to_pylist(), ledger["status"].to_pylist(), ledger["source"].to_pylist()):
@@ -218,12 +221,16 @@ def iter_ledger_samples(ledger: pa.Table) -> Iterator[tuple[str, dict[str, bytes
 CACHE_DIR = f"fingerprints-v1-h{HASH_SIZE}-d{DRAFT_SIDE}"  # a different hash/decode never reuses a cache
 
 
+def _cache_url(tar_url: str) -> str | None:
+    gpath, name = tar_url.rsplit("/out/", 1) if "/out/" in tar_url else (None, None)
+    return storage.join(gpath, CACHE_DIR, name.replace(".tar", ".parquet")) if gpath else None
+
+
 def shard_fingerprints(tar_url: str, cache: bool = True, draft: bool = True) -> pa.Table:
     """Fingerprints of one img2dataset shard (keyed by img2dataset key), cached next to the group's out/
     folder: a complete shard never changes, so each image is decoded and hashed once, however often the
     dataset is re-published (new quality settings, retries of other rows)."""
-    gpath, name = tar_url.rsplit("/out/", 1) if "/out/" in tar_url else (None, None)
-    cache_url = storage.join(gpath, CACHE_DIR, name.replace(".tar", ".parquet")) if cache and gpath else None
+    cache_url = _cache_url(tar_url) if cache else None
     if cache_url and storage.exists(cache_url):
         fs, p = storage.url_to_fs(cache_url)
         with fs.open(p, "rb") as f:
@@ -235,12 +242,53 @@ def shard_fingerprints(tar_url: str, cache: bool = True, draft: bool = True) -> 
     return table
 
 
-def fingerprint_ledger(ledger: pa.Table, cache: bool = True, draft: bool = True) -> pa.Table:
-    """Fingerprints of the ledger's `success` rows, keyed by dataset key (per-shard cached, see above)."""
+HASH_WORKERS_ENV = "SLIP_HASH_WORKERS"  # processes for the perceptual hashing (default: one per core)
+DASK_SCHEDULER_ENV = "SLIP_DASK_SCHEDULER"  # host:port: hash the shards on that Dask cluster instead
+
+
+def _shard_task(args: tuple) -> pa.Table:
+    url, cache, draft = args
+    return shard_fingerprints(url, cache, draft)
+
+
+def map_shards(tars: list[str], cache: bool = True, draft: bool = True, workers: int | None = None) -> list[pa.Table]:
+    """shard_fingerprints over `tars`, in order, in parallel: a local process pool (`workers`, env
+    SLIP_HASH_WORKERS, default one per core), or a Dask cluster when SLIP_DASK_SCHEDULER names one (the same
+    function runs there; the per-shard cache is written next to the shards, so the store must be shared).
+    Shards whose cache exists are read here, not sent anywhere."""
+    out: list[pa.Table | None] = [None] * len(tars)
+    todo = []
+    for i, url in enumerate(tars):
+        cached = _cache_url(url) if cache else None
+        if cached and storage.exists(cached):
+            out[i] = shard_fingerprints(url, cache, draft)
+        else:
+            todo.append(i)
+    scheduler = os.environ.get(DASK_SCHEDULER_ENV)
+    workers = workers or int(os.environ.get(HASH_WORKERS_ENV, "0") or 0) or (os.cpu_count() or 1)
+    args = [(tars[i], cache, draft) for i in todo]
+    if scheduler and todo:
+        from distributed import Client
+
+        with Client(scheduler) as client:
+            results = client.gather(client.map(_shard_task, args, pure=False))
+    elif workers > 1 and len(todo) > 1:
+        ctx = multiprocessing.get_context("fork")
+        with concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx) as pool:
+            results = list(pool.map(_shard_task, args))
+    else:
+        results = [_shard_task(a) for a in args]
+    for i, t in zip(todo, results):
+        out[i] = t
+    return out
+
+
+def fingerprint_ledger(ledger: pa.Table, cache: bool = True, draft: bool = True, workers: int | None = None) -> pa.Table:
+    """Fingerprints of the ledger's `success` rows, keyed by dataset key (per-shard cached, see above;
+    shards hashed in parallel, map_shards)."""
     tars, key_map = ledger_sources(ledger)
     parts = []
-    for url in tars:
-        t = shard_fingerprints(url, cache, draft)
+    for url, t in zip(tars, map_shards(tars, cache, draft, workers)):
         keys = [key_map.get((url, k)) for k in t["key"].to_pylist()]
         mask = pa.array([k is not None for k in keys])
         t = t.set_column(0, "key", pa.array(keys, pa.string())).filter(mask)

@@ -3,7 +3,7 @@
 A training sample whose pHash is within `hamming` bits of any image of an evaluation dataset's TEST split
 (the images zero-shot / linear-probe numbers are measured on) is filtered with reason
 `eval_overlap:<dataset>`. Web data re-encodes and resizes, so the match is perceptual, not byte-exact
-(datasets/fingerprint.py for the hash and its measured margins).
+(datasets/quality/fingerprint.py for the hash and its measured margins).
 
 Eval images come from the eval catalog (datasets/catalog.py): every dataset it can `locate` on disk, in any
 of its formats (torchvision, imagefolder, filelist, wds), read through `catalog.load`; the local offline sets
@@ -23,8 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from datasets import fingerprint, offline
-from datasets.dedup import HammingIndex
+from datasets import offline
+from datasets.quality import fingerprint
+from datasets.quality.dedup import HammingIndex
 
 OVERLAP_PREFIX = "eval_overlap:"
 

@@ -2,7 +2,7 @@
 
 The caption table is what the download stage consumes: columns `key` (string, unique, stable across
 snapshots), `url`, `caption`, plus whatever else the source has (`title`, `description`, ...). The
-YFCC path (datasets/yfcc.py) writes `download_url` instead of `url`; `url_column()` resolves either.
+YFCC path (datasets/sources/yfcc.py) writes `download_url` instead of `url`; `url_column()` resolves either.
 
 CC3M's TSV is headerless `caption<TAB>url`, CC12M's is headerless `url<TAB>caption`: for a two-column
 headerless file the URL column is recognised by its content. Files are streamed batch by batch
@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 
 from slip_core import storage
 
-from datasets.yfcc import MAX_MALFORMED_KEPT, MAX_TEXT_CHARS  # one cap for every caption source
+from datasets.sources import BadInput
+from datasets.sources.yfcc import MAX_MALFORMED_KEPT, MAX_TEXT_CHARS, MalformedWriter  # one cap for every caption source
 
 URL_NAMES = ("url", "download_url", "image_url", "img_url", "URL")
 CAPTION_NAMES = ("caption", "text", "title", "alt", "TEXT", "captions")
@@ -38,13 +39,19 @@ def _looks_like_url(s: str) -> bool:
 
 def _sniff(url: str, delimiter: str) -> tuple[bool, list[str] | None]:
     """(has_header, column names for a headerless file) from the first line."""
-    with storage.url_to_fs(url)[0].open(storage.url_to_fs(url)[1], "rb", compression="infer") as f:
-        first = f.readline().decode("utf-8", "replace").rstrip("\r\n").split(delimiter)
+    fs, path = storage.url_to_fs(url)
+    if not fs.exists(path):
+        raise BadInput(f"{url}: no such file")
+    with fs.open(path, "rb", compression="infer") as f:
+        try:
+            first = f.readline().decode("utf-8", "replace").rstrip("\r\n").split(delimiter)
+        except (EOFError, OSError) as e:
+            raise BadInput(f"{url}: truncated or unreadable ({type(e).__name__}: {e})") from None
     if any(c in URL_NAMES for c in first):
         return True, None
     if len(first) == 2:  # CC3M (caption, url) or CC12M (url, caption)
         return False, ["url", "caption"] if _looks_like_url(first[0]) else ["caption", "url"]
-    raise ValueError(f"{url}: cannot tell the URL column from the first line {first[:4]!r}")
+    raise BadInput(f"{url}: cannot tell the URL column from the first line {repr(first[:4])[:120]}")
 
 
 def row_keys(urls, captions) -> pa.Array:
@@ -69,22 +76,50 @@ def _batches(url: str, report: dict):
     read = pacsv.ReadOptions(column_names=names, block_size=1 << 24)
     def malformed(row) -> str:  # wrong column count: skipped, but counted (every input row has a fate)
         report["malformed"] += 1
-        if len(report["malformed_lines"]) < MAX_MALFORMED_KEPT:
-            report["malformed_lines"].append(row.number)
+        report["_bad"].append((row.text, f"{row.actual_columns} fields, want {row.expected_columns}"))
         return "skip"
 
     parse = pacsv.ParseOptions(delimiter=delim, newlines_in_values=True, invalid_row_handler=malformed)
     conv = pacsv.ConvertOptions(strings_can_be_null=False)
     with fs.open(path, "rb", compression="infer") as f:
-        reader = pacsv.open_csv(f, read_options=read, parse_options=parse, convert_options=conv)
-        yield from reader
+        try:
+            yield from pacsv.open_csv(f, read_options=read, parse_options=parse, convert_options=conv)
+        except (EOFError, OSError, pa.ArrowInvalid) as e:  # truncated .gz / .bz2, unreadable bytes
+            raise BadInput(f"{url}: truncated or unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
-def normalize_table(source: str, output: str, caption_col: str | None = None) -> dict:
+def line_numbers(url: str, texts: list[str]) -> list[int | None]:
+    """0-based physical line of each malformed row text, in order (pyarrow's CSV reader does not tell):
+    one streamed pass over the file, run only when there are malformed rows."""
+    want: dict[bytes, list[int]] = {}
+    for i, t in enumerate(texts):
+        want.setdefault(t.encode("utf-8", "surrogateescape"), []).append(i)
+    out: list[int | None] = [None] * len(texts)
+    fs, path = storage.url_to_fs(url)
+    with fs.open(path, "rb", compression="infer") as f:
+        for n, raw in enumerate(f):
+            hit = want.get(raw.rstrip(b"\r\n"))
+            if hit:
+                out[hit.pop(0)] = n
+    return out
+
+
+def _record_malformed(source: str, report: dict, malformed_output: str | None) -> None:
+    bad = report.pop("_bad")
+    lines = line_numbers(source, [t for t, _ in bad]) if bad else []
+    report["malformed_lines"] = lines[:MAX_MALFORMED_KEPT]
+    writer = MalformedWriter(malformed_output)
+    for ln, (_, why) in zip(lines, bad):
+        writer.add(ln, why)
+    writer.close()
+
+
+def normalize_table(source: str, output: str, caption_col: str | None = None, malformed_output: str | None = None) -> dict:
     """Write `output` (parquet): key, url, caption + the source's other columns as strings.
     Returned report: `rows` written, `malformed` rows skipped (wrong column count; first line numbers in
-    `malformed_lines`, None where the reader cannot tell), `truncated_text` captions cut to MAX_TEXT_CHARS."""
-    report = {"rows": 0, "source": source, "malformed": 0, "malformed_lines": [], "truncated_text": 0}
+    `malformed_lines`), `truncated_text` captions cut to MAX_TEXT_CHARS. Every malformed row's line number
+    and reason go to `malformed_output` (parquet) when given."""
+    report = {"rows": 0, "source": source, "malformed": 0, "malformed_lines": [], "truncated_text": 0, "_bad": []}
     writer = None
     with storage.atomic_open(output, "wb") as out:
         for batch in _batches(source, report):
@@ -108,6 +143,7 @@ def normalize_table(source: str, output: str, caption_col: str | None = None) ->
             writer.write_table(table.cast(writer.schema))
             report["rows"] += len(table)
         if writer is None:
-            raise ValueError(f"{source}: no rows")
+            raise BadInput(f"{source}: no well-formed row (want a URL and a caption column)")
         writer.close()
+    _record_malformed(source, report, malformed_output)
     return report

@@ -13,65 +13,19 @@ dataset gets `previous` from it (`load_previous(manifest)`, or `QualityConfig.pr
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import math
-import sys
-from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from datasets import decontaminate, dedup, fingerprint, quality_filters
+from datasets.quality import decontaminate, dedup, fingerprint
+from datasets.quality import filters as quality_filters
+from datasets.quality.config import QualityConfig
 from slip_core import artifacts, storage
-from slip_core.config import from_dict, to_dict
-
-
-@dataclass
-class QualityConfig:
-    # dedup (datasets/dedup.py); near_dup_hamming < 0 turns the perceptual part off
-    exact_dedup: bool = False
-    near_dup_hamming: int = -1  # bits of the 256-bit pHash; 20 = measured 0 false pairs on offline corpora
-    # decontamination (datasets/decontaminate.py): eval dataset names, ("*",) = every locally available one
-    decontaminate: tuple = ()
-    decontam_hamming: int = 20
-    # caption rules (0 = off)
-    min_caption_words: int = 0
-    max_caption_words: int = 0
-    min_caption_chars: int = 0
-    max_caption_chars: int = 0
-    drop_boilerplate_captions: bool = False
-    # image rules on the original size (0 = off)
-    min_image_side: int = 0
-    max_aspect_ratio: float = 0.0
-    # DataComp-style CLIP score: a checkpoint of ours; samples below min_clip_score are dropped
-    clip_score_checkpoint: str = ""
-    min_clip_score: float = 0.0
-    # manifest URL of the previous version of this dataset: its dedup decisions stay (incremental rebuilds)
-    previous_dataset: str = ""
-
-    @property
-    def enabled(self) -> bool:
-        return self != QualityConfig()
-
-
-QUALITY_PRESETS: dict[str, QualityConfig] = {
-    "off": QualityConfig(),
-    # dedup + decontamination against every local eval set + obviously useless captions
-    "default": QualityConfig(exact_dedup=True, near_dup_hamming=20, decontaminate=("*",), drop_boilerplate_captions=True),
-    # + DataComp-like text/image rules; set clip_score_checkpoint / min_clip_score to add the score filter
-    "strict": QualityConfig(exact_dedup=True, near_dup_hamming=20, decontaminate=("*",), drop_boilerplate_captions=True,
-                            min_caption_words=2, max_caption_chars=1000, min_image_side=64, max_aspect_ratio=3.0),
-}
-
-
-def make_quality_config(config: dict | None = None, preset: str = "off") -> QualityConfig:
-    base = to_dict(QUALITY_PRESETS[preset])
-    base.update(config or {})
-    return from_dict(QualityConfig, base)
-
+from slip_core.config import to_dict
 
 REPORT_FILE = "quality.json"  # the report, published next to ledger.parquet
 
@@ -224,18 +178,3 @@ def _subset(table: pa.Table, keys: list[str]) -> pa.Table:
 def _mean(values) -> float | None:
     v = [x for x in values if x is not None and not math.isnan(x)]
     return round(sum(v) / len(v), 6) if v else None
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="audit a published dataset: what the quality pass would remove, and why")
-    ap.add_argument("manifest", help="dataset manifest URL")
-    ap.add_argument("--preset", default="default", choices=sorted(QUALITY_PRESETS))
-    ap.add_argument("--config", default="{}", help="JSON dict of QualityConfig overrides")
-    a = ap.parse_args(argv)
-    report = audit(a.manifest, make_quality_config(json.loads(a.config), a.preset))
-    print(json.dumps(report, indent=1, sort_keys=True, default=str))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,16 @@
+"""The dataset quality pass (issue 10): per-image fingerprints, caption/image/CLIP-score filters, eval-set
+decontamination and dedup, applied to a download ledger when a dataset is published.
+
+    fingerprint.py     pHash + byte hashes per image, cached per img2dataset shard
+    filters.py         caption / image-size / CLIP-score rules
+    decontaminate.py   eval-set overlap (the eval catalog's test splits)
+    dedup.py           exact + near-duplicate collapse, stable across versions
+    config.py          QualityConfig and presets
+    apply.py           the pass itself (run_quality, apply_quality_report, audit)
+"""
+from datasets.quality.apply import (REPORT_FILE, apply_quality, apply_quality_report, audit, clip_scores_for_ledger,
+                                    load_previous, publish_outputs, run_quality, summary)
+from datasets.quality.config import QUALITY_PRESETS, QualityConfig, make_quality_config
+
+__all__ = ["QUALITY_PRESETS", "REPORT_FILE", "QualityConfig", "apply_quality", "apply_quality_report", "audit",
+           "clip_scores_for_ledger", "load_previous", "make_quality_config", "publish_outputs", "run_quality", "summary"]

@@ -1,0 +1,203 @@
+"""YFCC15M from a parquet mirror of OpenAI's YFCC100M subset (the original Webscope download is gone).
+
+Accepted: one parquet file, a folder of them, or a glob; local, `s3://`, `hf://` (huggingface_hub's fsspec
+filesystem, when it is installed) — any fsspec URL. Detected by its schema (`is_yfcc_parquet`), not its
+name. Expected columns, YFCC100M's own names (case-insensitive; `_` optional, so `photo_id` = `photoid`):
+
+    photoid       required  the Flickr photo id (integer, or a string of digits)
+    title         required  URL-encoded as in YFCC100M ('+' for spaces); null = empty
+    description   required  likewise
+    downloadurl   required  the image URL (`download_url` too)
+    linenumber    optional  the row's line in yfcc100m_dataset (`line_number`, `line`): keys as the TSV path
+    hash          optional  the photo hash (`photo_hash`)
+    anything else (uid, usertags, pageurl, license*, ...) is ignored; a table with both `key` and `caption`
+    is our own caption table (already cleaned), never a mirror
+
+Rows get exactly the TSV path's treatment (datasets/sources/yfcc.py): SLIP cleaning of title and
+description, stored separately with `caption` = title or description, MAX_TEXT_CHARS cap, strict mode.
+The ledger key is the 9-digit line number when the mirror has one (so a dataset built from the mirror and
+one built from the TSV have the same keys), else the photo id. A row without a usable photo id or URL is
+malformed, with its 0-based row position across the files as its line number. Files are read one row group
+at a time (bounded memory); cleaning is vectorised with the same code as the TSV path.
+"""
+from __future__ import annotations
+
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from slip_core import storage
+from slip_core.failpoints import failpoint
+
+from datasets import engine
+from datasets.sources import BadInput
+from datasets.sources import yfcc
+from datasets.sources import yfcc_parse as yparse
+
+COLUMNS = {  # our name -> accepted spellings, normalised (lower case, no '_')
+    "photo_id": ("photoid",), "title": ("title",), "description": ("description",),
+    "download_url": ("downloadurl",), "line_number": ("linenumber", "line"), "photo_hash": ("hash", "photohash"),
+}
+REQUIRED = ("photo_id", "title", "description", "download_url")
+
+
+def _norm(name: str) -> str:
+    return name.lower().replace("_", "")
+
+
+def files(source: str) -> list[str]:
+    """The parquet files of `source` (a file, a folder, or a glob), sorted; URLs keep their scheme."""
+    fs, path = storage.url_to_fs(source)
+    if any(c in path for c in "*?["):
+        found = fs.glob(path)
+    elif fs.isdir(path):
+        found = [p for p in fs.find(path) if p.endswith(".parquet")]
+    else:
+        found = [path] if fs.exists(path) else []
+    if storage.is_local(source):
+        return sorted(found)
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return sorted(p if "://" in p else f"{proto}://{p}" for p in found)
+
+
+def column_map(schema: pa.Schema) -> dict[str, str] | None:
+    """{our name: the file's column} when `schema` is a YFCC100M-named table, else None. Our own caption
+    table (yfcc.SCHEMA: it has `key` and `caption`, its text already cleaned) is not a mirror."""
+    if {"key", "caption"} <= set(schema.names):
+        return None
+    by_norm = {_norm(n): n for n in schema.names}
+    out = {ours: next((by_norm[a] for a in alts if a in by_norm), None) for ours, alts in COLUMNS.items()}
+    return out if all(out[r] for r in REQUIRED) else None
+
+
+def is_yfcc_parquet(source: str) -> bool:
+    try:
+        fl = files(source)
+        if not fl:
+            return False
+        fs, path = storage.url_to_fs(fl[0])
+        with fs.open(path, "rb") as f:
+            return column_map(pq.read_schema(f)) is not None
+    except (OSError, ValueError, pa.ArrowInvalid):
+        return False
+
+
+def _text(col: pa.ChunkedArray) -> pa.Array:
+    return pc.fill_null(col.combine_chunks().cast(pa.large_string()), "")
+
+
+def _digits_column(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(valid, value) of an integer or digit-string column (int64 range)."""
+    arr = col.combine_chunks()
+    if pa.types.is_integer(arr.type):
+        valid = np.asarray(pc.fill_null(pc.greater_equal(arr, 0), False))
+        return valid, np.asarray(pc.fill_null(arr, 0).cast(pa.int64()))
+    s = pc.fill_null(arr.cast(pa.large_string()), "")
+    valid = np.asarray(pc.and_(pc.match_substring_regex(s, r"^[0-9]{1,18}$"), pc.invert(pc.equal(s, ""))))
+    vals = pc.if_else(pa.array(valid), s, "0").cast(pa.int64())
+    return valid, np.asarray(vals)
+
+
+def _clean_batch(batch: pa.RecordBatch, cols: dict, row0: int, strict: bool, report: yfcc.FilterReport, bad,
+                 con, bitmap: np.ndarray | None) -> pa.Table:
+    t = pa.Table.from_batches([batch])
+    pid_ok, pid = _digits_column(t[cols["photo_id"]])
+    url = _text(t[cols["download_url"]])
+    ok = pid_ok & np.asarray(pc.not_equal(url, ""))
+    if cols["line_number"]:
+        ln_ok, ln = _digits_column(t[cols["line_number"]])
+        ok &= ln_ok
+    else:
+        ln = None
+    for i in np.flatnonzero(~ok):
+        bad(row0 + int(i), "no usable photo id, line number or download URL")
+    if bitmap is not None and ln is not None:  # OpenAI's subset list, by line number
+        ok &= (ln < len(bitmap)) & (bitmap[np.minimum(ln, max(len(bitmap) - 1, 0))] != 0) if len(bitmap) else False
+    idx = pa.array(np.flatnonzero(ok))
+    title_raw, desc_raw = _text(t[cols["title"]]).take(idx), _text(t[cols["description"]]).take(idx)
+    t_dec, d_dec = (yparse._binary(*yparse._unquote_plus(*_buffers(a))) for a in (title_raw, desc_raw))
+    fast = yparse._valid_utf8(t_dec) & yparse._valid_utf8(d_dec)
+    sel = pa.array(np.flatnonzero(fast))
+    title, desc = yparse.clean_in_engine(con, t_dec.take(sel).cast(pa.large_string()), d_dec.take(sel).cast(pa.large_string()))
+    title, desc = title.to_pylist(), desc.to_pylist()
+    slow_t, slow_d = title_raw.filter(pa.array(~fast)).to_pylist(), desc_raw.filter(pa.array(~fast)).to_pylist()
+    clean = yfcc.clean_strict if strict else yfcc.clean_slip
+    it_fast, it_slow = iter(zip(title, desc)), iter(zip(slow_t, slow_d))
+    titles, descs, keep = [], [], []
+    for is_fast in fast:  # per kept row; the cleaning above is vectorised, this only applies the text rules
+        tt, dd = next(it_fast) if is_fast else (clean(a) for a in next(it_slow))
+        if strict and is_fast:
+            tt, dd = (yfcc.clean_strict_from_slip(x) for x in (tt, dd))
+        if len(tt) > yfcc.MAX_TEXT_CHARS or len(dd) > yfcc.MAX_TEXT_CHARS:
+            report.truncated_text += 1
+            tt, dd = tt[:yfcc.MAX_TEXT_CHARS], dd[:yfcc.MAX_TEXT_CHARS]
+        keep.append(not (strict and not tt and not dd))
+        titles.append(tt)
+        descs.append(dd)
+    report.in_subset += len(keep)
+    report.dropped_empty += keep.count(False)
+    rows = np.flatnonzero(ok)
+    ids = ln[rows] if ln is not None else pid[rows]
+    keys = yparse._keys(ids) if ln is not None else pa.array(ids.astype(str), pa.large_string())
+    out = pa.table({"key": keys, "line_number": pa.array(ln[rows] if ln is not None else np.full(len(rows), -1), pa.int64()),
+                    "photo_id": pa.array(pid[rows], pa.int64()),
+                    "photo_hash": _text(t[cols["photo_hash"]]).take(idx) if cols["photo_hash"] else pa.array([""] * len(rows), pa.large_string()),
+                    "title": pa.array(titles, pa.large_string()), "description": pa.array(descs, pa.large_string()),
+                    "caption": pa.array([a or b for a, b in zip(titles, descs)], pa.large_string()),
+                    "download_url": url.take(idx)})
+    if ln is None:
+        out = out.set_column(1, "line_number", pa.nulls(len(out), pa.int64()))
+    return out.filter(pa.array(keep, pa.bool_()))
+
+
+def _buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets int64, bytes) of a large_string array (no copy of the text)."""
+    arr = arr.cast(pa.large_binary())
+    offs = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset:arr.offset + len(arr) + 1]
+    data = np.frombuffer(arr.buffers()[2], np.uint8) if arr.buffers()[2] is not None else np.zeros(0, np.uint8)
+    return offs - offs[0], data[offs[0]:offs[-1]]
+
+
+def filter_yfcc_parquet(source: str, output: str, subset: str | None = None, mode: str = "slip",
+                        malformed_output: str | None = None, batch_rows: int = 65536) -> yfcc.FilterReport:
+    """The parquet mirror -> our caption table (yfcc.SCHEMA) at `output`, like yfcc.filter_yfcc; the report
+    likewise (`layout` = "parquet-mirror"). `subset` (OpenAI's TSV) filters by line number when the mirror
+    has one."""
+    strict = mode == "strict"
+    fl = files(source)
+    if not fl:
+        raise BadInput(f"{source}: no parquet files")
+    report = yfcc.FilterReport(layout="parquet-mirror")
+    bitmap = np.frombuffer(yfcc.read_subset(subset), np.uint8) if subset else None
+    report.subset_rows = int(bitmap.sum()) if bitmap is not None else 0
+    bad_rows = yfcc.MalformedWriter(malformed_output)
+    bad = yfcc.malformed_recorder(report, bad_rows)
+
+    row0 = 0
+    try:
+        with storage.atomic_open(output, "wb") as out, engine.connect() as con:
+            writer = pq.ParquetWriter(out, yfcc.SCHEMA, compression="zstd")
+            try:
+                for url in fl:
+                    fs, path = storage.url_to_fs(url)
+                    with fs.open(path, "rb") as f:
+                        pf = pq.ParquetFile(f)
+                        cols = column_map(pf.schema_arrow)
+                        if cols is None:
+                            raise BadInput(f"{url}: not a YFCC100M-named parquet (need {', '.join(REQUIRED)})")
+                        for batch in pf.iter_batches(batch_size=batch_rows, columns=[c for c in cols.values() if c]):
+                            table = _clean_batch(batch, cols, row0, strict, report, bad, con, bitmap)
+                            row0 += batch.num_rows
+                            writer.write_table(table.cast(yfcc.SCHEMA))
+                            failpoint("filter.batch_written")
+                if row0 == 0 or report.malformed == row0:
+                    raise BadInput(f"{source}: no well-formed row")
+            finally:
+                writer.close()
+            bad_rows.close()
+    except BaseException as e:
+        bad_rows.abort(e)
+        raise
+    return yfcc.finish_report(report, row0, bitmap is not None, output)

@@ -1,0 +1,239 @@
+"""Vectorised YFCC100M metadata parsing and SLIP cleaning, one block of whole lines at a time.
+
+`parse_block` does in numpy and the table engine what `yfcc.reference_row` does line by line, with the
+same result byte for byte (tests/test_yfcc.py runs both on hostile input):
+
+* lines are split at b"\\n" only (Python's binary line iteration), fields at b"\\t"; a line whose field count
+  is not the file's layout is malformed, so is a 25-column line whose line number is not ASCII digits and a
+  subset member whose photo id is not;
+* percent-decoding is done on the bytes (a '%' followed by two hex digits becomes that byte; nothing else
+  changes, as in urllib.parse.unquote_to_bytes), then '+' becomes ' '. When the raw field and the decoded
+  bytes are valid UTF-8 this equals `unquote(text).replace("+", " ")` on the decoded text (unquote decodes
+  runs of ASCII between non-ASCII characters, and a complete character never merges with its neighbours);
+  every other row — invalid UTF-8 anywhere, a field over MAX_TEXT_CHARS, a number too long for int64 — is
+  handed to the reference code, so rare cases cost Python time and nothing else does;
+* SLIP's regexes run in DuckDB (RE2): `<a.*?>|</a>|<b>|</b>|<i>|</i>` has the same leftmost-first matches
+  in RE2 and Python (`.` excludes only "\\n" in both), and `\\S` is spelled as the complement of exactly the
+  characters Python's str `\\s` matches (str.isspace), since RE2's `\\S` is ASCII-only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+MAX_DIGITS = 18  # int64-safe; longer numbers go to the reference code
+_WS_CLASS = "".join(f"\\x{{{ord(c):x}}}" for c in map(chr, range(0x3001)) if c.isspace())
+TAGS_RE2 = r"<a.*?>|</a>|<b>|</b>|<i>|</i>"
+URLS_RE2 = f"http[^{_WS_CLASS}]+|www[^{_WS_CLASS}]+"
+_HEX = np.full(256, -1, np.int16)
+for _i, _c in enumerate(b"0123456789abcdef"):
+    _HEX[_c] = _i
+for _i, _c in enumerate(b"ABCDEF"):
+    _HEX[_c] = 10 + _i
+
+
+@dataclass
+class Layout:
+    columns: int  # 25 or 23
+    first_good: int  # physical line of the first well-formed line (the one that fixed the layout)
+    pos: tuple  # (line number or None, photo id, hash or None, title, description, url)
+
+
+@dataclass
+class Block:
+    """What one block gives: the kept rows (in file order), the malformed lines, counters, slow rows."""
+    rows: pa.Table  # kept rows parsed here, in file order, with their physical line in `_phys`
+    n_lines: int
+    in_subset: int  # rows of `rows` (the slow rows are counted by the reference code)
+    malformed: list  # [(physical line, reason)]
+    slow: list  # [(physical line, raw line)] for the reference code (yfcc.reference_row)
+
+
+def _digits(buf: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(is all ASCII digits and non-empty, value, too long) of the byte ranges [a, b)."""
+    n = b - a
+    ok = n > 0
+    long = n > MAX_DIGITS
+    val = np.zeros(len(a), np.int64)
+    for k in range(int(min(n.max(initial=0), MAX_DIGITS))):
+        live = ok & ~long & (n > k)
+        d = buf[np.where(live, a + k, 0)].astype(np.int64) - 48
+        ok &= ~live | ((d >= 0) & (d <= 9))
+        val = np.where(live, val * 10 + d, val)
+    long &= ok
+    if long.any():  # digits beyond MAX_DIGITS: the value is left to the reference code
+        for i in np.flatnonzero(long):
+            ok[i] = bytes(buf[a[i]:b[i]]).isdigit()
+    return ok, val, long
+
+
+def _gather(buf: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets int64, bytes) of the concatenated ranges [a, b)."""
+    lens = (b - a).astype(np.int64)
+    offs = np.zeros(len(a) + 1, np.int64)
+    np.cumsum(lens, out=offs[1:])
+    idx = np.repeat(a.astype(np.int64) - offs[:-1], lens) + np.arange(offs[-1], dtype=np.int64)
+    return offs, buf[idx]
+
+
+def _binary(offs: np.ndarray, data: np.ndarray) -> pa.Array:
+    return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(offs) - 1,
+                                            [None, pa.py_buffer(offs), pa.py_buffer(np.ascontiguousarray(data))])
+
+
+def _unquote_plus(offs: np.ndarray, data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Percent-decode every field (bytes), then '+' -> ' '."""
+    pct = np.flatnonzero(data == 37)
+    if len(pct):
+        row = np.searchsorted(offs, pct, side="right") - 1
+        inside = pct + 2 < offs[row + 1]
+        pct, row = pct[inside], row[inside]
+        hi, lo = _HEX[data[pct + 1]], _HEX[data[pct + 2]]
+        good = (hi >= 0) & (lo >= 0)
+        pct, row, hi, lo = pct[good], row[good], hi[good], lo[good]
+    if len(pct):
+        data = data.copy()
+        data[pct] = (hi * 16 + lo).astype(np.uint8)
+        keep = np.ones(len(data), bool)
+        keep[pct + 1] = False
+        keep[pct + 2] = False
+        data = data[keep]
+        removed = np.zeros(len(offs), np.int64)
+        np.add.at(removed, row + 1, 2)
+        offs = offs - np.cumsum(removed)
+    else:
+        data = data.copy()
+    data[data == 43] = 32
+    return offs, data
+
+
+def _valid_utf8(arr: pa.Array) -> np.ndarray:
+    """Per-row UTF-8 validity of a binary array (whole-array cast; bisected only where it fails)."""
+    out = np.ones(len(arr), bool)
+
+    def check(lo: int, hi: int) -> None:
+        if hi <= lo:
+            return
+        try:
+            arr.slice(lo, hi - lo).cast(pa.large_string())
+            return
+        except pa.ArrowInvalid:
+            if hi - lo == 1:
+                out[lo] = False
+                return
+        mid = (lo + hi) // 2
+        check(lo, mid)
+        check(mid, hi)
+
+    check(0, len(arr))
+    return out
+
+
+def clean_in_engine(con: duckdb.DuckDBPyConnection, title: pa.Array, desc: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """SLIP's tag then URL removal on already unquoted text, in DuckDB (RE2)."""
+    con.register("yfcc_text", pa.table({"i": np.arange(len(title)), "t": title, "d": desc}))
+    tags, urls = f"'{TAGS_RE2}'", f"'{URLS_RE2}'"  # no quote inside either pattern
+    inner = ", ".join(f"CASE WHEN contains({c}, '<') THEN regexp_replace({c}, {tags}, '', 'g') ELSE {c} END AS {c}"
+                      for c in ("t", "d"))
+    outer = ", ".join(f"CASE WHEN contains({c}, 'http') OR contains({c}, 'www') THEN regexp_replace({c}, {urls}, '', 'g') "
+                      f"ELSE {c} END AS {c}" for c in ("t", "d"))
+    out = con.sql(f"SELECT {outer} FROM (SELECT i, {inner} FROM yfcc_text) ORDER BY i").to_arrow_table()
+    con.unregister("yfcc_text")
+    return out["t"].combine_chunks(), out["d"].combine_chunks()
+
+
+def _keys(lines: np.ndarray) -> pa.Array:
+    """f"{ln:09d}" of each line number."""
+    if not len(lines):
+        return pa.array([], pa.large_string())
+    return pa.array(np.char.zfill(lines.astype(str), 9), pa.large_string())
+
+
+def parse_block(block: bytes, phys0: int, layout: Layout, bitmap: np.ndarray | None, line_offset: int,
+                con: duckdb.DuckDBPyConnection, last: bool) -> Block:
+    """Parse the whole lines of `block` (its first line is physical line `phys0`; `last`: the file's end,
+    where a final line may lack its newline)."""
+    buf = np.frombuffer(block, np.uint8)
+    nl = np.flatnonzero(buf == 10)
+    ends = nl if (not last or (len(buf) and buf[-1] == 10)) else np.r_[nl, len(buf)]
+    starts = np.r_[0, ends[:-1] + 1] if len(ends) else np.zeros(0, np.int64)
+    phys = phys0 + np.arange(len(ends))
+    tabs = np.flatnonzero(buf == 9)
+    t_lo = np.searchsorted(tabs, starts)
+    ntab = np.searchsorted(tabs, ends) - t_lo
+    want = layout.columns - 1
+    malformed = [(int(p), f"{int(k) + 1} tab-separated fields, want {'25 or 23' if p < layout.first_good else layout.columns}")
+                 for p, k in zip(phys[ntab != want], ntab[ntab != want])]
+    good = np.flatnonzero(ntab == want)
+    pos_ln, pos_id, pos_hash, pos_t, pos_d, pos_u = layout.pos
+    if not len(good):
+        return Block(None, len(ends), 0, malformed, [])
+
+    def field(idx: np.ndarray, j: int) -> tuple[np.ndarray, np.ndarray]:
+        a = starts[idx] if j == 0 else tabs[t_lo[idx] + j - 1] + 1
+        return a, tabs[t_lo[idx] + j]
+
+    slow_lines = []
+    if pos_ln is None:
+        ln = phys[good] + line_offset
+    else:
+        ok, ln, long = _digits(buf, *field(good, pos_ln))
+        for i in np.flatnonzero(~ok):
+            malformed.append((int(phys[good[i]]), "line number is not a number"))
+        slow_lines += [int(i) for i in good[ok & long]]
+        good, ln = good[ok & ~long], ln[ok & ~long]
+    if bitmap is not None:
+        inside = ln < len(bitmap)
+        member = np.zeros(len(good), bool)
+        member[inside] = bitmap[ln[inside]] != 0
+        good, ln = good[member], ln[member]
+    pid_ok, pid, pid_long = _digits(buf, *field(good, pos_id))
+    for i in np.flatnonzero(~pid_ok):
+        malformed.append((int(phys[good[i]]), "photo id is not a number"))
+    slow_lines += [int(i) for i in good[pid_ok & pid_long]]
+    keep = pid_ok & ~pid_long
+    good, ln, pid = good[keep], ln[keep], pid[keep]
+
+    raw = {j: _gather(buf, *field(good, j)) for j in (pos_t, pos_d, pos_u)}
+    raw_valid = np.ones(len(good), bool)
+    for j in (pos_t, pos_d, pos_u):
+        raw_valid &= _valid_utf8(_binary(*raw[j]))
+    text = {j: _binary(*_unquote_plus(*raw[j])) for j in (pos_t, pos_d)}
+    dec_valid = _valid_utf8(text[pos_t]) & _valid_utf8(text[pos_d])
+    if pos_hash is not None:
+        h_offs, h_data = _gather(buf, *field(good, pos_hash))
+        h_ascii = np.ones(len(good), bool)
+        hi_rows = np.searchsorted(h_offs, np.flatnonzero(h_data >= 128), side="right") - 1
+        h_ascii[hi_rows] = False
+    else:
+        h_ascii = np.ones(len(good), bool)
+    fast = raw_valid & dec_valid & h_ascii
+    sel = pa.array(np.flatnonzero(fast))
+    title, desc = clean_in_engine(con, text[pos_t].take(sel).cast(pa.large_string()),
+                                  text[pos_d].take(sel).cast(pa.large_string()))
+    too_long = np.asarray(pc.or_(pc.greater(pc.utf8_length(title), MAX_TEXT), pc.greater(pc.utf8_length(desc), MAX_TEXT)))
+    idx = np.flatnonzero(fast)
+    short = pa.array(np.flatnonzero(~too_long))
+    slow_lines += [int(i) for i in good[~fast]] + [int(i) for i in good[idx[too_long]]]
+    idx = idx[~too_long]
+    sel = pa.array(idx)
+    title, desc = title.take(short), desc.take(short)
+    lines = ln[idx]
+    url = _binary(*raw[pos_u]).take(sel).cast(pa.large_string())
+    photo_hash = (_binary(*_gather(buf, *field(good, pos_hash))).take(sel).cast(pa.large_string())
+                  if pos_hash is not None else pa.array([""] * len(idx), pa.large_string()))
+    table = pa.table({
+        "_phys": pa.array(phys[good[idx]], pa.int64()),
+        "key": _keys(lines),
+        "line_number": pa.array(lines, pa.int64()), "photo_id": pa.array(pid[idx], pa.int64()),
+        "photo_hash": photo_hash, "title": title, "description": desc,
+        "caption": pc.if_else(pc.not_equal(title, ""), title, desc), "download_url": url})
+    slow = sorted((int(phys[i]), bytes(buf[starts[i]:ends[i] + 1])) for i in set(slow_lines))
+    return Block(table, len(ends), len(table), malformed, slow)
+
+
+MAX_TEXT = 8192  # = yfcc.MAX_TEXT_CHARS (yfcc.py asserts they agree)
