@@ -33,7 +33,7 @@ def _setup(root: str):
     from datasets import catalog
     from evaluation import common
     from slip_core.checkpoint import save_checkpoint
-    from slip_core.models import build_model
+    from slip_core.registry import build_model
 
     catalog.prepare("fashion_mnist", root)
     ckpt = os.path.join(root, "tiny.pt")

@@ -22,8 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from slip_core import compute  # noqa: E402
-from slip_core.losses import build_loss  # noqa: E402
-from slip_core.models import MODEL_PRESETS, build_model  # noqa: E402
+from slip_core.registry import MODEL_PRESETS, build_loss, build_model, get_spec  # noqa: E402
 from slip_core.optim import build_optimizer  # noqa: E402
 from slip_core.trainer import train_step  # noqa: E402
 
@@ -59,7 +58,7 @@ def run_variant(args, device, grad_ckpt: bool, compiled: bool) -> dict:
     batch = {k: v.to(device) for k, v in synthetic_batch(cfg, args.batch).items()}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    step = lambda: train_step(step_model, loss_fn, opt, scaler, [batch], kind=cfg.kind, device=device,  # noqa: E731
+    step = lambda: train_step(step_model, loss_fn, opt, scaler, [batch], spec=get_spec(cfg), device=device,  # noqa: E731
                               autocast=autocast, lr=1e-4)
     for _ in range(args.warmup):
         step()

@@ -57,23 +57,24 @@ def build_shard(root: str) -> str:
     return write_dataset(root, samples, per_shard=N, name="bench-loader")
 
 
-def run_ours(urls: list[str]) -> float:
-    cfg = D.LoaderConfig(batch_size=10, aug=AugmentConfig(image_size=SIZE), shuffle_chunk=N, num_workers=0)
-    loader = D.EpochLoader(urls, cfg, epoch=0, num_batches=N // 10)
+def run_ours(shards: list[D.Shard]) -> float:
+    cfg = D.LoaderConfig(aug=AugmentConfig(image_size=SIZE), shuffle_chunk=N, num_workers=0)
+    layout = D.StreamLayout(streams=1, per_stream=10, micro=10, accum=1)
+    loader = D.EpochLoader(shards, cfg, layout, epoch=0, num_steps=N // 10)
     t = time.perf_counter()
     n = 0
-    for b in loader:  # uint8 views are finished (normalised) by the consumer: count that cost here too
+    for (b,) in loader:  # uint8 views are finished (normalised) by the consumer: count that cost here too
         n += b["image"].shape[0]
         for v in ("image", "aug1", "aug2"):
             normalize_uint8_batch(b[v])
     return n / (time.perf_counter() - t)
 
 
-def run_baseline(urls: list[str]) -> float:
+def run_baseline(shards: list[D.Shard]) -> float:
     clip_tf, ssl_tf = reference_transforms()
     t = time.perf_counter()
     n, batch = 0, []
-    for raw in D._raw_samples(urls[0]):
+    for raw in D.raw_samples(shards[0].url):
         img = Image.open(io.BytesIO(raw["jpg"])).convert("RGB")  # full-size decode
         meta = json.loads(raw["json"])
         caption = random.choice([meta["title"], meta["description"]])
@@ -89,12 +90,12 @@ def run_baseline(urls: list[str]) -> float:
 def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as d:
-        urls = D.shard_urls(build_shard(d))
-        run_ours(urls)  # warm caches (tokenizer, imports)
+        shards = D.dataset_shards(build_shard(d))
+        run_ours(shards)  # warm caches (tokenizer, imports)
         ours, base = [], []
         for _ in range(3):  # interleaved, best of 3: the box is shared, load varies between runs
-            ours.append(run_ours(urls))
-            base.append(run_baseline(urls))
+            ours.append(run_ours(shards))
+            base.append(run_baseline(shards))
         ours, base = max(ours), max(base)
     print(json.dumps({"name": "loader_slip_3view_224", "value": round(ours, 2), "baseline": round(base, 2),
                       "ratio": round(ours / base, 3), "unit": "samples/s/worker", "goal_ratio": 2.0,

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from slip_core.models import build_model  # noqa: E402
+from slip_core.registry import build_model  # noqa: E402
 from slip_core.tokenizer import tokenize  # noqa: E402
 
 BATCH = int(os.environ.get("BENCH_TEXT_BATCH", 8))

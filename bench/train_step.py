@@ -26,26 +26,27 @@ STEPS = int(os.environ.get("BENCH_TRAIN_STEPS", 3))
 def measure(model_name: str, batch: int, dataset: str) -> dict:
     import torch
 
-    from slip_core.augment import VIEWS_BY_KIND, AugmentConfig
-    from slip_core.data import EpochLoader, LoaderConfig, shard_urls
-    from slip_core.losses import build_loss
-    from slip_core.models import build_model
+    from slip_core.augment import AugmentConfig
+    from slip_core.data import EpochLoader, LoaderConfig, StreamLayout, dataset_shards
     from slip_core.optim import build_optimizer
+    from slip_core.registry import build_model, get_spec
     from slip_core.trainer import train_step
 
     torch.manual_seed(0)
     model = build_model(model_name)
     cfg = model.config
-    lcfg = LoaderConfig(batch_size=batch, views=VIEWS_BY_KIND[cfg.kind], aug=AugmentConfig(image_size=cfg.image_size))
-    micro = next(iter(EpochLoader(shard_urls(dataset), lcfg, epoch=0, num_batches=1)))
-    loss_fn = build_loss(cfg.kind)
+    spec = get_spec(cfg)
+    lcfg = LoaderConfig(views=spec.views, text=spec.uses_text, aug=AugmentConfig(image_size=cfg.image_size))
+    layout = StreamLayout(streams=1, per_stream=batch, micro=batch, accum=1)
+    micro = next(iter(EpochLoader(dataset_shards(dataset), lcfg, layout, epoch=0, num_steps=1)))
+    loss_fn = spec.loss()
     opt = build_optimizer(model, 1e-4, 0.1)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    kw = dict(kind=cfg.kind, device=torch.device("cpu"), autocast=contextlib.nullcontext, lr=1e-4)
-    train_step(model, loss_fn, opt, scaler, [micro], **kw)  # warm-up (allocations, optimizer state)
+    kw = dict(spec=spec, device=torch.device("cpu"), autocast=contextlib.nullcontext, lr=1e-4)
+    train_step(model, loss_fn, opt, scaler, micro, **kw)  # warm-up (allocations, optimizer state)
     t = time.perf_counter()
     for _ in range(STEPS):
-        train_step(model, loss_fn, opt, scaler, [micro], **kw)
+        train_step(model, loss_fn, opt, scaler, micro, **kw)
     dt = (time.perf_counter() - t) / STEPS
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB (Linux)
     return {"samples_per_s": round(batch / dt, 2), "step_s": round(dt, 3), "peak_rss_mb": round(rss, 1)}

@@ -10,7 +10,7 @@ from slip_core.config import to_dict
 def dry_run_plan(preset: str) -> str:
     from datasets.config import DATASET_PRESETS
     from flows.reproduce import REPRODUCE_PRESETS
-    from slip_core.models import MODEL_PRESETS
+    from slip_core.registry import MODEL_PRESETS
     from slip_core.trainer import TRAIN_PRESETS, resolve
 
     p = REPRODUCE_PRESETS[preset]

@@ -34,7 +34,6 @@ cv2.setNumThreads(1)
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics (SPEC §5), not OpenAI CLIP's
 STD = (0.229, 0.224, 0.225)
-VIEWS_BY_KIND = {"clip": ("image",), "simclr": ("aug1", "aug2"), "slip": ("image", "aug1", "aug2")}
 
 
 class BadImage(ValueError):

@@ -4,7 +4,8 @@ Loading never unpickles arbitrary objects: `torch.load(weights_only=True)` with 
 allow-listed (`argparse.Namespace`, which the released checkpoints use for `args`). Anything else in the
 pickle is refused with a CheckpointError that names the offending global.
 
-Our format: {"format": "slip-pipeline/1", "model_name", "model_config" (dict), "state_dict", **extra}.
+Our format: {"format": "slip-pipeline/1", "model_name", "model_config" (dict), "state_dict", **extra}; the
+trainers' extra is `train_state` + `train_config` (slip_core/train_state.py), fine-tunes add `task`.
 Released format: {"epoch", "args": Namespace(model=..., ssl_mlp_dim, ssl_emb_dim, ...), "state_dict" with
 DDP "module." prefixes, "optimizer", "scaler", "best_acc1"} (SPEC §3; only model + head dims are needed,
 §9.9).
@@ -21,7 +22,8 @@ import torch
 import torch.nn as nn
 
 from slip_core import storage
-from slip_core.models import ModelConfig, build_model_from_config, get_config
+from slip_core.models import ModelConfig
+from slip_core.registry import build_model_from_config, get_config
 
 FORMAT = "slip-pipeline/1"
 SAFE_GLOBALS = [argparse.Namespace]
@@ -122,6 +124,9 @@ def config_from_state(state: dict) -> ModelConfig:
 def load_checkpoint(path_or_url: str, map_location="cpu") -> nn.Module:
     """Rebuild the model of a checkpoint (ours or released SLIP format), load weights strictly, eval mode."""
     state = load_state(path_or_url, map_location=map_location)
+    if state.get("task", "pretrain") != "pretrain":
+        raise CheckpointError(f"{path_or_url} is a {state['task']} checkpoint (its own head and weights), "
+                              "not a pretrained model; its stage loads it (slip_core/evaluation/finetune.py)")
     cfg = config_from_state(state)
     if cfg.mim_tokenizer and "mim_tokenizer.codebook" in state["state_dict"]:
         # SLIP-BEiT with a codebook file: the codebook travels in the state dict, the file is not needed

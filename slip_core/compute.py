@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from slip_core.registry import build_model_from_config, get_spec
+
 # Dense peak TFLOP/s per device, bf16/fp16 tensor cores (vendor datasheets, no sparsity).
 PEAK_TFLOPS = {"V100": 125.0, "A100": 312.0, "H100": 989.0, "H200": 989.0}
 
@@ -33,8 +35,6 @@ def _resnet_forward_flops(cfg) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from slip_core.models import build_model_from_config
-
     with torch.device("meta"):
         visual = build_model_from_config(cfg).visual
         with FlopCounterMode(display=False) as counter:
@@ -58,18 +58,16 @@ class SampleFlops:
 
 
 def flops_per_sample(cfg) -> SampleFlops:
-    """Forward and training FLOPs for one sample (SLIP: 1 CLIP view + 2 SSL views + its caption)."""
+    """Forward and training FLOPs for one sample, from what the kind's TrainSpec feeds its model: the CLIP
+    view + its caption when it reads text, each SSL view through the ViT and the head, and forward-only EMA
+    target passes (SLIP-MoCo v3 / BYOL: both SSL views). SLIP: 1 CLIP view + 2 SSL views + the caption."""
+    spec = get_spec(cfg)
     v = vision_forward_flops(cfg)
-    proj = 2.0 * cfg.vision_width * cfg.embed_dim
-    if cfg.kind == "clip":
-        fwd = v + proj + text_forward_flops(cfg) + 2.0 * cfg.transformer_width * cfg.embed_dim
-    elif cfg.kind == "simclr":
-        fwd = 2 * (v + ssl_head_flops(cfg))
-    else:
-        fwd = (v + proj + text_forward_flops(cfg) + 2.0 * cfg.transformer_width * cfg.embed_dim
-               + 2 * (v + ssl_head_flops(cfg)))
-    # EMA targets of SLIP-MoCo v3 / BYOL (slip_core/ssl_variants.py): forward only, both SSL views
-    target = 2 * (v + ssl_head_flops(cfg)) if cfg.kind in ("slip_mocov3", "slip_byol") else 0.0
+    fwd = spec.ssl_views * (v + ssl_head_flops(cfg))
+    if spec.uses_text:
+        fwd += (v + 2.0 * cfg.vision_width * cfg.embed_dim + text_forward_flops(cfg)
+                + 2.0 * cfg.transformer_width * cfg.embed_dim)
+    target = spec.ema_target_views * (v + ssl_head_flops(cfg))
     return SampleFlops(forward=fwd + target, train=3.0 * fwd + target)
 
 

@@ -23,6 +23,7 @@ The visual tokenizer — NOT DALL-E's dVAE unless you provide it:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -33,8 +34,10 @@ import torch.nn.functional as F
 from timm.models import checkpoint_seq
 
 from slip_core.augment import MEAN, STD
-from slip_core.losses import _accuracy, _upcast
-from slip_core.models import CLIP, ModelConfig
+from slip_core.losses import LossOptions, accuracy, upcast
+from slip_core.models import CLIP, ModelConfig, vit_presets
+from slip_core.ssl_variants import SLIPVariantLoss
+from slip_core.train_spec import SLIP_SPEC, register_train_spec
 
 TOKENIZER_FORMAT = "slip-pipeline/mim-tokenizer/1"
 
@@ -267,6 +270,18 @@ class MIMLoss(nn.Module):
     """Cross-entropy of the visual token at masked positions (BEiT); accuracy in % over those positions."""
 
     def forward(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        logits, targets = _upcast(outputs["mim_logits"]), outputs["mim_targets"]
+        logits, targets = upcast(outputs["mim_logits"]), outputs["mim_targets"]
         loss = F.cross_entropy(logits, targets)
-        return {"loss": loss, "ssl_loss": loss.detach(), "ssl_acc": _accuracy(logits, targets)}
+        return {"loss": loss, "ssl_loss": loss.detach(), "ssl_acc": accuracy(logits, targets)}
+
+
+def build_mim_loss(opts: LossOptions) -> SLIPVariantLoss:
+    return SLIPVariantLoss(MIMLoss(), opts.ssl_scale, opts.clip_gather_with_grad)
+
+
+# BEiT masks 40 % of the patches in blocks of >= 16 with DALL-E's 8192-token vocabulary; tiny (an 8x8 grid):
+# blocks of >= 4 patches (BEiT's MaskingGenerator default) and 256 tokens.
+BEIT_SPEC = register_train_spec(dataclasses.replace(
+    SLIP_SPEC, kind="slip_beit", build_model=SLIPBEiT, build_loss=build_mim_loss,
+    presets=vit_presets("slip_beit", "SLIP_BEIT", dict(mim_vocab=8192, mim_mask_ratio=0.4, mim_min_block=16),
+                        dict(mim_vocab=256, mim_mask_ratio=0.4, mim_min_block=4), backbones=("VITB16",))))

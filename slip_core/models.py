@@ -7,10 +7,12 @@
   Parameter names equal the released checkpoints (`transformer.resblocks.N.attn.in_proj_weight`, ...).
 * SimCLR head `image_mlp`: Linear → SyncBatchNorm → ReLU → Linear → SyncBatchNorm → ReLU → Linear, on the
   pre-projection vision feature.
+
+A leaf module: the model classes and the base presets' dimensions. Which class and loss a `kind` trains with
+is declared by its TrainSpec (slip_core/train_spec.py); build models through slip_core/registry.py.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -24,14 +26,10 @@ import torch.nn.functional as F
 from slip_core.distributed import SyncBatchNorm
 
 
-VARIANT_KINDS = ("slip_mocov3", "slip_byol", "slip_beit")  # slip_core/ssl_variants.py, slip_core/mim.py
-KINDS = ("clip", "simclr", "slip") + VARIANT_KINDS
-
-
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
-    kind: str  # "clip" | "simclr" | "slip" | "slip_mocov3" | "slip_byol" | "slip_beit" (KINDS)
+    kind: str  # the objective: a registered TrainSpec kind ("clip", "simclr", "slip", "slip_byol", ...)
     image_size: int = 224
     patch_size: int = 16
     vision_width: int = 768
@@ -54,8 +52,6 @@ class ModelConfig:
     mim_tokenizer: str = ""  # local path of a tokenizer file ("" = built-in random-projection quantizer)
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown model kind {self.kind!r}")
         # JSON / torch.load give lists; keep the field hashable and comparable
         object.__setattr__(self, "vision_layers", tuple(int(x) for x in self.vision_layers))
         if self.vision_width % self.vision_heads or self.transformer_width % self.transformer_heads:
@@ -63,9 +59,14 @@ class ModelConfig:
         if self.image_size % self.patch_size:
             raise ValueError(f"{self.name}: image_size must be a multiple of patch_size")
 
+    @property
+    def tower(self) -> str:
+        """The image tower family: "resnet" (CLIP's modified ResNet) when `vision_layers` is set, else "vit"."""
+        return "resnet" if self.vision_layers else "vit"
+
 
 # Vision backbones (SPEC §3 table). ViT-S/16 is the MoCo v3 variant: timm's ViT-S shapes but 12 heads.
-_VISION = {
+VISION_DIMS = {
     "VITS16": dict(vision_width=384, vision_depth=12, vision_heads=12),
     "VITB16": dict(vision_width=768, vision_depth=12, vision_heads=12),
     "VITL16": dict(vision_width=1024, vision_depth=24, vision_heads=16),
@@ -74,37 +75,17 @@ _VISION = {
 # The vocabulary and 77-token context stay the reference ones so the tokenizer is shared.
 # Sized so a batch-32 SLIP forward+backward takes ~0.5 s on one CPU core (~1.8M parameters besides the
 # 6.3M-parameter token embedding).
-_TINY = dict(image_size=64, patch_size=8, vision_width=128, vision_depth=4, vision_heads=4, embed_dim=128,
-             transformer_width=128, transformer_layers=3, transformer_heads=2, ssl_mlp_dim=512, ssl_emb_dim=128)
+TINY_DIMS = dict(image_size=64, patch_size=8, vision_width=128, vision_depth=4, vision_heads=4, embed_dim=128,
+                 transformer_width=128, transformer_layers=3, transformer_heads=2, ssl_mlp_dim=512, ssl_emb_dim=128)
 
-MODEL_PRESETS: dict[str, ModelConfig] = {}
-for _kind in ("clip", "simclr", "slip"):
-    for _vit, _dims in _VISION.items():
-        _name = f"{_kind.upper()}_{_vit}"
-        MODEL_PRESETS[_name] = ModelConfig(name=_name, kind=_kind, **_dims)
-    MODEL_PRESETS[f"{_kind.upper()}_VIT_TINY"] = ModelConfig(name=f"{_kind.upper()}_VIT_TINY", kind=_kind, **_TINY)
 
-# SLIP with other SSL objectives (paper Table 6; slip_core/ssl_variants.py, slip_core/mim.py). ViT-B/16 uses
-# the MoCo v3 / BYOL / BEiT papers' defaults (the SLIP notes give none for Table 6): EMA momentum 0.99 / 0.996;
-# BEiT masks 40 % of the patches in blocks of >= 16 with DALL-E's 8192-token vocabulary. Tiny: an 8x8 grid,
-# so blocks of >= 4 patches (BEiT's MaskingGenerator default) and 256 tokens.
-_SSL_VARIANTS = {
-    "slip_mocov3": (dict(ema_momentum=0.99), dict(ema_momentum=0.99)),
-    "slip_byol": (dict(ema_momentum=0.996), dict(ema_momentum=0.996)),
-    "slip_beit": (dict(mim_vocab=8192, mim_mask_ratio=0.4, mim_min_block=16),
-                  dict(mim_vocab=256, mim_mask_ratio=0.4, mim_min_block=4)),
-}
-for _kind, (_paper, _tiny) in _SSL_VARIANTS.items():
-    _name = _kind.upper()
-    MODEL_PRESETS[f"{_name}_VITB16"] = ModelConfig(name=f"{_name}_VITB16", kind=_kind, **_VISION["VITB16"], **_paper)
-    MODEL_PRESETS[f"{_name}_VIT_TINY"] = ModelConfig(name=f"{_name}_VIT_TINY", kind=_kind, **{**_TINY, **_tiny})
-# CLIP's modified ResNet (slip_core/resnet_clip.py), dims of open_clip's RN50 config: layers (3, 4, 6, 3),
-# width 64, 224 px, embed 1024, attention-pool heads = width·32/64. patch_size = the ResNet's stride 32.
-MODEL_PRESETS["CLIP_RN50"] = ModelConfig(name="CLIP_RN50", kind="clip", image_size=224, patch_size=32,
-                                         vision_layers=(3, 4, 6, 3), vision_width=64, vision_heads=32, embed_dim=1024)
-MODEL_PRESETS["CLIP_RN_TINY"] = ModelConfig(
-    name="CLIP_RN_TINY", kind="clip", image_size=64, patch_size=32, vision_layers=(1, 1, 1, 1), vision_width=16,
-    vision_heads=8, embed_dim=128, **{k: _TINY[k] for k in ("transformer_width", "transformer_layers", "transformer_heads")})
+def vit_presets(kind: str, prefix: str, paper: dict | None = None, tiny: dict | None = None,
+                backbones: tuple[str, ...] = tuple(VISION_DIMS)) -> tuple[ModelConfig, ...]:
+    """`{prefix}_{VITS16,VITB16,VITL16}` and `{prefix}_VIT_TINY` configs of one kind (paper dims + `paper`
+    fields, tiny dims + `tiny` fields): what each TrainSpec registers as its presets."""
+    out = [ModelConfig(name=f"{prefix}_{vit}", kind=kind, **VISION_DIMS[vit], **(paper or {})) for vit in backbones]
+    out.append(ModelConfig(name=f"{prefix}_VIT_TINY", kind=kind, **{**TINY_DIMS, **(tiny or {})}))
+    return tuple(out)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -204,13 +185,13 @@ def _register_timm_vit(name: str, **vit_kwargs) -> None:
 
 
 _register_timm_vit("vit_small_mocov3_patch16_224", patch_size=16, embed_dim=384, depth=12, num_heads=12)
-_register_timm_vit("slip_vit_tiny_patch8_64", img_size=64, patch_size=8, embed_dim=_TINY["vision_width"],
-                   depth=_TINY["vision_depth"], num_heads=_TINY["vision_heads"])
+_register_timm_vit("slip_vit_tiny_patch8_64", img_size=64, patch_size=8, embed_dim=TINY_DIMS["vision_width"],
+                   depth=TINY_DIMS["vision_depth"], num_heads=TINY_DIMS["vision_heads"])
 TIMM_NAMES = {  # (image_size, patch_size, width, depth, heads) -> registered timm model name
     (224, 16, 384, 12, 12): "vit_small_mocov3_patch16_224",
     (224, 16, 768, 12, 12): "vit_base_patch16_224",
     (224, 16, 1024, 24, 16): "vit_large_patch16_224",
-    (64, 8, _TINY["vision_width"], _TINY["vision_depth"], _TINY["vision_heads"]): "slip_vit_tiny_patch8_64",
+    (64, 8, TINY_DIMS["vision_width"], TINY_DIMS["vision_depth"], TINY_DIMS["vision_heads"]): "slip_vit_tiny_patch8_64",
 }
 
 
@@ -307,29 +288,3 @@ class SLIP(CLIP):
         out["aug1_embed"] = self.image_mlp(self.visual(aug1))
         out["aug2_embed"] = self.image_mlp(self.visual(aug2))
         return out
-
-
-_CLASSES = {"clip": CLIP, "simclr": SIMCLR, "slip": SLIP}
-
-
-def get_config(name: str, **overrides) -> ModelConfig:
-    if name not in MODEL_PRESETS:
-        raise KeyError(f"unknown model {name!r}; presets: {sorted(MODEL_PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = set(overrides) - fields
-    if unknown:
-        raise TypeError(f"unknown ModelConfig fields {sorted(unknown)}")
-    return dataclasses.replace(MODEL_PRESETS[name], **overrides)
-
-
-def build_model_from_config(cfg: ModelConfig) -> nn.Module:
-    if cfg.kind not in _CLASSES or cfg.vision_layers:
-        from slip_core import ssl_variants  # SLIP-MoCo v3 / BYOL / BEiT and CLIP's ResNet (imports this module)
-
-        return ssl_variants.build_variant(cfg)
-    return _CLASSES[cfg.kind](cfg)
-
-
-def build_model(name: str, **overrides) -> nn.Module:
-    """Build a preset (e.g. "SLIP_VITB16", "SLIP_VIT_TINY"), optionally overriding config fields."""
-    return build_model_from_config(get_config(name, **overrides))

@@ -6,10 +6,7 @@ import math
 import torch
 import torch.nn as nn
 
-# Per-method reference hyper-parameters (SPEC §6): base lr, weight decay.
-REFERENCE_HPARAMS = {"slip": (3e-3, 0.1), "clip": (5e-4, 0.5), "simclr": (3.2e-3, 0.1),
-                     # SLIP variants (paper Table 6; its hyper-parameters are not given): SLIP's
-                     "slip_mocov3": (3e-3, 0.1), "slip_byol": (3e-3, 0.1), "slip_beit": (3e-3, 0.1)}
+# The per-kind reference lr / wd (SPEC §6) are part of each TrainSpec (slip_core/train_spec.py).
 NO_DECAY_KEYS = ("bias", "ln", "bn")
 LOGIT_SCALE_MAX = math.log(100.0)  # 4.6052: clamp after every optimizer step
 

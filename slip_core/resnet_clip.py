@@ -10,13 +10,15 @@ as in CLIP.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import torch.nn as nn
 from open_clip.modified_resnet import ModifiedResNet
 
-from slip_core.models import CLIP, LayerNorm, ModelConfig, Transformer
+from slip_core.models import CLIP, TINY_DIMS, LayerNorm, ModelConfig, Transformer
+from slip_core.train_spec import CLIP_SPEC, register_train_spec
 
 
 class ResNetCLIP(CLIP):
@@ -41,3 +43,16 @@ class ResNetCLIP(CLIP):
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         return self.visual(image)
+
+
+# Dims of open_clip's RN50 config: layers (3, 4, 6, 3), width 64, 224 px, embed 1024, attention-pool heads =
+# width·32/64; patch_size = the ResNet's stride 32. The tiny one keeps the tiny text tower.
+RESNET_PRESETS = (
+    ModelConfig(name="CLIP_RN50", kind="clip", image_size=224, patch_size=32, vision_layers=(3, 4, 6, 3),
+                vision_width=64, vision_heads=32, embed_dim=1024),
+    ModelConfig(name="CLIP_RN_TINY", kind="clip", image_size=64, patch_size=32, vision_layers=(1, 1, 1, 1),
+                vision_width=16, vision_heads=8, embed_dim=128,
+                **{k: TINY_DIMS[k] for k in ("transformer_width", "transformer_layers", "transformer_heads")}),
+)
+RESNET_CLIP_SPEC = register_train_spec(dataclasses.replace(
+    CLIP_SPEC, tower="resnet", build_model=ResNetCLIP, presets=RESNET_PRESETS))

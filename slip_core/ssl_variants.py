@@ -1,5 +1,5 @@
-"""SLIP with other self-supervised objectives (paper Table 6) and CLIP's ResNet-50 (SPEC §8): presets,
-models and losses, dispatched from `models.build_model` / `losses.build_loss` by `ModelConfig.kind`.
+"""SLIP with other self-supervised objectives (paper Table 6): models, losses and presets, registered as
+train specs (slip_core/train_spec.py) when this module is imported.
 
 Every variant keeps SLIP's CLIP branch (text tower, `image_projection`, CLIP loss) unchanged and the SLIP
 call signature `forward(image, text, aug1, aug2)`, so the trainer, loader (`image`, `aug1`, `aug2` views of
@@ -21,7 +21,7 @@ SPEC §5) and evaluation treat them exactly like SLIP. Only the SSL branch diffe
   hand-written; dims of open_clip's RN50 config: layers (3, 4, 6, 3), width 64, embed 1024), our text
   tower, kind "clip" so it trains with SLIP's improved CLIP view (SPEC §5) — see slip_core/resnet_clip.py.
 
-EMA: the trainer calls `model.after_optimizer_step(progress)` after every optimizer step, progress =
+EMA: the spec's `after_step` calls `model.after_optimizer_step(progress)` after every optimizer step, progress =
 step / total_steps of the step just taken; the target then moves to m·target + (1 − m)·online with
 m = 1 − (1 − m₀)·(cos(π·progress) + 1)/2. Target networks are registered submodules without gradient, so
 they are in the state dict (checkpoints and resume restore them exactly) but not in the optimizer; their
@@ -30,6 +30,7 @@ BatchNorm layers keep their own batch statistics (as MoCo v3's momentum encoder)
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections import OrderedDict
 
@@ -38,9 +39,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slip_core.distributed import SyncBatchNorm, all_gather_no_grad
-from slip_core.losses import CLIPLoss, _accuracy, _labels, _upcast
-from slip_core import augment
-from slip_core.models import CLIP, MODEL_PRESETS, VARIANT_KINDS, ModelConfig
+from slip_core.losses import CLIPLoss, LossOptions, accuracy, positive_labels, upcast
+from slip_core.models import CLIP, ModelConfig, vit_presets
+from slip_core.train_spec import SLIP_SPEC, clamp_logit_scale, register_train_spec
 
 MOCO_V3_TEMPERATURE = 0.2  # MoCo v3 ViT recipe (--moco-t=.2)
 
@@ -133,11 +134,11 @@ class MoCoV3Loss(nn.Module):
         self.tau = temperature
 
     def _ctr(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q = F.normalize(_upcast(q), dim=-1)
-        k = all_gather_no_grad(F.normalize(_upcast(k.detach()), dim=-1))
+        q = F.normalize(upcast(q), dim=-1)
+        k = all_gather_no_grad(F.normalize(upcast(k.detach()), dim=-1))
         logits = q @ k.t() / self.tau
-        labels = _labels(q.shape[0], q.device)
-        return F.cross_entropy(logits, labels) * (2 * self.tau), _accuracy(logits, labels)
+        labels = positive_labels(q.shape[0], q.device)
+        return F.cross_entropy(logits, labels) * (2 * self.tau), accuracy(logits, labels)
 
     def forward(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         l12, acc = self._ctr(outputs["aug1_embed"], outputs["aug2_target"])
@@ -151,7 +152,7 @@ class BYOLLoss(nn.Module):
 
     def forward(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         def nmse(p, z):
-            return (2 - 2 * F.cosine_similarity(_upcast(p), _upcast(z.detach()), dim=-1)).mean()
+            return (2 - 2 * F.cosine_similarity(upcast(p), upcast(z.detach()), dim=-1)).mean()
 
         loss = nmse(outputs["aug1_embed"], outputs["aug2_target"]) + nmse(outputs["aug2_embed"], outputs["aug1_target"])
         return {"loss": loss, "ssl_loss": loss.detach()}
@@ -173,55 +174,27 @@ class SLIPVariantLoss(nn.Module):
         return out
 
 
-# ------------------------------------------------------------------------------------------- registry
-def variant_kind(model_name_or_kind: str) -> str | None:
-    """The variant kind of a kind or preset name ("slip_byol", "SLIP_BYOL_VIT_TINY"), else None."""
-    if model_name_or_kind in MODEL_PRESETS:
-        kind = MODEL_PRESETS[model_name_or_kind].kind
-        return kind if kind in VARIANT_KINDS else None
-    key = model_name_or_kind.lower()
-    return next((k for k in VARIANT_KINDS if key == k or key.startswith(k + "_")), None)
+# ------------------------------------------------------------------------------------------- specs
+def ema_after_step(model: SLIPWithTarget, progress: float) -> None:
+    """Logit-scale clamp, then the EMA target update with the cosine momentum at `progress`."""
+    clamp_logit_scale(model, progress)
+    model.after_optimizer_step(progress)
 
 
-def build_variant(cfg: ModelConfig) -> nn.Module:
-    if cfg.vision_layers:
-        if cfg.kind != "clip":
-            raise ValueError(f"{cfg.name}: the ResNet vision tower is only available for CLIP models")
-        from slip_core.resnet_clip import ResNetCLIP
-
-        return ResNetCLIP(cfg)
-    if cfg.kind == "slip_mocov3":
-        return SLIPMoCoV3(cfg)
-    if cfg.kind == "slip_byol":
-        return SLIPBYOL(cfg)
-    if cfg.kind == "slip_beit":
-        from slip_core.mim import SLIPBEiT
-
-        return SLIPBEiT(cfg)
-    raise ValueError(f"no variant model for kind {cfg.kind!r}")
+def build_mocov3_loss(opts: LossOptions, moco_temp: float = MOCO_V3_TEMPERATURE) -> SLIPVariantLoss:
+    """SimCLR's `ssl_temp` does not apply; MoCo v3's temperature is `moco_temp`."""
+    return SLIPVariantLoss(MoCoV3Loss(moco_temp), opts.ssl_scale, opts.clip_gather_with_grad)
 
 
-def build_variant_loss(kind: str, ssl_scale: float = 1.0, clip_gather_with_grad: bool = False,
-                       moco_temp: float = MOCO_V3_TEMPERATURE) -> nn.Module:
-    """SLIP-variant loss. `build_loss`'s ssl_temp is SimCLR's τ and does not apply; MoCo v3's is `moco_temp`."""
-    if kind == "slip_mocov3":
-        ssl = MoCoV3Loss(moco_temp)
-    elif kind == "slip_byol":
-        ssl = BYOLLoss()
-    elif kind == "slip_beit":
-        from slip_core.mim import MIMLoss
-
-        ssl = MIMLoss()
-    else:
-        raise ValueError(f"unknown SLIP variant {kind!r}; expected one of {VARIANT_KINDS}")
-    return SLIPVariantLoss(ssl, ssl_scale, clip_gather_with_grad)
+def build_byol_loss(opts: LossOptions) -> SLIPVariantLoss:
+    return SLIPVariantLoss(BYOLLoss(), opts.ssl_scale, opts.clip_gather_with_grad)
 
 
-def register_views(views_by_kind: dict) -> None:
-    """Every variant reads SLIP's three views (CLIP view + two SSL views, SPEC §5). Registered into
-    `augment.VIEWS_BY_KIND` when this module is imported (build_model / build_loss import it)."""
-    for kind in VARIANT_KINDS:
-        views_by_kind.setdefault(kind, ("image", "aug1", "aug2"))
-
-
-register_views(augment.VIEWS_BY_KIND)  # the trainer picks the loader views by kind
+# ViT-B/16 uses the MoCo v3 / BYOL papers' defaults (the SLIP notes give none for Table 6): EMA momentum
+# 0.99 / 0.996. Every variant keeps SLIP's views, inputs and recipe (lr, wd).
+for _kind, _model, _loss, _momentum in (("slip_mocov3", SLIPMoCoV3, build_mocov3_loss, 0.99),
+                                         ("slip_byol", SLIPBYOL, build_byol_loss, 0.996)):
+    register_train_spec(dataclasses.replace(
+        SLIP_SPEC, kind=_kind, build_model=_model, build_loss=_loss, after_step=ema_after_step, ema_target_views=2,
+        presets=vit_presets(_kind, _kind.upper(), {"ema_momentum": _momentum}, {"ema_momentum": _momentum},
+                            backbones=("VITB16",))))

@@ -84,12 +84,14 @@ def _check_end(f: IO[bytes], offset: int, where: str) -> None:
         raise BadShard(f"{where}: corrupt tar: unreadable header at byte {offset}")
 
 
-def iter_samples(f: IO[bytes], where: str = "") -> Iterator[dict]:
+def iter_samples(f: IO[bytes], where: str = "", skip: int = 0) -> Iterator[dict]:
     """Samples {'__key__': key, ext: bytes, ...} of one uncompressed tar (a seekable binary file), in order.
 
     An unsafe member comes as {'__key__': None, '__unsafe__': '<reason>: <name>'} where it occurs (the sample
     being built goes on). Raises BadShard if the tar is truncated or corrupt, after yielding the samples
-    completed before the damage; `where` (the shard's URL) prefixes error messages."""
+    completed before the damage; `where` (the shard's URL) prefixes error messages. The first `skip` items
+    (samples and unsafe markers, in the order they would be yielded) are passed over without reading their
+    data: only headers are read, so a reader can start mid-shard at the cost of a header scan."""
     start = f.tell()
     end = f.seek(0, 2)
     f.seek(start)
@@ -98,6 +100,7 @@ def iter_samples(f: IO[bytes], where: str = "") -> Iterator[dict]:
     except tarfile.TarError as e:
         raise BadShard(f"{where}: not a readable tar: {e}") from e
     cur: dict | None = None
+    emitted = 0  # items yielded or skipped so far
     while True:
         try:
             info = tf.next()
@@ -108,7 +111,9 @@ def iter_samples(f: IO[bytes], where: str = "") -> Iterator[dict]:
         tf.members.clear()  # one member at a time; a shard holds ~10k
         reason = unsafe_member_reason(info)
         if reason:
-            yield {"__key__": None, "__unsafe__": describe(info, reason)}
+            emitted += 1
+            if emitted > skip:
+                yield {"__key__": None, "__unsafe__": describe(info, reason)}
             continue
         name = info.name
         if not info.isreg() or _META.match(name) or (name.startswith("__") and name.endswith("__")):
@@ -118,18 +123,29 @@ def iter_samples(f: IO[bytes], where: str = "") -> Iterator[dict]:
             continue
         if info.offset_data + info.size > end:  # also keeps a hostile size field from becoming one huge read
             raise BadShard(f"{where}: truncated tar: member {name!r} needs {info.size} bytes, the file ends first")
-        try:
-            data = tf.extractfile(info).read()
-        except (tarfile.TarError, OSError) as e:
-            raise BadShard(f"{where}: truncated tar: member {name!r}: {e}") from e
         ext = ext.lower()
         if cur is None or key != cur["__key__"]:
             if cur is not None:
-                yield cur
+                emitted += 1
+                if emitted > skip:
+                    yield _loaded(tf, cur, where)
             cur = {"__key__": key}
         if ext in cur:
             raise BadShard(f"{where}: duplicate member {name!r}")
-        cur[ext] = data
+        # while skipping, keep the header only (read at yield time if the sample turns out to be wanted)
+        cur[ext] = info if emitted < skip else _read(tf, info, where)
     _check_end(f, tf.offset, where)  # first: damage may have cut the sample in progress, which is then dropped
-    if cur is not None:
-        yield cur
+    if cur is not None and emitted + 1 > skip:
+        yield _loaded(tf, cur, where)
+
+
+def _read(tf: tarfile.TarFile, info: tarfile.TarInfo, where: str) -> bytes:
+    try:
+        return tf.extractfile(info).read()
+    except (tarfile.TarError, OSError) as e:
+        raise BadShard(f"{where}: truncated tar: member {info.name!r}: {e}") from e
+
+
+def _loaded(tf: tarfile.TarFile, sample: dict, where: str) -> dict:
+    """A sample whose members may still be headers (collected while skipping) with their data read."""
+    return {k: _read(tf, v, where) if isinstance(v, tarfile.TarInfo) else v for k, v in sample.items()}

@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from datasets.offline import FASHION_CLASSES, fashion_mnist
 from slip_core import augment
 from slip_core.checkpoint import save_checkpoint
-from slip_core.losses import build_loss
-from slip_core.models import build_model
+from slip_core.registry import build_loss, build_model
 from slip_core.optim import LOGIT_SCALE_MAX
 from slip_core.tokenizer import tokenize
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from slip_core.checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
-from slip_core.models import build_model
 from slip_core.open_clip_export import build_open_clip, open_clip_config
 from slip_core.open_clip_export import export_state_dict as export_open_clip
+from slip_core.registry import build_model
 from slip_core.tokenizer import tokenize
 
 torch.set_num_threads(1)

@@ -120,11 +120,11 @@ DAMAGE = ("mid-member", "mid-header", "between members", "garbage header")
 # ------------------------------------------------------------------------------------------ the loader
 def read_through_loader(url: str) -> tuple[list[dict], dict]:
     """One read of one shard through the loader's own block reader and sample preparation."""
-    cfg = D.LoaderConfig(batch_size=4, aug=AUG, resampled=False, shuffle_chunk=16)
-    ds = D.ShardStream([url], cfg, epoch=0, rank=0, world=1)
+    cfg = D.LoaderConfig(aug=AUG, shuffle_chunk=16)
     counts, key, items = dict.fromkeys(D.COUNTERS, 0), (cfg.seed, 0, 0, 0, 0), []
-    for index, raw in ds._block_samples(url, key, 0, counts):
-        item = ds._prepare(raw, D._rng(*key, index, 3), counts)
+    segment = D.Segment(url, 0, D.count_samples(url))  # a damaged shard counts one item past its damage
+    for index, raw in D.block_samples([segment], key, 0, cfg.shuffle_chunk, counts):
+        item = D.prepare_sample(raw, cfg, D.sample_rng(*key, index, 3), counts)
         if item is not None:
             items.append(item)
     return items, counts
@@ -176,12 +176,14 @@ def test_loader_skips_and_counts(loader_shards, kind, fault_log):
 def test_loader_trains_on_through_all_hostile_shards(loader_shards):
     """End to end: one epoch loader over every hostile shard at once keeps producing full batches."""
     urls = sorted(p for p, _ in loader_shards.values())
-    cfg = D.LoaderConfig(batch_size=4, aug=AUG, resampled=False, shuffle_chunk=16)
+    cfg = D.LoaderConfig(aug=AUG, resampled=False, shuffle_chunk=16)
     per_cycle = sum(2 if "truncated" in k else 6 for k in loader_shards)
-    loader = D.EpochLoader(urls, cfg, epoch=0, num_batches=per_cycle // 4 + 3)  # > one pass over every shard
+    shards = [D.Shard(u, D.count_samples(u)) for u in urls]
+    layout = D.StreamLayout(streams=1, per_stream=4, micro=4, accum=1)
+    loader = D.EpochLoader(shards, cfg, layout, epoch=0, num_steps=per_cycle // 4 + 3)  # > one pass: laps
     t0 = time.monotonic()
-    n = sum(1 for b in loader if b["image"].shape[0] == 4)
-    assert n == loader.num_batches and time.monotonic() - t0 < 30
+    n = sum(1 for micro in loader if micro[0]["image"].shape[0] == 4)
+    assert n == loader.num_steps and time.monotonic() - t0 < 30
     c = loader.counts()
     assert c["ok"] == 4 * n and min(c[k] for k in D.COUNTERS) >= 1, c
 
@@ -197,7 +199,7 @@ def test_loader_long_and_non_utf8_captions(tmp_path, fault_log):
     by_len = sorted(items, key=lambda it: len(it["caption"]))
     utf, long_caps = by_len[0], by_len[1:]
     t0 = time.monotonic()
-    text = D.ShardStream([], D.LoaderConfig(batch_size=2, aug=AUG), 0, 0, 1)._collate(long_caps, {})["text"]
+    text = D.collate(long_caps, D.LoaderConfig(aug=AUG))["text"]
     took = time.monotonic() - t0
     assert took < 10, took
     assert text.shape == (2, 77) and (text[:, 0] == SOT_ID).all() and (text != 0).all() and not (text == EOT_ID).any()

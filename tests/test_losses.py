@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slip_core.losses import CLIPLoss, SIMCLRLoss, SLIPLoss, build_loss
-from slip_core.models import build_model
+from slip_core.losses import CLIPLoss, SIMCLRLoss, SLIPLoss
+from slip_core.registry import build_loss, build_model
 from slip_core.tokenizer import tokenize
 
 torch.set_num_threads(1)

@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slip_core.models import MODEL_PRESETS, CausalSelfAttention, LayerNorm, QuickGELU, build_model
+from slip_core.models import CausalSelfAttention, LayerNorm, QuickGELU
+from slip_core.registry import MODEL_PRESETS, build_model
 from slip_core.tokenizer import EOT_ID, tokenize
 
 torch.set_num_threads(1)

@@ -20,6 +20,7 @@ import torch
 from slip_core import config as cfgmod
 from slip_core import trainer as T
 from slip_core.checkpoint import load_state
+from slip_core.registry import build_model
 from tests._train_util import fashion_samples, write_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,11 +88,12 @@ def test_two_nodes_c10d_equal_one_node_two_processes(tmp_path):
         assert final["world_size"] == 2 and final["global_batch"] == 16 and final["steps"] == STEPS
         assert [r["step"] for r in _metrics(out)] == list(range(1, STEPS + 1))  # loss log complete
         state = load_state(os.path.join(out, "checkpoints", f"step_{STEPS:08d}.pt"))
-        assert set(state["rng"]) == set(state["loader"]) == {"0", "1"}  # both ranks' resume state
+        ts = state["train_state"]  # both ranks' RNG, the rank-independent data position of 8 streams
+        assert set(ts["rng"]) == {"0", "1"} and len(ts["loader"]["positions"]) == ts["loader"]["streams"] == 8
     a = load_state(os.path.join(multi, "checkpoint.pt"))["state_dict"]
     b = load_state(os.path.join(single, "checkpoint.pt"))["state_dict"]
     torch.manual_seed(cfg.seed)  # the trainer's initialisation, exactly
-    init = T.build_model("SLIP_VIT_TINY", **SMALL).state_dict()
+    init = build_model("SLIP_VIT_TINY", **SMALL).state_dict()
     assert a.keys() == b.keys()
     assert not [k for k in a if not torch.equal(a[k], b[k])]  # bit-identical parameters
     assert init.keys() == a.keys() and any(not torch.equal(a[k], init[k]) for k in a)  # training moved them

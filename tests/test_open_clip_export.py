@@ -24,7 +24,7 @@ from datasets.offline import fashion_mnist
 from evaluation import common, zeroshot
 from evaluation.tasks import EvalConfig, run_task
 from slip_core.checkpoint import save_checkpoint
-from slip_core.models import build_model
+from slip_core.registry import build_model
 from slip_core.open_clip_export import export
 from tests._eval_util import random_checkpoint, tiny_checkpoint
 

@@ -4,7 +4,7 @@ import sys
 import os
 
 from slip_core import compute
-from slip_core.models import MODEL_PRESETS
+from slip_core.registry import MODEL_PRESETS
 
 
 def test_flops_match_published_profile():

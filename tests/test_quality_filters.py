@@ -86,7 +86,7 @@ def test_configured_filters_record_reasons_in_ledger(tmp_path):
 def test_clip_score_filter_with_a_checkpoint_of_ours(tmp_path):
     from slip_core.augment import decode_image, val_transform
     from slip_core.checkpoint import save_checkpoint
-    from slip_core.models import build_model
+    from slip_core.registry import build_model
     from slip_core.tokenizer import tokenize
 
     torch.manual_seed(0)

@@ -19,10 +19,9 @@ import torch.nn.functional as F
 
 from slip_core import augment
 from slip_core.checkpoint import load_checkpoint, load_state, save_checkpoint
-from slip_core.losses import build_loss
 from slip_core.mim import (PatchQuantizer, block_mask, fit_kmeans_tokenizer, patch_features, save_tokenizer)
-from slip_core.models import MODEL_PRESETS, build_model
 from slip_core.open_clip_export import build_open_clip
+from slip_core.registry import MODEL_PRESETS, build_loss, build_model, get_spec
 from slip_core.optim import build_optimizer
 from slip_core.ssl_variants import BYOLLoss, MoCoV3Loss, cosine_momentum
 from slip_core.tokenizer import tokenize
@@ -58,10 +57,6 @@ def batches():
     return out
 
 
-def _kind(model) -> str:
-    return model.config.kind
-
-
 def _train(model, batches, steps: int, lr: float = 2e-3) -> list[dict]:
     """`steps` optimizer steps of trainer.train_step (fp32, no scaler)."""
     opt = build_optimizer(model, lr, 0.1)
@@ -70,8 +65,8 @@ def _train(model, batches, steps: int, lr: float = 2e-3) -> list[dict]:
     model.train()
     hist = []
     for s in range(steps):
-        # train_step calls model.after_optimizer_step(progress) (the EMA hook) after the optimizer step
-        hist.append(train_step(model, loss_fn, opt, scaler, [batches[s % len(batches)]], kind=_kind(model),
+        # train_step calls the spec's after_step: model.after_optimizer_step(progress) (the EMA hook)
+        hist.append(train_step(model, loss_fn, opt, scaler, [batches[s % len(batches)]], spec=get_spec(model.config),
                                device=torch.device("cpu"), autocast=contextlib.nullcontext, lr=lr,
                                progress=s / steps))
     return hist
@@ -88,8 +83,8 @@ def test_presets_registered():
     assert MODEL_PRESETS["SLIP_BEIT_VITB16"].mim_vocab == 8192
     rn = MODEL_PRESETS["CLIP_RN50"]
     assert (rn.kind, rn.vision_layers, rn.vision_width, rn.embed_dim) == ("clip", (3, 4, 6, 3), 64, 1024)
-    for kind in ("slip_mocov3", "slip_byol", "slip_beit"):
-        assert augment.VIEWS_BY_KIND[kind] == ("image", "aug1", "aug2")
+    for kind in ("slip_mocov3", "slip_byol", "slip_beit"):  # SLIP's views and inputs, from the registry
+        assert get_spec(kind).views == ("image", "aug1", "aug2") and get_spec(kind).inputs == get_spec("slip").inputs
     with torch.device("meta"):  # full-size shapes without allocating
         m = build_model("CLIP_RN50")
     assert sum(p.numel() for p in m.visual.parameters()) == 38_316_896  # open_clip RN50's image tower

@@ -15,8 +15,9 @@ import torch
 from slip_core import config as cfgmod
 from slip_core import trainer as T
 from slip_core.checkpoint import load_checkpoint, load_state
-from slip_core.data import LoaderConfig, ShardStream, shard_urls
 from slip_core.optim import lr_at, param_groups
+from slip_core.registry import build_model
+from slip_core.train_config import epoch_steps, plan_batch
 from tests._train_util import fashion_samples, photo_samples, write_dataset
 
 # A very small SLIP (32 px, 2 ViT blocks, 1 text layer) so that every step costs ~0.1 s on one core.
@@ -55,7 +56,7 @@ def test_lr_schedule_and_param_groups():
     assert all(a < b for a, b in zip(lrs[:warm - 1], lrs[1:warm]))
     assert lrs[warm] == pytest.approx(3e-3) and lrs[total] == pytest.approx(1e-5)
     assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))
-    model = T.build_model("SLIP_VIT_TINY")
+    model = build_model("SLIP_VIT_TINY")
     decay, no_decay = param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     dn = {names[id(p)] for p in decay["params"]}
@@ -73,7 +74,9 @@ def test_presets_and_paper_step_count():
     assert (paper.lr, paper.weight_decay, paper.betas, paper.eps) == (3e-3, 0.1, (0.9, 0.98), 1e-8)
     assert T.resolve(T.TRAIN_PRESETS["clip_vitb16_yfcc15m_25ep"]).weight_decay == 0.5
     # SPEC §9.7: 14,689,580 samples, 64 ranks × 64 → 3,586 steps/epoch, 25 epochs = 89,650 steps
-    assert T.steps_per_epoch(14_689_580, world=64, batch_size=64, accum=1) == 3586
+    plan = plan_batch(paper.global_batch, world=64, max_micro=paper.batch_size, num_workers=paper.num_workers)
+    assert (plan.micro, plan.accum, plan.streams, plan.workers) == (64, 1, 512, 8)
+    assert epoch_steps(14_689_580, plan) == 3586 and not paper.resampled  # full passes, as the reference
     assert cfgmod.from_dict(T.TrainConfig, cfgmod.to_dict(paper)) == paper
     assert cfgmod.parse_sets(["lr=0.001", "model=CLIP_VIT_TINY", "betas=[0.9, 0.95]"]) == {
         "lr": 0.001, "model": "CLIP_VIT_TINY", "betas": [0.9, 0.95]}
@@ -178,7 +181,7 @@ def test_sigkill_at_three_steps_then_resume_is_bit_identical(ds, tmp_path, fault
 
 # ------------------------------------------------------------------------------------------- DDP
 def test_two_process_gloo_ddp(ds, tmp_path):
-    cfg = small_cfg(samples_per_epoch=192, batch_size=8, num_workers=1, ckpt_every=4)
+    cfg = small_cfg(samples_per_epoch=192, batch_size=8, num_workers=1, ckpt_every=4, record_samples=True)
     cfg_path = str(tmp_path / "cfg.json")
     with open(cfg_path, "w") as f:
         json.dump(cfgmod.to_dict(cfg), f)
@@ -188,14 +191,17 @@ def test_two_process_gloo_ddp(ds, tmp_path):
     assert proc.returncode == 0, log
     final = json.load(open(os.path.join(out, "final_metrics.json")))
     assert final["world_size"] == 2 and final["global_batch"] == 16 and final["steps"] == 12
-    state = load_state(os.path.join(out, "checkpoints", "step_00000012.pt"))
-    assert set(state["loader"]) == {"0", "1"} and set(state["rng"]) == {"0", "1"}
-    assert state["loader"]["0"]["batches_done"] == state["loader"]["1"]["batches_done"] == 12
-    # ranks read their own resampled shard streams (seeded by rank)
-    urls, lc = shard_urls(ds), LoaderConfig(batch_size=8, seed=cfg.seed)
-    assert [ShardStream(urls, lc, 0, 0, 2)._shard_for_block(0, 1, b) for b in range(4)] != \
-        [ShardStream(urls, lc, 0, 1, 2)._shard_for_block(0, 1, b) for b in range(4)]
-    assert not torch.equal(state["rng"]["0"]["torch"], state["rng"]["1"]["torch"])  # seed + rank
+    ts = load_state(os.path.join(out, "checkpoints", "step_00000012.pt"))["train_state"]
+    assert set(ts["rng"]) == {"0", "1"} and ts["world_size"] == 2
+    # one rank-independent data position: 8 streams (4 per rank), 16 // 8 = 2 samples of each per step
+    assert ts["loader"]["streams"] == 8 and set(ts["loader"]["positions"]) == {str(s) for s in range(8)}
+    assert ts["loader"]["steps_done"] == 12 and ts["loader"]["global_batch"] == 16
+    assert not torch.equal(ts["rng"]["0"]["torch"], ts["rng"]["1"]["torch"])  # seed + rank
+    # the two ranks train on different samples, and a full pass uses no sample twice in the epoch
+    steps = [json.loads(line) for line in open(os.path.join(out, "samples.jsonl"))]
+    keys = [k for s in steps for k in s["keys"]]
+    assert [s["step"] for s in steps] == list(range(1, 13)) and all(len(s["keys"]) == 16 for s in steps)
+    assert len(keys) == len(set(keys)) == 192
     recs = read_metrics(out)
     assert [r["step"] for r in recs] == list(range(1, 13)) and all(math.isfinite(r["loss"]) for r in recs)
     assert load_checkpoint(os.path.join(out, "checkpoint.pt")).config.kind == "slip"
@@ -246,7 +252,7 @@ def test_trains_and_resumes_on_object_store(ds, tmp_path, capsys):
         assert steps == [1, 2, 3, 4, 5, 6]
         names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{out}/checkpoints", detail=False))
         assert names == ["latest", "step_00000006.pt"]
-        assert load_state(f"{out}/checkpoint.pt")["step"] == 6
+        assert load_state(f"{out}/checkpoint.pt")["train_state"]["step"] == 6
 
 
 def test_sigterm_checkpoints_at_step_boundary_and_exits_143(ds, tmp_path, fault_log):
@@ -266,7 +272,7 @@ def test_sigterm_checkpoints_at_step_boundary_and_exits_143(ds, tmp_path, fault_
     with open(os.path.join(out, "checkpoints", "latest")) as f:
         name = f.read().strip()
     step = int(name[5:13])
-    assert step >= 3 and "stop requested by signal" in log  # no ckpt_every boundary before step 20
+    assert step >= 3 and "stop requested (signal SIGTERM)" in log  # no ckpt_every boundary before step 20
     assert [r["step"] for r in read_metrics(out)] == list(range(1, step + 1))
     done = _launch(cfg_path, ds, out)
     log, _ = done.communicate(timeout=300)

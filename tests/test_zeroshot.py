@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from datasets import catalog
 from evaluation import common, zeroshot
-from slip_core.models import build_model
+from slip_core.registry import build_model
 from slip_core.tokenizer import tokenize
 from tests._eval_util import random_checkpoint, tiny_checkpoint
 

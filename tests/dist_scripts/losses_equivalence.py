@@ -12,8 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from slip_core.losses import build_loss
-from slip_core.models import build_model
+from slip_core.registry import build_loss, build_model
 from slip_core.tokenizer import tokenize
 
 B = 4  # per-rank batch
