@@ -171,20 +171,17 @@ def plan_batch(requested: int, world: int, max_micro: int, num_workers: int = 0,
     """Plan a run. `exact` (a resume): the global batch and `streams` are the checkpoint's and must be kept."""
     if requested < 1 or world < 1:
         raise PlanError(f"global batch {requested} and world size {world} must be >= 1")
-    if requested % world == 0:
-        per_rank = requested // world
-    elif exact:
-        raise PlanError(f"the checkpoint's global batch {requested} cannot be split evenly over {world} ranks; "
-                        f"resume at a world size dividing its {streams} data streams")
-    else:
-        per_rank = _nearest_per_rank(requested, world, max_micro)
+    if exact and (requested % world or streams % world):
+        sizes = ", ".join(str(d) for d in range(1, streams + 1) if streams % d == 0)
+        raise PlanError(f"the checkpoint's global batch {requested} comes from {streams} data streams of "
+                        f"{requested // streams} samples per step, which cannot be split evenly over {world} ranks: "
+                        f"resume at world size {sizes}")
+    per_rank = requested // world if requested % world == 0 else _nearest_per_rank(requested, world, max_micro)
     global_batch = per_rank * world
     if streams:
         if streams % world or global_batch % streams:
-            sizes = [d for d in range(1, streams + 1) if streams % d == 0]
-            raise PlanError(f"{streams} data streams (each {global_batch // max(1, streams)} samples per step) "
-                            f"cannot be split evenly over {world} ranks: resume at world size "
-                            f"{', '.join(map(str, sizes))}")
+            raise PlanError(f"data_streams={streams} must be a multiple of the world size {world} and divide the "
+                            f"global batch {global_batch}")
     else:  # as many streams as fit max(8, world × workers), each rank owning an equal share of the batch
         cap = max(8, world * max(1, num_workers))
         streams = world * max(m for m in range(1, per_rank + 1) if per_rank % m == 0 and world * m <= cap)

@@ -223,7 +223,11 @@ def test_launch_templates_are_valid():
     for name in ("torchrun_multinode.sh", "slurm_train.sbatch"):
         path = os.path.join(infra, name)
         subprocess.run(["bash", "-n", path], check=True)  # syntax
-        assert "slip_core.trainer" in open(path).read() or "torchrun_multinode.sh" in open(path).read()
+        assert "slip_core.trainer" in open(path).read()
+    # SLURM's warning goes to the job step's tasks (the trainer ranks), not only to the batch shell ("B:")
+    sbatch = open(os.path.join(infra, "slurm_train.sbatch")).read()
+    assert "#SBATCH --signal=USR1@120" in sbatch and "B:USR1" not in sbatch and "exec " in sbatch
+    assert "scontrol requeue" in sbatch and '"$rc" -eq 143' in sbatch
     for name in ("k8s_pytorchjob.yaml", "k8s_indexed_job.yaml"):
         docs = [d for d in yaml.safe_load_all(open(os.path.join(infra, name))) if d]
         assert docs and all("kind" in d and "spec" in d for d in docs)
@@ -255,29 +259,126 @@ def test_trains_and_resumes_on_object_store(ds, tmp_path, capsys):
         assert load_state(f"{out}/checkpoint.pt")["train_state"]["step"] == 6
 
 
-def test_sigterm_checkpoints_at_step_boundary_and_exits_143(ds, tmp_path, fault_log):
-    cfg = small_cfg(samples_per_epoch=320, num_workers=1, ckpt_every=1000)
-    cfg_path = str(tmp_path / "cfg.json")
-    with open(cfg_path, "w") as f:
+def _write_cfg(cfg: T.TrainConfig, path) -> str:
+    with open(path, "w") as f:
         json.dump(cfgmod.to_dict(cfg), f)
+    return str(path)
+
+
+def _params(path: str) -> dict:
+    return load_state(path)["state_dict"]
+
+
+def _wait_for_step(out: str, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, f"trainer exited ({proc.returncode}) before step {step}:\n{proc.stdout.read()}"
+        if os.path.exists(os.path.join(out, "metrics.jsonl")) and len(read_metrics(out)) >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def signal_reference(ds, tmp_path_factory):
+    """An uninterrupted run of the config the signal tests interrupt (same launcher)."""
+    root = tmp_path_factory.mktemp("signal_ref")
+    cfg_path = _write_cfg(small_cfg(samples_per_epoch=320, num_workers=1, ckpt_every=1000), root / "cfg.json")
+    proc = _launch(cfg_path, ds, str(root / "ref"))
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log
+    return cfg_path, str(root / "ref")
+
+
+@pytest.mark.parametrize("how", ["SIGUSR1 to the trainer (SLURM --signal=USR1@120)",
+                                 "SIGTERM to the process group (torchrun / launch.py)"])
+def test_stop_signal_checkpoints_exits_143_and_resumes_bit_identically(ds, tmp_path, signal_reference, how,
+                                                                        fault_log):
+    cfg_path, ref_dir = signal_reference
     out = str(tmp_path / "run")
     proc = _launch(cfg_path, ds, out)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (os.path.exists(os.path.join(out, "metrics.jsonl"))
-                                          and len(read_metrics(out)) >= 3):
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGTERM)  # the whole group, loader worker included, as launch.py does
+    _wait_for_step(out, 3, proc)
+    if how.startswith("SIGUSR1"):  # slurmstepd signals the task's processes; loader workers ignore it
+        os.kill(proc.pid, signal.SIGUSR1)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
     log, _ = proc.communicate(timeout=120)
     assert proc.returncode == 143, log
     with open(os.path.join(out, "checkpoints", "latest")) as f:
-        name = f.read().strip()
-    step = int(name[5:13])
-    assert step >= 3 and "stop requested (signal SIGTERM)" in log  # no ckpt_every boundary before step 20
+        step = int(f.read().strip()[5:13])
+    sig = how.split()[0]
+    assert step >= 3 and f"stop requested (signal {sig})" in log  # no ckpt_every boundary before step 20
     assert [r["step"] for r in read_metrics(out)] == list(range(1, step + 1))
     done = _launch(cfg_path, ds, out)
     log, _ = done.communicate(timeout=300)
     assert done.returncode == 0 and f"at step {step}" in log, log
     assert [r["step"] for r in read_metrics(out)] == list(range(1, 21))
-    fault_log.record("kill", "train", "SIGTERM to the trainer's process group mid-epoch (preemption)",
-                     "checkpoint written at the current step boundary, exit 143; rerun resumed at that step and "
-                     "finished steps 1..20 with no gap or duplicate", bound="< 300 s")
+    a, b = _params(os.path.join(ref_dir, "checkpoint.pt")), _params(os.path.join(out, "checkpoint.pt"))
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert [r["loss"] for r in read_metrics(out)] == [r["loss"] for r in read_metrics(ref_dir)]
+    fault_log.record("kill", "train", f"{how} mid-epoch (preemption)",
+                     f"checkpoint written at the current step boundary (step {step}), exit 143; rerun resumed "
+                     "there, finished steps 1..20 with no gap or duplicate, parameters and losses bit-identical "
+                     "to an uninterrupted run", bound="< 300 s")
+
+
+# ------------------------------------------------------------------------------------------- elastic
+@pytest.fixture(scope="module")
+def elastic_reference(ds, tmp_path_factory):
+    """Global batch 16 (8 per device), 2 epochs × 6 steps, every step's sample keys recorded; one process."""
+    root = tmp_path_factory.mktemp("elastic")
+    cfg = small_cfg(epochs=2, samples_per_epoch=96, batch_size=8, global_batch=16, num_workers=1, ckpt_every=1000,
+                    record_samples=True)
+    torch.set_num_threads(1)
+    final = T.train(cfg, ds, str(root / "ref"), resume=None)
+    return cfg, root, str(root / "ref"), final
+
+
+def _steps(out: str) -> list[dict]:
+    with open(os.path.join(out, "samples.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+def test_elastic_resume_keeps_global_batch_and_data_position(ds, elastic_reference, before, after, tmp_path,
+                                                             fault_log):
+    cfg, root, ref_dir, ref_final = elastic_reference
+    cfg_path = _write_cfg(cfg, tmp_path / "cfg.json")
+    out = str(tmp_path / "run")
+    cut = T.TrainConfig(**{**cfgmod.to_dict(cfg), "betas": tuple(cfg.betas), "max_steps": 4})
+    first = _launch(_write_cfg(cut, tmp_path / "cut.json"), ds, out, nproc=before)
+    log1, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, log1
+    second = _launch(cfg_path, ds, out, nproc=after)
+    log2, _ = second.communicate(timeout=300)
+    assert second.returncode == 0, log2
+    assert f"written at world size {before}: elastic resume" in log2 and "at step 4" in log2, log2
+    final = json.load(open(os.path.join(out, "final_metrics.json")))
+    assert (final["world_size"], final["global_batch"], final["steps"]) == (after, 16, 12)
+    assert (final["micro_batch"], final["accum_steps"]) == ((8, 2) if after == 1 else (8, 1))
+    # every step trained on exactly the samples of the uninterrupted run, in the same order: none skipped,
+    # none repeated within an epoch, across the change of world size and of accumulation
+    got, want = _steps(out), _steps(ref_dir)
+    assert [s["step"] for s in got] == list(range(1, 13)) and [s["keys"] for s in got] == [s["keys"] for s in want]
+    for epoch in range(2):
+        keys = [k for s in got[epoch * 6:(epoch + 1) * 6] for k in s["keys"]]
+        assert len(keys) == len(set(keys)) == 96
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, 13)) and math.isfinite(final["loss"])
+    fault_log.record("kill", "train", f"job stopped at world size {before} (step 4 of 12, mid-epoch), resumed at "
+                     f"world size {after}", f"global batch 16 kept ({final['micro_batch']} per micro-batch × {after} "
+                     f"ranks × {final['accum_steps']}), every step's samples equal to an uninterrupted run's, none "
+                     "skipped or repeated within an epoch", bound="< 300 s")
+
+
+def test_batch_plan_arithmetic():
+    # 56 GPUs cannot split 4096: the nearest global batch whose micro-batches stay >= half the budget
+    p = plan_batch(4096, world=56, max_micro=64, num_workers=10)
+    assert (p.global_batch, p.micro, p.accum) == (4144, 37, 2) and "4096 requested" in p.describe()
+    assert p.streams % 56 == 0 and p.global_batch % p.streams == 0 and p.workers >= 1
+    assert plan_batch(16, world=1, max_micro=8).accum == 2  # fewer devices: accumulation keeps the batch
+    resumed = plan_batch(16, world=4, max_micro=8, streams=8, exact=True)
+    assert (resumed.micro, resumed.accum, resumed.streams) == (4, 1, 8)
+    with pytest.raises(T.PlanError, match="resume at world size 1, 2, 4, 8"):
+        plan_batch(16, world=3, max_micro=8, streams=8, exact=True)  # 8 streams do not split over 3 ranks
+    with pytest.raises(T.PlanError, match="must be a multiple of the world size 2"):
+        plan_batch(16, world=2, max_micro=8, streams=3)
