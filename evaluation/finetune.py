@@ -1,10 +1,13 @@
 """End-to-end fine-tuning of the pretrained ViT, BEiT recipe (SPEC §7, REFERENCE_NOTES §7.4).
 
 Launched with torchrun (`launch(...)` builds the command; `python -m evaluation.finetune` is the
-per-rank entry point), DDP over gloo (CPU) or NCCL (GPU). Like pretraining it checkpoints every
-`save_every` epochs (and on the last) to `<out>/checkpoint.pt`, loadable with `torch.load(weights_only=True)`,
-and resumes from it automatically. Per-epoch metrics go to `<out>/metrics.jsonl`; the final result to
-`<out>/result.json`.
+per-rank entry point). Each rank puts the classifier on its local device (`cuda:LOCAL_RANK` when CUDA is
+there and `device` allows it, else CPU) before wrapping it in DDP — over NCCL on GPU, gloo on CPU — and trains
+under bf16 autocast on GPU (fp32 on CPU). Like pretraining it keeps one TrainState (slip_core/train_state.py:
+model, optimizer, scaler, step, every rank's RNG, the epoch reached, the metric history) and checkpoints it
+every `save_every` epochs (and on the last) to `<out>/checkpoint.pt` in the pretraining checkpoint format
+(`task: "finetune"`, the backbone's model config, the classifier's weights), resuming from it automatically.
+Per-epoch metrics go to `<out>/metrics.jsonl`; the final result to `<out>/result.json`.
 
 Recipe: timm ViT with the pretrained `visual.*` weights (class-token pooling, absolute position embeddings,
 no layer scale), new head trunc-normal(0.02) x 0.001; AdamW (0.9, 0.999), wd 0.05 with no decay on 1-D
@@ -13,11 +16,12 @@ block i, L+1 for the final norm and head); per-step linear warmup from 0 then co
 RandAugment "rand-m9-mstd0.5-inc1" + bicubic RandomResizedCrop + flip, random erasing 0.25, Mixup 0.8 /
 CutMix 1.0 (switch 0.5, per batch) with label smoothing 0.1 folded into soft-target cross-entropy; eval
 Resize(size x 256/224, bicubic) + CenterCrop. Not reproduced: DeepSpeed's fp16 loss scaling (we run fp32 on CPU,
-bf16 autocast optional on GPU).
+bf16 autocast on GPU).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -31,6 +35,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from slip_core import augment, checkpoint, config as cfg_util, storage
+from slip_core.train_state import TrainState, save_train_checkpoint
 
 
 @dataclass
@@ -53,6 +58,7 @@ class FinetuneConfig:
     reprob: float = 0.25
     crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
     hflip: float = 0.5
+    color_jitter: float | None = 0.4  # timm applies it only without RandAugment (the tiny preset)
     image_size: int | None = None  # None: the pretrained model's (position embeddings resampled otherwise)
     max_train_samples: int | None = None
     max_test_samples: int | None = None
@@ -61,6 +67,8 @@ class FinetuneConfig:
     stop_after_epochs: int | None = None  # stop early (as if interrupted) -- used to test resume
     seed: int = 0
     threads: int | None = None
+    device: str = "auto"  # auto: cuda:LOCAL_RANK when CUDA is available, else cpu | cuda | cpu
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 | fp32
 
 
 FINETUNE_PRESETS: dict[str, FinetuneConfig] = {
@@ -164,7 +172,7 @@ def transforms(size: int, cfg: FinetuneConfig):
 
     train = create_transform(size, is_training=True, auto_augment=cfg.auto_augment, re_prob=cfg.reprob,
                              scale=tuple(cfg.crop_scale), hflip=cfg.hflip,
-                             re_mode="pixel", re_count=1, interpolation="bicubic", color_jitter=0.4,
+                             re_mode="pixel", re_count=1, interpolation="bicubic", color_jitter=cfg.color_jitter or None,
                              mean=augment.MEAN, std=augment.STD)
     test = create_transform(size, is_training=False, interpolation="bicubic", crop_pct=224 / 256,
                             mean=augment.MEAN, std=augment.STD)
@@ -175,12 +183,85 @@ def _rank() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
+def local_device(pref: str = "auto") -> torch.device:
+    """This rank's device: cuda:LOCAL_RANK when CUDA is available and `pref` allows it, else the CPU."""
+    if pref not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device must be auto|cuda|cpu, got {pref!r}")
+    if pref == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but CUDA is not available")
+    if pref != "cpu" and torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
 # ------------------------------------------------------------------------------------------ training
-_RUNTIME_ONLY = ("stop_after_epochs", "threads", "num_workers")  # may differ between a run and its resume
+_RUNTIME_ONLY = ("stop_after_epochs", "threads", "num_workers", "device")  # may differ between a run and its resume
 
 
 def _identity(d: dict) -> dict:
     return {k: v for k, v in d.items() if k not in _RUNTIME_ONLY}
+
+
+def _resume(state: TrainState, ckpt_path: str, cfg: FinetuneConfig, rank: int, world: int, log) -> int:
+    """Load `ckpt_path` into `state` when it exists; returns the epoch to start from."""
+    if not storage.exists(ckpt_path):
+        return 0
+    saved = checkpoint.load_state(ckpt_path)
+    if saved.get("task") != "finetune" or "train_state" not in saved:
+        raise ValueError(f"{ckpt_path} is not a fine-tune checkpoint of this version; use a new --out")
+    if _identity(saved["train_config"]) != _identity(cfg_util.to_dict(cfg)):
+        raise ValueError(f"{ckpt_path} was written with a different fine-tune config; use a new --out")
+    state.load_state_dict(saved["train_state"], model_state=saved["state_dict"], rank=rank, world=world,
+                          rng_seed=cfg.seed + rank + 7919 * int(saved["train_state"]["step"]))
+    log(f"resumed from {ckpt_path} at epoch {state.loader['epoch']}")
+    return int(state.loader["epoch"])
+
+
+def _train_epoch(ddp, loader, state: TrainState, mixup, criterion, autocast, device, lr_of) -> float:
+    ddp.train()
+    loss_sum = 0.0
+    for images, y in loader:
+        lr = lr_of(state.step)
+        for g in state.optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        images = images.to(device, non_blocking=True)
+        y = torch.as_tensor(y).to(device, non_blocking=True)
+        if mixup is not None:
+            images, y = mixup(images, y)
+        with autocast():
+            loss = criterion(ddp(images), y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite fine-tune loss at step {state.step}")
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scaler.scale(loss).backward()
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        state.step, loss_sum = state.step + 1, loss_sum + loss.item()
+    mean = torch.tensor([loss_sum / len(loader)], dtype=torch.float64)
+    if dist.is_initialized():  # the epoch's loss over the global batches, not rank 0's half
+        mean = mean.to(device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(mean)
+        mean /= dist.get_world_size()
+    return float(mean.item())
+
+
+def _evaluate(model, test, device) -> dict:
+    """The test metric, with the test set split across ranks (slip_core.features.extract gathers on rank 0),
+    then shared with every rank so all keep the same history."""
+    from evaluation import metrics
+    from slip_core.features import extract
+
+    model.eval()
+    logits, labels = extract(model, test.dataset, batch_size=256, device=device)
+    row = None if logits is None else {"num_samples": int(len(labels)),
+                                       **metrics.compute(test.entry.metric, logits, labels)}
+    if dist.is_initialized():
+        box = [row]
+        dist.broadcast_object_list(box, src=0)
+        row = box[0]
+    return row
 
 
 def run(pretrained: str, out_dir: str, cfg: FinetuneConfig, log=print) -> dict:
@@ -189,23 +270,29 @@ def run(pretrained: str, out_dir: str, cfg: FinetuneConfig, log=print) -> dict:
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
     from datasets import catalog
-    from evaluation import metrics
 
     rank, world = _rank()
+    device = local_device(cfg.device)
     torch.manual_seed(cfg.seed + rank)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    state = checkpoint.load_state(pretrained)
-    size = cfg.image_size or checkpoint.config_from_state(state).image_size
+    pre = checkpoint.load_state(pretrained)
+    backbone = checkpoint.config_from_state(pre)
+    size = cfg.image_size or backbone.image_size
     train_tf, test_tf = transforms(size, cfg)
     train = catalog.load(cfg.dataset, "train", train_tf, cfg.data_root, cfg.max_train_samples, cfg.seed)
     test = catalog.load(cfg.dataset, "test", test_tf, cfg.data_root, cfg.max_test_samples, cfg.seed)
-    model = build_classifier(state, train.entry.num_classes, size, cfg.drop_path)
-    opt = build_optimizer(model, cfg)
-    ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    model = build_classifier(pre, train.entry.num_classes, size, cfg.drop_path).to(device)
+    del pre
+    bf16 = (cfg.precision == "bf16") or (cfg.precision == "auto" and device.type == "cuda")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    state = TrainState(model, build_optimizer(model, cfg), torch.amp.GradScaler(device.type, enabled=False))
+    ddp = nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     sampler = torch.utils.data.DistributedSampler(train.dataset, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(train.dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+                                         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+                                         pin_memory=device.type == "cuda")
     mixup_on = cfg.mixup > 0 or cfg.cutmix > 0
     mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=1.0, switch_prob=cfg.mixup_switch_prob,
                   mode="batch", label_smoothing=cfg.smoothing, num_classes=train.entry.num_classes) if mixup_on else None
@@ -216,59 +303,32 @@ def run(pretrained: str, out_dir: str, cfg: FinetuneConfig, log=print) -> dict:
         raise ValueError(f"{cfg.dataset}: fewer training samples than one batch of {cfg.batch_size} x {world} ranks")
     total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
     ckpt_path = storage.join(out_dir, "checkpoint.pt")
-    start_epoch, history = 0, []
-    if storage.exists(ckpt_path):  # auto-resume, like pretraining
-        resume = torch.load(storage.url_to_fs(ckpt_path)[1], map_location="cpu", weights_only=True)
-        if _identity(resume["config"]) != _identity(cfg_util.to_dict(cfg)):
-            raise ValueError(f"{ckpt_path} was written with a different fine-tune config; use a new --out")
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        torch.set_rng_state(resume["rng"])
-        start_epoch, history = int(resume["epoch"]), list(resume["history"])
-        log(f"resumed from {ckpt_path} at epoch {start_epoch}")
-    step = start_epoch * steps_per_epoch
+    start_epoch = _resume(state, ckpt_path, cfg, rank, world, log)
+    history = state.extra.setdefault("history", [])
     for epoch in range(start_epoch, cfg.epochs):
         if cfg.stop_after_epochs is not None and epoch >= cfg.stop_after_epochs:
             log(f"stopping after {epoch} epochs (stop_after_epochs)")
             return {"stopped_at_epoch": epoch}
-        ddp.train()
         sampler.set_epoch(epoch)
-        t0, loss_sum = time.time(), 0.0
-        for images, y in loader:
-            lr = lr_at(step, total, warmup, cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr * g.get("lr_scale", 1.0)
-            y = torch.as_tensor(y)
-            if mixup is not None:
-                images, y = mixup(images, y)
-            loss = criterion(ddp(images), y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite fine-tune loss at step {step}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step, loss_sum = step + 1, loss_sum + loss.item()
-        model.eval()
-        from slip_core.features import extract
-
-        logits, labels = extract(model, test.dataset, batch_size=256)
-        res = metrics.compute(test.entry.metric, logits, labels)
-        row = {"epoch": epoch + 1, "step": step, "lr": lr, "loss": loss_sum / steps_per_epoch,
-               "epoch_s": round(time.time() - t0, 2), "num_samples": int(len(labels)), **res}
+        t0 = time.time()
+        loss = _train_epoch(ddp, loader, state, mixup, criterion, autocast, device,
+                            lambda step: lr_at(step, total, warmup, cfg))
+        row = {"epoch": epoch + 1, "step": state.step, "lr": lr_at(state.step - 1, total, warmup, cfg), "loss": loss,
+               "epoch_s": round(time.time() - t0, 2), **_evaluate(model, test, device)}
         history.append(row)
+        state.loader = {"epoch": epoch + 1}
         if rank == 0:
             log(json.dumps(row))
             with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
-            if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
-                with storage.atomic_open(ckpt_path, "wb") as f:
-                    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                                "rng": torch.get_rng_state(), "config": cfg_util.to_dict(cfg),
-                                "history": history}, f)
+        if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:  # collective: every rank's RNG
+            save_train_checkpoint(ckpt_path, state, backbone, cfg_util.to_dict(cfg), main=rank == 0,
+                                  task="finetune", num_classes=train.entry.num_classes)
     final = history[-1]
     result = {"metric": test.entry.metric, "value": final["value"], "top1": final["top1"],
               "best_value": max(h["value"] for h in history), "epochs": cfg.epochs, "num_samples": final["num_samples"],
-              "chance": test.entry.chance(), "image_size": size, "world_size": world,
+              "chance": test.entry.chance(), "image_size": size, "world_size": world, "device": device.type,
+              "precision": "bf16" if bf16 else "fp32",
               "recipe": "BEiT fine-tune (layer decay, drop path, mixup/cutmix, label smoothing, warmup+cosine)"}
     if rank == 0:
         storage.atomic_write_text(storage.join(out_dir, "result.json"), json.dumps(result, indent=2))
@@ -305,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = cfg_util.from_dict(FinetuneConfig, json.loads(args.config_json))
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if local_device(cfg.device).type == "cuda" else "gloo")
     try:
         run(args.pretrained, args.out, cfg)
     finally:
