@@ -1,9 +1,11 @@
-"""Run under `torchrun --nproc_per_node=2` (gloo, CPU): DDP + slip_core losses vs an independent full-batch
-computation of the reference semantics (SPEC §4, §9.3). Rank 0 prints one JSON line with the results."""
+"""Run under `torchrun --nproc_per_node=2` (gloo, CPU; SLIP_DIST_BACKEND=nccl: NCCL, one GPU per rank, as
+bench/gpu_check.sh does): DDP + slip_core losses vs an independent full-batch computation of the reference
+semantics (SPEC §4, §9.3). Rank 0 writes the results of both ranks as JSON to argv[1]."""
 from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 
 import torch
@@ -24,7 +26,7 @@ def ref_clip_rank(u, v, scale, r, detach_keys):
     u, v = F.normalize(u, dim=-1), F.normalize(v, dim=-1)
     ku, kv = (u.detach(), v.detach()) if detach_keys else (u, v)
     rows = slice(r * B, (r + 1) * B)
-    labels = torch.arange(B) + r * B
+    labels = torch.arange(B, device=u.device) + r * B
     return (F.cross_entropy(scale * u[rows] @ kv.t(), labels) + F.cross_entropy(scale * v[rows] @ ku.t(), labels)) / 2
 
 
@@ -35,7 +37,7 @@ def ref_ntxent_rank(a, b, r):
     n, losses = a.shape[0], []
     for q_all, same, cross in ((a, a, b), (b, b, a)):
         for i in range(r * B, (r + 1) * B):
-            keep = torch.arange(n) != i
+            keep = torch.arange(n, device=a.device) != i
             logits = torch.cat([q_all[i] @ cross.t(), q_all[i] @ same[keep].t()]) / TAU
             losses.append(torch.logsumexp(logits, 0) - logits[i])
     return torch.stack(losses).mean()  # mean over both views' anchors == (loss_a + loss_b) / 2
@@ -46,7 +48,7 @@ def plain_bn_copy(model):
     ref = copy.deepcopy(model)
     for name in ("bn1", "bn2"):
         old = getattr(ref.image_mlp, name)
-        new = nn.BatchNorm1d(old.num_features, eps=old.eps, momentum=old.momentum).to(old.weight.dtype)
+        new = nn.BatchNorm1d(old.num_features, eps=old.eps, momentum=old.momentum).to(old.weight)
         new.load_state_dict(old.state_dict())
         setattr(ref.image_mlp, name, new)
     return ref
@@ -54,25 +56,30 @@ def plain_bn_copy(model):
 
 def main(out_path: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    backend = os.environ.get("SLIP_DIST_BACKEND", "gloo")
+    dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == 2
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     g = torch.Generator().manual_seed(123)  # identical full batch on every rank
     n = B * world
     # float64 end to end, so the comparison measures semantics, not fp32 summation order
-    img, aug1, aug2 = (torch.randn(n, 3, 64, 64, generator=g, dtype=torch.float64) for _ in range(3))
-    txt = tokenize([f"a photo of item {i} " + "word " * (i * 11) for i in range(n)])  # some rows cut (no EOT)
+    img, aug1, aug2 = (torch.randn(n, 3, 64, 64, generator=g, dtype=torch.float64).to(device) for _ in range(3))
+    txt = tokenize([f"a photo of item {i} " + "word " * (i * 11) for i in range(n)]).to(device)  # some rows cut
     mine = slice(rank * B, (rank + 1) * B)
-    result = {"world": world}
+    result = {"world": world, "backend": backend}
     for mode in ("reference", "gather_with_grad"):
         torch.manual_seed(0)  # identical init on every rank
-        model = build_model("SLIP_VIT_TINY", vision_depth=2, transformer_layers=2, ssl_mlp_dim=64, ssl_emb_dim=32).double()
+        model = build_model("SLIP_VIT_TINY", vision_depth=2, transformer_layers=2, ssl_mlp_dim=64,
+                            ssl_emb_dim=32).double().to(device)
         ref = plain_bn_copy(model)
-        ddp = DDP(model)
+        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
         loss_fn = build_loss("slip", ssl_scale=SSL_SCALE, ssl_temp=TAU, clip_gather_with_grad=(mode != "reference"))
         out = loss_fn(ddp(img[mine], txt[mine], aug1[mine], aug2[mine]))
         out["loss"].backward()
-        losses = [torch.zeros(3, dtype=torch.float64) for _ in range(world)]
+        losses = [torch.zeros(3, dtype=torch.float64, device=device) for _ in range(world)]
         dist.all_gather(losses, torch.stack([out["loss"].detach(), out["clip_loss"], out["ssl_loss"]]))
         no_grad = [k for k, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
         got = {k: p.grad.clone() for k, p in model.named_parameters()}
