@@ -184,41 +184,43 @@ def test_shuffle_buffer_mixes_across_shards(tmp_path):
     assert one > 0.9 and four < 0.45
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_exact_resume_from_any_step(clean_ds, workers):
-    layout = _layout(workers=workers)
-    full = _collect(_loader(clean_ds, 9, layout=layout))
+@pytest.mark.parametrize("workers,resampled", [(0, False), (2, False), (2, True)])
+def test_exact_resume_from_any_step(clean_ds, workers, resampled):
+    layout, cfg = _layout(workers=workers), _cfg(resampled=resampled)
+    full = _collect(_loader(clean_ds, 9, cfg, layout))
     for cut in (3, 4):
-        first = _loader(clean_ds, 9, layout=layout)
+        first = _loader(clean_ds, 9, cfg, layout)
         head = []
         for micro in first:
             head.append({k: v.clone() if torch.is_tensor(v) else list(v) for k, v in micro[0].items()})
             if len(head) == cut:
                 break
         state = json.loads(json.dumps(D.merge_states([first.state_dict()])))  # JSON/checkpoint round trip
-        tail = _collect(_loader(clean_ds, 9, layout=layout, state=state))
+        tail = _collect(_loader(clean_ds, 9, cfg, layout, state=state))
         assert _same(head + tail, full)
 
 
-def test_position_is_world_size_independent(clean_ds):
+@pytest.mark.parametrize("resampled", [False, True])
+def test_position_is_world_size_independent(clean_ds, resampled):
     """Two ranks' steps = one rank's steps (same samples, same views), and a two-rank position resumes on one
     rank: what an elastic resume relies on."""
-    one = _collect(_loader(clean_ds, 6, layout=_layout(batch=8, streams=4)))
-    ranks = [_loader(clean_ds, 6, layout=_layout(batch=4, streams=4, world=2, rank=r)) for r in range(2)]
+    cfg = _cfg(resampled=resampled)
+    one = _collect(_loader(clean_ds, 6, cfg, _layout(batch=8, streams=4)))
+    ranks = [_loader(clean_ds, 6, cfg, _layout(batch=4, streams=4, world=2, rank=r)) for r in range(2)]
     two = [list(zip(*[_collect(r) for r in ranks]))]
     for step, (a, b) in enumerate(two[0]):
         assert a["__keys__"] + b["__keys__"] == one[step]["__keys__"]
         assert torch.equal(torch.cat([a["aug1"], b["aug1"]]), one[step]["aug1"])
-    heads = [_loader(clean_ds, 6, layout=_layout(batch=4, streams=4, world=2, rank=r)) for r in range(2)]
+    heads = [_loader(clean_ds, 6, cfg, _layout(batch=4, streams=4, world=2, rank=r)) for r in range(2)]
     for h in heads:
         for i, _ in enumerate(h):
             if i == 1:
                 break
     state = D.merge_states([h.state_dict() for h in heads])
-    tail = _collect(_loader(clean_ds, 6, layout=_layout(batch=8, streams=4), state=state))
+    tail = _collect(_loader(clean_ds, 6, cfg, _layout(batch=8, streams=4), state=state))
     assert _same(tail, one[2:])
     with pytest.raises(ValueError, match="streams"):
-        _loader(clean_ds, 6, layout=_layout(batch=8, streams=8), state=state)
+        _loader(clean_ds, 6, cfg, _layout(batch=8, streams=8), state=state)
 
 
 def test_seed_epoch_rank_change_the_stream(clean_ds):

@@ -179,6 +179,45 @@ def test_sigkill_at_three_steps_then_resume_is_bit_identical(ds, tmp_path, fault
                          "duplicate and equal losses, no temp files", bound="< 300 s")
 
 
+def test_resampled_shards_resume_exactly_across_an_epoch_boundary(ds, tmp_path, capsys):
+    """Shard resampling with replacement (resampled=true) keeps exact resume: cut mid-epoch 0, resume, cross
+    into epoch 1 = an uninterrupted run, bit for bit."""
+    torch.set_num_threads(1)
+    base = dict(epochs=2, samples_per_epoch=64, resampled=True, ckpt_every=1000)
+    T.train(small_cfg(**base), ds, str(tmp_path / "full"), resume=None)
+    T.train(small_cfg(**base, max_steps=3), ds, str(tmp_path / "cut"), resume=None)
+    capsys.readouterr()
+    T.train(small_cfg(**base), ds, str(tmp_path / "cut"))
+    assert "at step 3" in capsys.readouterr().out
+    a, b = (load_state(str(tmp_path / d / "checkpoint.pt")) for d in ("full", "cut"))
+    assert [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])] == []
+    assert [r["loss"] for r in read_metrics(tmp_path / "full")] == [r["loss"] for r in read_metrics(tmp_path / "cut")]
+
+
+def test_step_callbacks_keep_extra_resume_state_and_can_stop_the_run(ds, tmp_path):
+    """The loop's hook point: callbacks run after every optimizer step, may keep resume state in
+    TrainState.extra (as a best-so-far metric would) and may ask for a checkpoint-and-stop (a lost lease)."""
+    torch.set_num_threads(1)
+
+    def count(run, out):
+        run.state.extra["steps_seen"] = run.state.extra.get("steps_seen", 0) + 1
+        run.state.extra["best_loss"] = min(run.state.extra.get("best_loss", math.inf), out["loss"])
+
+    def stop_at_3(run, out):
+        if run.state.step == 3:
+            run.request_stop("lease lost")
+
+    cfg = small_cfg(samples_per_epoch=96, ckpt_every=1000)
+    with pytest.raises(T.Preempted, match="lease lost"):
+        T.train(cfg, ds, str(tmp_path / "run"), resume=None, callbacks=[count, stop_at_3])
+    saved = load_state(str(tmp_path / "run" / "checkpoints" / "step_00000003.pt"))["train_state"]
+    assert saved["step"] == 3 and saved["extra"]["steps_seen"] == 3
+    T.train(cfg, ds, str(tmp_path / "run"), callbacks=[count])
+    T.train(cfg, ds, str(tmp_path / "ref"), resume=None, callbacks=[count])
+    a, b = (load_state(str(tmp_path / d / "checkpoint.pt"))["train_state"]["extra"] for d in ("run", "ref"))
+    assert a == b and a["steps_seen"] == 6
+
+
 # ------------------------------------------------------------------------------------------- DDP
 def test_two_process_gloo_ddp(ds, tmp_path):
     cfg = small_cfg(samples_per_epoch=192, batch_size=8, num_workers=1, ckpt_every=4, record_samples=True)
