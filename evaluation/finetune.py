@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from slip_core import augment, checkpoint, config as cfg_util, storage
+from slip_core.distributed import DEVICE_PATTERN, init_from_env, local_device
 from slip_core.train_state import TrainState, save_train_checkpoint
 
 
@@ -67,8 +69,14 @@ class FinetuneConfig:
     stop_after_epochs: int | None = None  # stop early (as if interrupted) -- used to test resume
     seed: int = 0
     threads: int | None = None
-    device: str = "auto"  # auto: cuda:LOCAL_RANK when CUDA is available, else cpu | cuda | cpu
+    device: str = "auto"  # auto: cuda:LOCAL_RANK when CUDA is available, else cpu | cpu | cuda | cuda:N
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 | fp32
+
+    def __post_init__(self):
+        if not re.fullmatch(DEVICE_PATTERN, self.device):
+            raise ValueError(f"FinetuneConfig.device must be auto|cpu|cuda|cuda:N, got {self.device!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"FinetuneConfig.precision must be auto|bf16|fp32, got {self.precision!r}")
 
 
 FINETUNE_PRESETS: dict[str, FinetuneConfig] = {
@@ -183,19 +191,6 @@ def _rank() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def local_device(pref: str = "auto") -> torch.device:
-    """This rank's device: cuda:LOCAL_RANK when CUDA is available and `pref` allows it, else the CPU."""
-    if pref not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"device must be auto|cuda|cpu, got {pref!r}")
-    if pref == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for, but CUDA is not available")
-    if pref != "cpu" and torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        return device
-    return torch.device("cpu")
-
-
 # ------------------------------------------------------------------------------------------ training
 _RUNTIME_ONLY = ("stop_after_epochs", "threads", "num_workers", "device")  # may differ between a run and its resume
 
@@ -273,6 +268,8 @@ def run(pretrained: str, out_dir: str, cfg: FinetuneConfig, log=print) -> dict:
 
     rank, world = _rank()
     device = local_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     torch.manual_seed(cfg.seed + rank)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -364,8 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config-json", default="{}")
     args = p.parse_args(argv)
     cfg = cfg_util.from_dict(FinetuneConfig, json.loads(args.config_json))
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        dist.init_process_group("nccl" if local_device(cfg.device).type == "cuda" else "gloo")
+    init_from_env(local_device(cfg.device))  # NCCL for a CUDA device, gloo on the CPU
     try:
         run(args.pretrained, args.out, cfg)
     finally:

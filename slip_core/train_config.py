@@ -8,9 +8,11 @@ accumulation) and the data position (streams are redistributed over the new rank
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, replace
 
 from slip_core.augment import AugmentConfig
+from slip_core.distributed import DEVICE_PATTERN
 from slip_core.registry import MODEL_PRESETS, get_config, get_spec
 
 
@@ -75,6 +77,8 @@ class TrainConfig:
             problems.append(f"precision must be auto|bf16|fp16|fp32, got {self.precision!r}")
         if self.caption_mode not in ("strict", "reference"):
             problems.append(f"caption_mode must be strict|reference, got {self.caption_mode!r}")
+        if not re.fullmatch(DEVICE_PATTERN, self.device):
+            problems.append(f"device must be auto|cpu|cuda|cuda:N, got {self.device!r}")
         if problems:
             raise ValueError("TrainConfig: " + "; ".join(problems))
 

@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from slip_core import storage
 from slip_core.augment import AugmentConfig, normalize_uint8_batch
 from slip_core.checkpoint import load_state, unwrap
 from slip_core.data import EpochLoader, LoaderConfig, StreamLayout, dataset_shards, merge_states
+from slip_core.distributed import get_rank, get_world_size, init_from_env, local_device
 from slip_core.losses import LossOptions
 from slip_core.models import ModelConfig
 from slip_core.optim import build_optimizer, lr_at, set_lr
@@ -134,16 +134,12 @@ class TrainRun:
 
 
 def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
-    device = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
-    if use_cuda:
+    """This rank's device (cuda:LOCAL_RANK under `auto` when CUDA is there) and torchrun's process group."""
+    device = local_device(device_pref)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return rank, world, device
+    init_from_env(device)
+    return get_rank(), get_world_size(), device
 
 
 def make_plan(cfg: TrainConfig, world: int, resumed: dict | None) -> BatchPlan:
