@@ -16,7 +16,7 @@ import pytest
 from datasets import gc, plan, publish, synthetic
 from datasets.config import make_config
 from slip_core import artifacts, storage
-from slip_core.data import shard_urls
+from slip_core.data import dataset_shards, shard_urls
 
 CFG = make_config({"name": "scale", "number_sample_per_shard": 100, "shards_per_group": 4}, "tiny")
 
@@ -88,6 +88,7 @@ def test_incremental_publish_gc_and_determinism(tmp_path, monkeypatch):
     assert len(urls) == len(own) + len(reused) and all(os.path.exists(u) for u in urls)
     n = sum(1 for u in urls for _ in _members(u)) // 3
     assert n == m2.metrics["num_samples"] == 909
+    assert sum(s.samples for s in dataset_shards(v2)) == 909  # per-shard counts for the loader's full passes
     stats = json.load(open(os.path.join(root2, "stats.json")))
     assert stats["incremental"]["new_samples"] == 9 and stats["incremental"]["reused_shards"] == len(reused)
 
