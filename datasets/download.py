@@ -1,14 +1,13 @@
 """Running img2dataset on one planned group: its CLI in a subprocess (own process group, timeout), resuming
 from the group's completed shards; a process left running by a killed parent is killed first.
 
-The work folder layout and why it survives kill-and-rerun: datasets/work.py.
+The work folder layout and why it survives kill-and-rerun: datasets/work.py. img2dataset is started through
+slip_core.procs, so it and its pool workers end when the stage does, however the stage dies.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import time
 
 import pyarrow.parquet as pq
 
-from slip_core import artifacts, storage
+from slip_core import artifacts, locks, procs, storage
 
 from datasets.config import DatasetConfig
 from datasets.work import Group, done_shards
@@ -55,14 +54,6 @@ def img2dataset_args(group: Group, cfg: DatasetConfig) -> list[str]:
     return img2dataset_command(inp, storage.join(group.path, "out"), cfg, extra, group.nps)
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGKILL it if our process dies (Linux prctl PR_SET_PDEATHSIG)."""
-    import ctypes
-
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-
-
 def _kill_stale(group: Group) -> None:
     """Kill an img2dataset process group left by a killed run on this host (its workers would otherwise
     keep writing shards into the folder we are about to resume)."""
@@ -72,25 +63,7 @@ def _kill_stale(group: Group) -> None:
     info = json.loads(storage.read_text(run_url))
     if info.get("host") != socket.gethostname():
         return
-    pgid = int(info["pgid"])
-    for _ in range(50):
-        members = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    stat = f.read()
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmd = f.read()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[2]) == pgid and (b"img2dataset" in cmd or b"multiprocessing" in cmd):
-                members.append(int(pid))
-        if not members:
-            return
-        for pid in members:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.1)
+    procs.kill_group_members(int(info["pgid"]), (b"img2dataset", b"multiprocessing"))
 
 
 def run_group(group: Group, cfg: DatasetConfig, progress: bool = False) -> dict:
@@ -118,21 +91,22 @@ def run_group(group: Group, cfg: DatasetConfig, progress: bool = False) -> dict:
                    PYTHONWARNINGS="ignore::RuntimeWarning:runpy")
         log_url = storage.join(group.path, "img2dataset.log")
         log = None if progress or not storage.is_local(log_url) else open(artifacts.local_path(log_url), "ab")
-        proc = subprocess.Popen(img2dataset_args(group, cfg), stdout=log or subprocess.DEVNULL, stderr=log,
-                                start_new_session=True, preexec_fn=_die_with_parent, env=env)
+        locks.ensure_writer(group.path)  # the work folder removed or taken over: download nothing into it
+        lease = locks.writer_for(group.path)
+        # procs.spawn: img2dataset (and, through its own watchdog, its pool workers) dies with this process.
+        proc = procs.spawn(img2dataset_args(group, cfg), stdout=log or subprocess.DEVNULL, stderr=log, env=env)
         storage.atomic_write_text(storage.join(group.path, "run.json"),
                                   json.dumps({"pid": proc.pid, "pgid": proc.pid, "host": socket.gethostname()}))
-        try:
-            rc = proc.wait(timeout=cfg.subprocess_timeout_s)
+        try:  # waiting sweeps the process group too: pool workers outliving the main process
+            rc = procs.wait(proc, timeout=cfg.subprocess_timeout_s, stop=lease.lost if lease else None)
         except BaseException:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            procs.terminate(proc, grace_s=5.0)
             raise
         finally:
             if log:
                 log.close()
-            _kill_stale(group)  # pool workers outliving the main process
+        if lease is not None:
+            lease.check()  # stopped because the lease was lost: say so
         missing = sorted(set(range(group.n_shards)) - done_shards(group))
         if rc != 0 or missing:
             raise RuntimeError(f"img2dataset on {group.path} exited {rc}; shards without _stats.json: {missing} "

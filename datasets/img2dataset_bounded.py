@@ -47,6 +47,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports al
 from img2dataset import downloader as i2d_downloader  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from slip_core import procs  # noqa: E402
+
 HTTP_SCHEMES = ("http", "https")
 CHUNK_BYTES = 1 << 16
 # img2dataset's User-Agent (downloader.download_image), so servers see the same client either way.
@@ -231,10 +233,20 @@ class BoundedDownloader(i2d_downloader.Downloader):
         self.limits = limits
 
     def download_shard(self, row):
+        _follow_parent_once()  # a pool worker: it must not outlive img2dataset's main process
         # download_image is looked up as a module global at every call (download_image_with_retry), so this
         # replaces it for the shard's whole thread pool; one process only ever runs one Downloader's limits.
         i2d_downloader.download_image = functools.partial(fetch, limits=self.limits)
         return super().download_shard(row)
+
+
+_FOLLOWING: list[bool] = []
+
+
+def _follow_parent_once() -> None:
+    if not _FOLLOWING:
+        _FOLLOWING.append(True)
+        procs.follow_parent(graceful=False)
 
 
 def split_limit_flags(argv: list[str]) -> tuple[list[str], Limits]:
@@ -262,6 +274,10 @@ def run(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # We lead img2dataset's process group: when our parent (the dataset stage) dies, or SIGTERM comes,
+    # the whole group goes at once, pool workers included (img2dataset has no graceful stop; a shard
+    # without its _stats.json is redone on resume).
+    procs.follow_parent(graceful=False)
     run(sys.argv[1:] if argv is None else argv)
     return 0
 

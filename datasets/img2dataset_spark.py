@@ -67,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if _flag(argv, "distributor", "pyspark") != "pyspark":
         raise SystemExit("datasets.img2dataset_spark runs img2dataset with --distributor=pyspark only")
+    # The JVM (py4j) is in our process group and exits when its stdin (from us) closes; Spark's Python
+    # daemon exits when the JVM does. So following our parent and killing our group leaves nothing behind.
+    from slip_core import procs
+
+    procs.follow_parent(graceful=False)
     # Spark's Python workers must be this interpreter (the one with img2dataset), not `python3` on PATH.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)

@@ -24,7 +24,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from slip_core import artifacts, storage
+from slip_core import locks, storage
 from slip_core.config import to_dict
 
 from datasets.config import PARALLEL_FIELDS, PLANNING_FIELDS, DatasetConfig
@@ -39,25 +39,18 @@ def work_dir(store: str, cfg: DatasetConfig) -> str:
 
 @contextlib.contextmanager
 def work_lock(work: str):
-    """Exclusive lock on a local work folder for the whole build: a second build of the same dataset
-    (a scheduled rebuild overlapping a manual one) fails fast instead of killing the first one's
-    img2dataset as 'stale' or planning the same rows twice. Object stores: no lock (run one at a time)."""
-    if not storage.is_local(work):
-        yield
-        return
-    import fcntl
-
-    path = os.path.join(artifacts.local_path(work), ".lock")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(f"another dataset build holds {path}; wait for it or stop it") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    """Exclusive lease on a work folder for the whole build (slip_core/locks.py: a flock locally, a lease
+    object with a conditional put on s3://, so builds on different hosts exclude each other too): a second
+    build of the same dataset (a scheduled rebuild overlapping a manual one) fails fast, naming the holder,
+    instead of killing the first one's img2dataset as 'stale' or planning the same rows twice."""
+    stack = contextlib.ExitStack()
+    try:
+        held = stack.enter_context(locks.writer_lease(work, wait_s=0, purpose="dataset build"))
+    except locks.LockBusy as e:
+        raise RuntimeError(f"another dataset build ({locks.describe(e.holder)}) holds {work}; "
+                           "wait for it or stop it") from None
+    with stack:
+        yield held
 
 
 @dataclass

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from slip_core import augment, checkpoint, config as cfg_util, storage
+from slip_core import augment, checkpoint, config as cfg_util, locks, procs, storage
 from slip_core.distributed import DEVICE_PATTERN, init_from_env, local_device
 from slip_core.train_state import TrainState, save_train_checkpoint
 
@@ -310,6 +310,7 @@ def run(pretrained: str, out_dir: str, cfg: FinetuneConfig, log=print) -> dict:
         t0 = time.time()
         loss = _train_epoch(ddp, loader, state, mixup, criterion, autocast, device,
                             lambda step: lr_at(step, total, warmup, cfg))
+        locks.ensure_writer(out_dir)  # folder removed or taken over meanwhile: stop before writing into it
         row = {"epoch": epoch + 1, "step": state.step, "lr": lr_at(state.step - 1, total, warmup, cfg), "loss": loss,
                "epoch_s": round(time.time() - t0, 2), **_evaluate(model, test, device)}
         history.append(row)
@@ -360,10 +361,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--config-json", default="{}")
     args = p.parse_args(argv)
+    procs.follow_parent(graceful=False)  # torchrun gone: nothing to save mid-epoch, stop at once
     cfg = cfg_util.from_dict(FinetuneConfig, json.loads(args.config_json))
     init_from_env(local_device(cfg.device))  # NCCL for a CUDA device, gloo on the CPU
     try:
-        run(args.pretrained, args.out, cfg)
+        with locks.rank0_writer(args.out, purpose="fine-tune"):  # one writer per fine-tune folder
+            run(args.pretrained, args.out, cfg)
+    except (locks.LockBusy, locks.LeaseLost) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

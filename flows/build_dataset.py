@@ -19,7 +19,7 @@ from datasets import download, engine, ledger, pipeline, plan, work
 from datasets.quality.fingerprint import fingerprint_ledger
 from datasets.sources.detect import detect_source
 from flows.caching import stage_cache
-from slip_core import artifacts
+from slip_core import artifacts, procs
 from slip_core.config import to_dict
 
 
@@ -93,7 +93,9 @@ def build_dataset(source: str, store: str, config: dict | None = None, subset: s
     cfg_dict = {**to_dict(cfg)}
     sha = (pipeline.source_sha256(source, store, detect_source(source)), pipeline.file_sha256(subset, store) if subset else "")
     table = filter_task(source, subset, store, cfg_dict, *sha)
-    with work.work_lock(work.work_dir(store, cfg)):  # one build per work folder at a time
+    # One build per work folder at a time; SIGTERM (a Prefect cancellation) reaches img2dataset at once, or
+    # this thread's unwinding would wait for the mapped download tasks until their downloads finish.
+    with work.work_lock(work.work_dir(store, cfg)), procs.forward_termination():
         groups = plan_task(table, store, cfg_dict, retry_failed)
         log.info("%d shard group(s) to download (%d rows)", len(groups), sum(g["n_rows"] for g in groups))
         for start in range(0, len(groups), max(1, cfg.parallel_groups)):

@@ -17,8 +17,12 @@ def _reproduce(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(dry_run_plan(args.preset))
         return 0
+    from slip_core.config import parse_sets
+
     result = reproduce(preset=args.preset, store=args.store, source=args.source, subset=args.subset,
-                       rebuild=args.rebuild)
+                       rebuild=args.rebuild, train_config=parse_sets(args.train_sets) or None,
+                       eval_config=parse_sets(args.eval_sets) or None,
+                       demo_corpus=parse_sets(args.corpus_sets) or None)
     print(json.dumps(result, indent=2))
     print(f"\nreport: {result['report']}")
     return 0
@@ -49,6 +53,12 @@ def register(subparsers, name: str) -> None:
         p.add_argument("--rebuild", choices=["dataset", "train", "eval"], default=None,
                        help="force this stage and everything downstream to run again")
         p.add_argument("--dry-run", action="store_true", help="print the plan and compute estimate, run nothing")
+        p.add_argument("--train-set", dest="train_sets", action="append", default=[], metavar="KEY=VALUE",
+                       help="TrainConfig override for the pretraining stage (repeatable; JSON values)")
+        p.add_argument("--eval-set", dest="eval_sets", action="append", default=[], metavar="KEY=VALUE",
+                       help="EvalConfig override for the evaluation stage (repeatable; JSON values)")
+        p.add_argument("--corpus-set", dest="corpus_sets", action="append", default=[], metavar="KEY=VALUE",
+                       help="demo corpus argument, e.g. n_fashion=500 (tiny preset; repeatable)")
         p.set_defaults(func=_reproduce)
     elif name == "serve":
         from flows.scheduled import DATASET_CRON, EVAL_CRON

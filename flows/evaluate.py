@@ -20,6 +20,7 @@ from evaluation.tasks import TASKS, EvalConfig, run_task
 from flows.caching import refreshing, stage_cache
 from slip_core import artifacts, storage
 from slip_core.config import ConfigError, from_dict, override, to_dict
+from slip_core.failpoints import failpoint
 
 FILES = ["results.json", "report.md", "report.html", "results.png"]
 __all__ = ["evaluate", "EVAL_PRESETS", "make_config"]
@@ -110,7 +111,10 @@ def evaluate(checkpoint: str, store: str, config: dict | None = None, preset: st
     # A concurrent run of the same evaluation waits here; its tasks then come from Prefect's cache and it
     # reuses the published artifact instead of writing the same folder at the same time.
     with artifacts.stage_lock(root, on_wait=log.info):
-        results = [eval_one(ckpt_path, ckpt_sha, t, d, shas[(t, d)], settings, ref_sha) for t, d in jobs]
+        results = []
+        for t, d in jobs:
+            results.append(eval_one(ckpt_path, ckpt_sha, t, d, shas[(t, d)], settings, ref_sha))
+            failpoint("eval.result")  # crash tests (slip_core/failpoints.py)
         if not refreshing() and artifacts.is_complete(root):  # same checkpoint, data, settings published intact
             log.info("eval artifact already complete: %s", root)
             return artifacts.manifest_url(root)

@@ -22,6 +22,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows.caching import refreshing, stage_cache
 from slip_core import artifacts, storage
 from slip_core.config import ConfigError, from_dict, override, to_dict
+from slip_core.failpoints import failpoint
 from slip_core.launch import default_threads, plot_loss_curve, run_logged, torchrun_command
 from slip_core.trainer import TRAIN_PRESETS, TrainConfig
 
@@ -91,7 +92,9 @@ def _train_and_publish(root: str, dataset: str, ds_manifest: artifacts.Manifest,
     storage.atomic_write_text(cfg_path, json.dumps(config, indent=2, sort_keys=True))
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(default_threads(nproc, cfg.num_workers)))
-    cmd = torchrun_command(artifacts.manifest_url(dataset), work, cfg_path, nproc=nproc, resume="latest")
+    murl = artifacts.manifest_url(root)  # the trainer stops if another run publishes it (not on a forced rebuild)
+    cmd = torchrun_command(artifacts.manifest_url(dataset), work, cfg_path, nproc=nproc, resume="latest",
+                           published=None if storage.exists(murl) else murl)
     log.info("launching: %s (OMP_NUM_THREADS=%s, timeout %.0fs)", " ".join(cmd), env["OMP_NUM_THREADS"], timeout_s)
     run_logged(cmd, lambda line: log.info("%s", line), timeout_s=timeout_s, env=env)
 
@@ -103,6 +106,7 @@ def _train_and_publish(root: str, dataset: str, ds_manifest: artifacts.Manifest,
          "dataset_sha256": ds_manifest.sha256}, indent=2, sort_keys=True))
     for name in FILES:  # work/ holds the live run; the artifact gets finished copies
         storage.put_file_atomic(os.path.join(work, name), storage.join(root, name))
+    failpoint("pretrain.files_copied")  # crash tests (slip_core/failpoints.py)
     m = artifacts.build_manifest(root, FILES, kind="checkpoint", name=cfg.model.lower(),
                                  config={**config, "nproc": nproc},
                                  upstream={"dataset": artifacts.upstream_ref(dataset, ds_manifest)}, metrics=final)

@@ -9,27 +9,24 @@ Lineage (eval number -> checkpoint -> dataset -> raw URL table) is walked throug
 Concurrency: two runs of the same stage with the same inputs share one content-addressed root
 (`stage_root`). A stage builds and publishes inside `stage_lock(root)`, re-checking under the lock whether
 the root already verifies, so the second run waits for the first and reuses its output instead of
-interleaving files with it. The lock is an fcntl lock on a local file: next to a local root, or (object
-stores) in a per-user cache folder, which serialises runs on one machine. Runs on different machines
-writing the same s3:// root are not serialised; there the store relies on each object being written
-whole in one PUT, the manifest going last, and readers calling `verify`.
+interleaving files with it. The lock is slip_core/locks.py's lease: a flock on a sibling file of a local
+root, a lease object written with a conditional PUT next to an s3:// root (serialises runs on different
+machines too).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import datetime as _dt
-import fcntl
 import functools
 import hashlib
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from slip_core import storage
+from slip_core import locks, storage
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
@@ -40,7 +37,7 @@ class ManifestError(RuntimeError):
     """A manifest is missing, unreadable, or does not match its files."""
 
 
-class StageBusy(TimeoutError):
+class StageBusy(locks.LockBusy):
     """Another run of the same stage held the stage root's lock for longer than we were told to wait."""
 
 
@@ -305,17 +302,14 @@ def stage_root(store: str, kind: str, name: str, *key_parts: Any) -> str:
     return storage.join(store, kind, f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}")
 
 
-LOCK_POLL_S = 0.2
-REMOTE_LOCK_DIR = os.path.join(os.path.expanduser("~"), ".cache", "slip-pipeline", "locks")
-
-
 def lock_path(root: str) -> str:
-    """Local lock file of a stage root: a hidden sibling `.<name>.lock` of a local root (outside it, so the
-    artifact folder holds only its files and manifest), else a file in REMOTE_LOCK_DIR keyed by the URL."""
+    """Lock of a stage root: a hidden sibling `.<name>.lock` (outside the root, so the artifact folder holds
+    only its files and manifest); on an object store that sibling is a lease object (slip_core/locks.py)."""
     if storage.is_local(root):
         path = local_path(root).rstrip("/")
         return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
-    return os.path.join(REMOTE_LOCK_DIR, hashlib.sha256(str(root).rstrip("/").encode()).hexdigest()[:32] + ".lock")
+    parent, _, name = str(root).rstrip("/").rpartition("/")
+    return f"{parent}/.{name}.lock"
 
 
 @contextlib.contextmanager
@@ -324,26 +318,18 @@ def stage_lock(root: str, timeout_s: float | None = None,
     """Hold the exclusive lock of a stage root while its files are built and published.
 
     Callers re-check `verify(root)` once inside: a run that waited finds the other run's intact manifest and
-    reuses it. The kernel drops the lock when its holder exits, so a killed run never blocks the next one.
-    `timeout_s` bounds the wait (StageBusy after it; None waits as long as the holder lives); `on_wait` is
-    told once that we are waiting. Polled rather than blocking so the wait stays bounded and interruptible."""
-    path = lock_path(root)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    with open(path, "a+") as f:
-        told = False
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise StageBusy(f"another run of this stage still holds {path} after {timeout_s:.0f} s") from None
-                if on_wait is not None and not told:
-                    on_wait(f"another run of this stage is building {root}; waiting for it to finish")
-                    told = True
-                time.sleep(LOCK_POLL_S)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    reuses it. A dead holder never blocks the next run (locks.py: the kernel drops a local lock with its
+    process; an object-store lease of a dead holder is taken over). `timeout_s` bounds the wait (StageBusy
+    after it; None waits as long as the holder lives); `on_wait` is told once, naming the holder."""
+    def waiting(holder) -> None:
+        if on_wait is not None:
+            on_wait(f"another run of this stage ({locks.describe(holder)}) is building {root}; "
+                    "waiting for it to finish")
+
+    try:
+        held = locks.Lease(lock_path(root), purpose="stage run").acquire(timeout_s, waiting)
+    except locks.LockBusy as e:
+        raise StageBusy(f"another run of this stage still holds {lock_path(root)} after {timeout_s:.0f} s "
+                        f"({locks.describe(e.holder)})", e.holder) from None
+    with held:
+        yield

@@ -2,8 +2,9 @@
 
 Used by flows/pretrain.py, but free of Prefect: the caller passes a log callback. A subprocess (not an
 in-process call) because a Prefect task running in a worker thread cannot be interrupted (ENVIRONMENT.md
-§1.7): we enforce the timeout ourselves by killing the whole process group, and report the exit code so
-the caller can raise and let retries apply.
+§1.7): we enforce the timeout ourselves, and report the exit code so the caller can raise and let retries
+apply. The child is started through slip_core.procs, so it (and, through the trainer's own parent
+watchdog, torchrun's ranks) ends when this process does, however it dies.
 """
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from typing import Callable
+
+from slip_core import procs
 
 
 class TrainProcessError(RuntimeError):
@@ -24,15 +26,16 @@ class TrainProcessError(RuntimeError):
 
 
 def torchrun_command(dataset: str, out_dir: str, config_json: str, nproc: int = 1, resume: str = "latest",
-                     nnodes: int = 1, rdzv_endpoint: str | None = None) -> list[str]:
-    """The torchrun command line; single node uses --standalone (local rendezvous on a free port)."""
+                     nnodes: int = 1, rdzv_endpoint: str | None = None, published: str | None = None) -> list[str]:
+    """The torchrun command line; single node uses --standalone (local rendezvous on a free port).
+    `published`: the manifest URL of the artifact the run is for; the trainer stops at once if it appears."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
     if nnodes == 1:
         cmd.append("--standalone")
     else:
         cmd += [f"--nnodes={nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv_endpoint}"]
     return cmd + ["-m", "slip_core.trainer", "--dataset", dataset, "--out", out_dir,
-                  "--config-json", config_json, "--resume", resume]
+                  "--config-json", config_json, "--resume", resume] + (["--published", published] if published else [])
 
 
 def default_threads(nproc: int, num_workers: int) -> int:
@@ -43,22 +46,24 @@ def default_threads(nproc: int, num_workers: int) -> int:
 
 
 def run_logged(cmd: list[str], log: Callable[[str], None], timeout_s: float | None = None,
-               env: dict | None = None, cwd: str | None = None, kill_grace_s: float = 10.0) -> int:
-    """Run `cmd` in its own process group, forward every output line to `log`, kill the group on timeout.
-    Returns 0 or raises TrainProcessError (non-zero exit or timeout)."""
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1, start_new_session=True)
-    tail: list[str] = []
-    timed_out = threading.Event()
+               env: dict | None = None, cwd: str | None = None, kill_grace_s: float = 30.0) -> int:
+    """Run `cmd` (slip_core.procs.spawn: it dies with us), forward every output line to `log`, stop it on
+    timeout. Returns 0 or raises TrainProcessError (non-zero exit or timeout).
 
-    def killer():
-        deadline = time.monotonic() + timeout_s
-        while proc.poll() is None:
-            if time.monotonic() >= deadline:
-                timed_out.set()
-                _kill_group(proc, kill_grace_s)
-                return
-            time.sleep(0.2)
+    Stopping is SIGTERM first (torchrun forwards it, the trainer checkpoints at the step boundary and exits
+    143), SIGKILL of its process group after `kill_grace_s`. Any exception here, SIGTERM arriving in this
+    thread as Prefect's TerminationSignal included, stops the child the same way before it propagates."""
+    proc = procs.spawn(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    tail: list[str] = []
+    done, timed_out = threading.Event(), threading.Event()
+
+    def killer():  # signals only; this thread below does all the waiting and reaping
+        if done.wait(timeout_s):
+            return
+        timed_out.set()
+        procs.signal_group(proc, signal.SIGTERM)
+        if not done.wait(kill_grace_s):
+            procs.signal_group(proc, signal.SIGKILL)
 
     if timeout_s:
         threading.Thread(target=killer, daemon=True).start()
@@ -67,28 +72,19 @@ def run_logged(cmd: list[str], log: Callable[[str], None], timeout_s: float | No
             line = line.rstrip("\n")
             tail = (tail + [line])[-200:]
             log(line)
+        rc = procs.wait(proc)
+    except BaseException:
+        done.set()
+        procs.terminate(proc, kill_grace_s)
+        raise
     finally:
+        done.set()
         proc.stdout.close()
-        rc = proc.wait()
     if timed_out.is_set():
-        raise TrainProcessError(f"training timed out after {timeout_s:.0f}s (process group killed)", rc, tail)
+        raise TrainProcessError(f"training timed out after {timeout_s:.0f}s (stopped: SIGTERM, then SIGKILL)", rc, tail)
     if rc != 0:
         raise TrainProcessError(f"training exited with code {rc}", rc, tail)
     return rc
-
-
-def _kill_group(proc: subprocess.Popen, grace_s: float) -> None:
-    """SIGTERM the group (torchrun forwards it to the ranks), SIGKILL whatever is left after `grace_s`."""
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def read_metrics(path: str) -> list[dict]:

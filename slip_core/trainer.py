@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from slip_core import config as cfgmod
-from slip_core import storage
+from slip_core import locks, procs, storage
 from slip_core.augment import AugmentConfig, normalize_uint8_batch
 from slip_core.checkpoint import load_state, unwrap
 from slip_core.data import EpochLoader, LoaderConfig, StreamLayout, dataset_shards, merge_states
@@ -391,11 +391,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config-json", default=None, help="JSON file of TrainConfig fields (over the preset)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--resume", default="latest", help="'latest', a checkpoint path, or 'none'")
+    p.add_argument("--published", default=None, help="manifest URL of the artifact this run is for: stop if it appears")
+    p.add_argument("--lease-wait", type=float, default=120.0, help="seconds to wait for another writer of --out")
     args = p.parse_args(argv)
+    procs.follow_parent(graceful=True, grace_s=20.0)  # torchrun gone: checkpoint at the step boundary, exit
     cfg = config_from_args(args.preset, args.config_json, args.sets)
-    try:
-        train(cfg, args.dataset, args.out, resume=None if args.resume == "none" else args.resume)
-    except NonFiniteLoss as e:
+    try:  # one writer per run folder; each step checks the lease before the step's checkpoint is written
+        with locks.rank0_writer(args.out, watch=(args.published,), wait_s=args.lease_wait, purpose="trainer"):
+            train(cfg, args.dataset, args.out, resume=None if args.resume == "none" else args.resume,
+                  callbacks=[lambda run, out: locks.ensure_writer(run.out_dir)])
+    except (NonFiniteLoss, locks.LockBusy, locks.LeaseLost) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except PlanError as e:

@@ -329,9 +329,10 @@ def test_failpoint_spec_is_parsed_and_checked():
     from slip_core import failpoints
 
     assert failpoints.parse("") == {}
-    assert failpoints.parse("publish.shard_closed:2, dataset.table_published") == {
-        "publish.shard_closed": 2, "dataset.table_published": 1}
-    for bad in ("x:0", "x:two", ":3"):
+    assert failpoints.parse("publish.shard_closed:2, dataset.table_published, eval.result:3@TERM") == {
+        "publish.shard_closed": (2, signal.SIGKILL), "dataset.table_published": (1, signal.SIGKILL),
+        "eval.result": (3, signal.SIGTERM)}
+    for bad in ("x:0", "x:two", ":3", "x@HUP", "x:2@"):
         with pytest.raises(ValueError, match="SLIP_FAILPOINTS: bad entry"):
             failpoints.parse(bad)
     assert failpoints.failpoint("publish.shard_closed") is None  # not armed in this process: nothing happens
