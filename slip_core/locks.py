@@ -290,6 +290,9 @@ class Lease:
     def __init__(self, lock_url: str, *, purpose: str = "", ttl_s: float = DEFAULT_TTL_S, watch: tuple = ()):
         self.lock_url, self.purpose, self.ttl_s = lock_url, purpose, ttl_s
         self.watch = tuple(w for w in watch if w)
+        # Resolved once: check() runs before every training step, fsspec's URL parsing would cost more than it.
+        self._watch_local = [os.path.abspath(storage.url_to_fs(w)[1]) for w in self.watch if storage.is_local(w)]
+        self._watch_remote = [w for w in self.watch if not storage.is_local(w)]
         self._backend = _backend(lock_url, ttl_s)
         self._lost: str | None = None
         self.lost_event = threading.Event()  # set (by the heartbeat or check) once the lease is lost
@@ -311,21 +314,22 @@ class Lease:
                 told = True
             time.sleep(REMOTE_POLL_S if self._backend.remote else LOCAL_POLL_S)
         self.holder = me
-        if self._backend.remote or any(not storage.is_local(w) for w in self.watch):
+        if self._backend.remote or self._watch_remote:
             self._beat = threading.Thread(target=self._heartbeat, name="slip-lease-heartbeat", daemon=True)
             self._beat.start()
         return self
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
-            reason = self._backend.renew() or self._watched(remote=True)
+            reason = self._backend.renew() or self._watched(self._watch_remote, storage.exists)
             if reason:
                 self._lose(reason)
                 return
 
-    def _watched(self, remote: bool) -> str | None:
-        for url in self.watch:
-            if storage.is_local(url) != remote and storage.exists(url):
+    @staticmethod
+    def _watched(urls: list[str], exists: Callable[[str], bool]) -> str | None:
+        for url in urls:
+            if exists(url):
                 return f"{url} now exists (the artifact was published by another run)"
         return None
 
@@ -345,7 +349,7 @@ class Lease:
     def check(self) -> None:
         """Raise LeaseLost if this lease is no longer ours. Cheap (a stat or two): call before every write."""
         if self._lost is None:
-            reason = self._backend.lost_reason() or self._watched(remote=False)
+            reason = self._backend.lost_reason() or self._watched(self._watch_local, os.path.exists)
             if reason:
                 self._lose(reason)
         if self._lost is not None:
@@ -380,7 +384,10 @@ _WRITERS: dict[str, Lease] = {}
 
 
 def _key(folder: str) -> str:
-    return os.path.abspath(folder) if storage.is_local(folder) else str(folder).rstrip("/")
+    folder = str(folder)
+    if "://" not in folder or folder.startswith("file://"):  # not storage.is_local: this runs every step
+        return os.path.abspath(folder.removeprefix("file://"))
+    return folder.rstrip("/")
 
 
 @contextlib.contextmanager

@@ -3,10 +3,10 @@ stages, rerun at once after each kill, and check that nothing of the killed run 
 or doubled (issue 19.3).
 
 Two chains on one store each: every rerun is the next victim, so a whole chain costs about one pipeline run
-plus one restart per point. SIGKILL (as the OOM killer or a lost pod) at six points: during the download,
-while the dataset is published, in training between two checkpoints, right after a checkpoint, while the
-checkpoint is published, and during evaluation; SIGTERM (graceful: the trainer checkpoints at the step
-boundary and exits) at four. Points inside the flow process are named failpoints (slip_core/failpoints.py);
+plus one restart per point. SIGKILL (as the OOM killer or a lost pod) at five points: during the download,
+in training between two checkpoints, right after a checkpoint, while the checkpoint is published, and during
+evaluation; SIGTERM (graceful: the trainer checkpoints at the step boundary and exits) at four. (Kills while
+the dataset is published are tests/test_faults_dataset.py's, the Prefect flow's included.) Points inside the flow process are named failpoints (slip_core/failpoints.py);
 the others are timed from outside by what the run has written (metrics.jsonl lines, checkpoints/latest) or
 started (img2dataset's pool worker). Every process of a run carries a tag in its environment
 (tests/_procs.py), so re-parented orphans are found too. After every kill: no process of the killed run is
@@ -101,8 +101,6 @@ def _at_checkpoint(store: str, tag: str) -> bool:
 
 SIGKILL_POINTS = [
     Point("while downloading (img2dataset and its pool worker running, no shard complete)", when=_pool_worker_started),
-    Point("while publishing the dataset (shards, ledger and stats written, no manifest)",
-          failpoint="publish.before_manifest"),
     Point("while training, between checkpoints (step 6 logged; checkpoints at 4 and 8)", when=_between_checkpoints,
           resumes_from=6),
     Point("while training, at a checkpoint (the moment checkpoints/latest names step 8)", when=_at_checkpoint,
@@ -149,6 +147,11 @@ def _manifest_problems(store: str) -> list[str]:
     return out
 
 
+def _fired(log: str, failpoint: str) -> bool:
+    with open(log, errors="replace") as f:
+        return f"failpoint {failpoint.split(':')[0].split('@')[0]} (hit" in f.read()
+
+
 def _service(pending: list[Kill], store: str) -> None:
     """Check the kills whose ORPHAN_BOUND_S has passed: what of their run is still alive."""
     for k in [k for k in pending if time.monotonic() >= k.at + ORPHAN_BOUND_S]:
@@ -162,13 +165,16 @@ def run_chain(points: list[Point], store: str, prefect_api: str, logs: str) -> t
     kills: list[Kill] = []
     pending: list[Kill] = []
     for i, point in enumerate(points + [None]):
-        proc, tag = _start(store, prefect_api, os.path.join(logs, f"run{i}.log"), point.failpoint if point else "")
+        log = os.path.join(logs, f"run{i}.log")
+        proc, tag = _start(store, prefect_api, log, point.failpoint if point else "")
         deadline = time.monotonic() + RUN_LIMIT_S
         while proc.poll() is None and time.monotonic() < deadline:
             _service(pending, store)
             if point is not None and point.when is not None and point.when(store, tag):
                 proc.send_signal(point.sig)
                 break
+            if point is not None and point.failpoint and _fired(log, point.failpoint):
+                break  # it signalled itself: that moment is the kill
             time.sleep(0.05)
         if point is None:
             while proc.poll() is None and time.monotonic() < deadline:
@@ -179,22 +185,16 @@ def run_chain(points: list[Point], store: str, prefect_api: str, logs: str) -> t
                 time.sleep(0.2)
             return kills, proc, tag
         k = Kill(point, tag, time.monotonic())
-        if point.when is None:  # a failpoint: the process signalled itself; that moment is the kill
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-            k.at = time.monotonic()
-        k.rc = proc.returncode
-        k.problems = _manifest_problems(store)
         kills.append(k)
         pending.append(k)
-        if point.sig == signal.SIGKILL:
-            proc.wait(timeout=30)
-        else:  # graceful: the flow process stops its children, then itself
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        k.rc = proc.returncode
+        # SIGTERM is graceful: the flow process stops its children, then itself. Its own 10 s count too.
+        while proc.poll() is None and time.monotonic() < k.at + 60:
+            _service(pending, store)
+            time.sleep(0.05)
+        if proc.poll() is None:
+            proc.kill()
+        k.rc = proc.wait()
+        k.problems = _manifest_problems(store)
     raise AssertionError("unreachable")
 
 

@@ -65,6 +65,45 @@ def _latest_step(out: str) -> int:
     return int(open(p).read().strip()[5:13]) if os.path.exists(p) else 0
 
 
+FORKER = textwrap.dedent("""
+    import subprocess, sys, threading, time
+    from slip_core import procs
+    how = sys.argv[1]
+    cmd = [sys.executable, "-c", "import time; time.sleep(600)"]
+
+    def start():  # a short-lived worker thread, like a Prefect task's
+        if how == "spawn":
+            child = procs.spawn(cmd)
+        else:  # the naive way: the death signal armed in a child forked by this thread
+            child = subprocess.Popen(cmd, preexec_fn=lambda: procs.set_parent_death_signal(15))
+        print(child.pid, flush=True)
+
+    t = threading.Thread(target=start)
+    t.start()
+    t.join()  # the forking thread is gone
+    time.sleep(600)
+""")
+
+
+@pytest.mark.parametrize("how", ["spawn", "naive"])
+def test_a_child_follows_the_process_not_the_thread_that_forked_it(tmp_path, how):
+    tag, env = _env()
+    parent = subprocess.Popen([sys.executable, "-c", FORKER, how], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        time.sleep(1.5)
+        alive = [pid for pid, _ in tagged(tag)]
+        if how == "naive":  # PR_SET_PDEATHSIG fired when the worker thread exited: the hazard procs.spawn avoids
+            assert child not in alive
+            return
+        assert child in alive
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        assert wait_untagged(tag, 3.0) == []
+    finally:
+        kill_tagged(tag)
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return write_dataset(str(tmp_path_factory.mktemp("orph") / "dataset"), fashion_samples(64, seed=3), per_shard=32)
