@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from datasets import download
+from datasets import work as dataset_work
 from slip_core import artifacts, locks, storage
 from tests._s3_util import s3_server
 
@@ -150,7 +150,7 @@ def test_s3_lease_of_another_host_blocks_until_it_expires(s3, fault_log):
     work = storage.join(s3, "store/dataset-work/yfcc15m-abc")
     _plant_foreign_lease(storage.join(work, locks.LOCK_NAME), ttl_s=3.0)
     with pytest.raises(RuntimeError, match=r"another dataset build \(dataset build: host node-b.invalid, pid 4242"):
-        with download.work_lock(work):
+        with dataset_work.work_lock(work):
             pass
     told = []
     t0 = time.monotonic()

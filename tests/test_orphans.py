@@ -104,6 +104,36 @@ def test_a_child_follows_the_process_not_the_thread_that_forked_it(tmp_path, how
         kill_tagged(tag)
 
 
+POOL = textwrap.dedent("""
+    import concurrent.futures, multiprocessing, sys, time
+    from slip_core import procs
+    init = procs.follow_parent if sys.argv[1] == "follow" else None
+    ctx = multiprocessing.get_context("fork")  # as datasets/quality/fingerprint.py's hashing pool
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=ctx, initializer=init,
+                                                initargs=(False,) if init else ()) as pool:
+        print("started", flush=True)
+        list(pool.map(time.sleep, [600, 600]))
+""")
+
+
+@pytest.mark.parametrize("how", ["follow", "plain"])
+def test_forked_pool_workers_end_with_their_parent(how):
+    tag, env = _env()
+    parent = subprocess.Popen([sys.executable, "-c", POOL, how], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout.readline().strip() == "started"
+        _wait_for(lambda: len(tagged(tag)) >= 3, 60, "the pool workers")
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        left = wait_untagged(tag, 3.0)
+        if how == "plain":  # the hazard: a forked worker holds its queue's write end and never sees EOF
+            assert len(left) == 2
+        else:
+            assert left == []
+    finally:
+        kill_tagged(tag)
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return write_dataset(str(tmp_path_factory.mktemp("orph") / "dataset"), fashion_samples(64, seed=3), per_shard=32)

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from datasets import tarshards
-from slip_core import storage
+from slip_core import procs, storage
 
 log = logging.getLogger(__name__)
 HASH_SIZE = 16  # imagehash hash_size -> HASH_SIZE**2 = 256 bits
@@ -274,7 +274,10 @@ def map_shards(tars: list[str], cache: bool = True, draft: bool = True, workers:
             results = client.gather(client.map(_shard_task, args, pure=False))
     elif workers > 1 and len(todo) > 1:
         ctx = multiprocessing.get_context("fork")
-        with concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx) as pool:
+        # Forked workers hold their own queue's write end, so they would wait forever once we are gone:
+        # each follows our pid (slip_core.procs) and ends with us.
+        with concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx,
+                                                    initializer=procs.follow_parent, initargs=(False,)) as pool:
             results = list(pool.map(_shard_task, args))
     else:
         results = [_shard_task(a) for a in args]
