@@ -37,6 +37,7 @@ from concurrent.futures import Future
 from typing import Callable, Iterator
 
 PR_SET_PDEATHSIG = 1
+SPAWNED_BY_ENV = "SLIP_SPAWNED_BY"
 WAIT_POLL_S = 0.1
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None  # loaded before any fork
 
@@ -107,8 +108,12 @@ _TERMINATED: "weakref.WeakSet[subprocess.Popen]" = weakref.WeakSet()  # got SIGT
 
 
 def spawn(cmd: list[str], *, death_signal: int = signal.SIGTERM, **popen_kwargs) -> subprocess.Popen:
-    """subprocess.Popen(cmd) in a session of its own that gets `death_signal` when this process dies."""
+    """subprocess.Popen(cmd) in a session of its own that gets `death_signal` when this process dies.
+    Its tree inherits SPAWNED_BY_ENV (our pid), by which `follow_parent` recognises a tree member whose
+    parent died before it started watching."""
     parent = os.getpid()
+    popen_kwargs["env"] = {**(os.environ if popen_kwargs.get("env") is None else popen_kwargs["env"]),
+                           SPAWNED_BY_ENV: str(parent)}
 
     def arm() -> None:  # in the child, between fork and exec: no locks, no imports
         set_parent_death_signal(death_signal)
@@ -296,7 +301,25 @@ def tolerate_lost_output() -> None:
             setattr(sys, name, _LossTolerant(stream, fd))
 
 
-def follow_parent(graceful: bool, grace_s: float = 10.0, poll_s: float = 0.5) -> threading.Thread | None:
+def _born_orphan() -> bool:
+    """True if we belong to a tree `spawn` started and our parent is not of it any more: it died while we
+    were still starting (importing torch takes seconds), so we were re-parented before we could watch it.
+    Our parent is of the tree if it is the spawning process or carries the same SPAWNED_BY_ENV."""
+    spawner = os.environ.get(SPAWNED_BY_ENV, "")
+    ppid = os.getppid()
+    if not spawner.isdigit() or ppid == int(spawner):
+        return False
+    if ppid == 1:  # init is never of the tree (the spawning process is not init: that was the case above)
+        return True
+    try:
+        with open(f"/proc/{ppid}/environ", "rb") as f:
+            return f"{SPAWNED_BY_ENV}={spawner}".encode() not in f.read().split(b"\0")
+    except OSError:  # not ours to read (another user's reaper) or gone: we cannot tell, so assume not
+        return False
+
+
+def follow_parent(graceful: bool, grace_s: float = 10.0, poll_s: float = 0.5,
+                  parent: int | None = None) -> threading.Thread | None:
     """Make this process end when the process that started it does (call first thing in an entry point).
 
     A daemon thread watches our parent pid; once it changes (we were re-parented to init or a subreaper),
@@ -304,12 +327,15 @@ def follow_parent(graceful: bool, grace_s: float = 10.0, poll_s: float = 0.5) ->
     tree `grace_s` later if we are still there; otherwise the tree is killed at once. With `graceful` False
     SIGTERM also kills the whole tree at once (img2dataset has no graceful stop, and its pool workers would
     otherwise finish and publish a shard nobody waits for). Output to a vanished reader is dropped, not
-    fatal (tolerate_lost_output). Returns the thread (None if the parent is init)."""
-    parent = os.getppid()
+    fatal (tolerate_lost_output). `parent`: the pid we were started by, when the caller knows it (a pool
+    initializer: the pool's owner may already be gone when the worker gets here). Returns the thread, or
+    None when our parent is init and we were not started under `spawn` (a container's entry point)."""
     tolerate_lost_output()
     if not graceful and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda signum, frame: kill_own_tree())
-    if parent == 1:  # started by init itself (a container's entry point): nothing to follow
+    if parent is None:
+        parent = -1 if _born_orphan() else os.getppid()
+    if parent == 1:  # started by init itself: nothing to follow
         return None
     # No parent-death signal on ourselves: it would follow whichever thread of our parent forked us, which
     # need not live as long as our parent does. Polling getppid costs one syscall per poll_s.
@@ -317,7 +343,8 @@ def follow_parent(graceful: bool, grace_s: float = 10.0, poll_s: float = 0.5) ->
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(poll_s)
-        os.write(2, f"parent process {parent} exited: stopping (pid {os.getpid()})\n".encode())
+        gone = f"parent process {parent}" if parent > 0 else "the process that started us (before we watched it)"
+        os.write(2, f"{gone} exited: stopping (pid {os.getpid()})\n".encode())
         if graceful:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(grace_s)

@@ -104,13 +104,31 @@ def test_a_child_follows_the_process_not_the_thread_that_forked_it(tmp_path, how
         kill_tagged(tag)
 
 
-POOL = textwrap.dedent("""
-    import concurrent.futures, multiprocessing, sys, time
+GRANDCHILD = "import time; time.sleep(3); from slip_core import procs; procs.follow_parent(graceful=False); time.sleep(600)"
+LAUNCHER_OF_GRANDCHILD = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {GRANDCHILD!r}]); time.sleep(600)"
+
+
+def test_a_grandchild_orphaned_before_it_watches_still_ends():
+    """torchrun SIGKILLed while its rank is still importing: the rank starts watching an init it never had."""
     from slip_core import procs
-    init = procs.follow_parent if sys.argv[1] == "follow" else None
+
+    tag, env = _env()
+    child = procs.spawn([sys.executable, "-c", LAUNCHER_OF_GRANDCHILD], env=env)
+    try:
+        _wait_for(lambda: len(tagged(tag)) >= 2, 60, "the grandchild")
+        os.kill(child.pid, signal.SIGKILL)  # the grandchild is still in its sleep, not watching yet
+        child.wait()  # reaped without procs.wait's sweep of its group: only the grandchild's own check acts
+        assert wait_untagged(tag, 10.0) == []
+    finally:
+        kill_tagged(tag)
+
+
+POOL = textwrap.dedent("""
+    import concurrent.futures, functools, multiprocessing, os, sys, time
+    from slip_core import procs
+    init = functools.partial(procs.follow_parent, graceful=False, parent=os.getpid()) if sys.argv[1] == "follow" else None
     ctx = multiprocessing.get_context("fork")  # as datasets/quality/fingerprint.py's hashing pool
-    with concurrent.futures.ProcessPoolExecutor(2, mp_context=ctx, initializer=init,
-                                                initargs=(False,) if init else ()) as pool:
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=ctx, initializer=init) as pool:
         print("started", flush=True)
         list(pool.map(time.sleep, [600, 600]))
 """)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import hashlib
 import io
 import json
@@ -276,8 +277,8 @@ def map_shards(tars: list[str], cache: bool = True, draft: bool = True, workers:
         ctx = multiprocessing.get_context("fork")
         # Forked workers hold their own queue's write end, so they would wait forever once we are gone:
         # each follows our pid (slip_core.procs) and ends with us.
-        with concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx,
-                                                    initializer=procs.follow_parent, initargs=(False,)) as pool:
+        follow = functools.partial(procs.follow_parent, graceful=False, parent=os.getpid())
+        with concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=follow) as pool:
             results = list(pool.map(_shard_task, args))
     else:
         results = [_shard_task(a) for a in args]
