@@ -47,7 +47,7 @@ def train_identity(dataset_sha256: str, config: dict, nproc: int) -> identity.St
 
 
 def _check_dataset(url: str, store: Store) -> artifacts.Manifest:
-    """The dataset manifest, if its files are intact (Store.check: re-hashed up to 2 GiB, else by size)."""
+    """The dataset manifest, if its files are intact (Store.check)."""
     m = artifacts.load_manifest(url)
     problems = store.check(url, m)
     if problems:
