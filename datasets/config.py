@@ -1,4 +1,4 @@
-"""Dataset stage settings: `DatasetConfig`, its presets and `make_config` (the one preset resolver).
+"""Dataset stage settings: `DatasetConfig`, its presets and `make_config` (slip_core.config.resolve on them).
 
 Which fields change what a download produces (the work folder's identity, datasets/work.py) and which are
 parallelism only (`PARALLEL_FIELDS`) is decided here and nowhere else.
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from slip_core.config import ConfigError, from_dict, to_dict
+from slip_core.config import resolve
 
 from datasets.quality.config import QUALITY_PRESETS, QualityConfig  # issue 10: dedup, decontamination, filters
 
@@ -86,13 +86,6 @@ PARALLEL_FIELDS = {"processes_count", "thread_count", "shards_per_group", "paral
 
 
 def make_config(config: dict | None = None, preset: str | None = None) -> DatasetConfig:
-    preset = preset or "yfcc15m"
-    if preset not in DATASET_PRESETS:
-        raise ConfigError(f"unknown dataset preset {preset!r}; known: {sorted(DATASET_PRESETS)}")
-    base = to_dict(DATASET_PRESETS[preset])
-    base.update(config or {})
-    if isinstance(base.get("quality"), str):  # a quality preset name: "off" | "default" | "strict"
-        if base["quality"] not in QUALITY_PRESETS:
-            raise ConfigError(f"unknown quality preset {base['quality']!r}; known: {sorted(QUALITY_PRESETS)}")
-        base["quality"] = to_dict(QUALITY_PRESETS[base["quality"]])
-    return from_dict(DatasetConfig, base)
+    """DATASET_PRESETS[preset] (default yfcc15m) with overrides, through slip_core.config.resolve; `quality`
+    may name a quality preset ("off" | "default" | "strict")."""
+    return resolve(DATASET_PRESETS, preset or "yfcc15m", config, what="dataset", named={"quality": QUALITY_PRESETS})

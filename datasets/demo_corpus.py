@@ -21,12 +21,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 
-import numpy as np
-from PIL import Image
-
-from datasets import offline
 from datasets.httpserve import serve_directory
-from datasets.sources.yfcc import format_row
 
 DEFAULT_PORT = int(os.environ.get("SLIP_DEMO_PORT", "18765"))
 FORMAT_VERSION = 1
@@ -59,7 +54,7 @@ class DemoCorpus:
         return serve_directory(self.image_dir, port=self.port)
 
 
-def _captions(rng: np.random.Generator, c: str, n: int) -> tuple[str, str]:
+def _captions(rng, c: str, n: int) -> tuple[str, str]:  # rng: numpy.random.Generator
     while True:
         t = TITLES[rng.integers(len(TITLES))].format(c=c, n=n)
         d = DESCRIPTIONS[rng.integers(len(DESCRIPTIONS))].format(c=c)
@@ -67,18 +62,38 @@ def _captions(rng: np.random.Generator, c: str, n: int) -> tuple[str, str]:
             return t, d
 
 
-def build_demo_corpus(out_dir: str, n_fashion: int = 3000, seed: int = 0, port: int = DEFAULT_PORT,
-                      subset_fraction: float = 0.95, n_dead_links: int = 3) -> DemoCorpus:
-    """Write (or reuse, if already built with the same arguments) the demo corpus under `out_dir`."""
-    out_dir = os.path.abspath(out_dir)
-    params = {"n_fashion": n_fashion, "seed": seed, "port": port, "subset_fraction": subset_fraction,
-              "n_dead_links": n_dead_links, "version": FORMAT_VERSION}
-    info_path = os.path.join(out_dir, "corpus.json")
+def _params(n_fashion: int, seed: int, port: int, subset_fraction: float, n_dead_links: int) -> dict:
+    return {"n_fashion": n_fashion, "seed": seed, "port": port, "subset_fraction": subset_fraction,
+            "n_dead_links": n_dead_links, "version": FORMAT_VERSION}
+
+
+def existing_demo_corpus(out_dir: str, n_fashion: int = 3000, seed: int = 0, port: int = DEFAULT_PORT,
+                         subset_fraction: float = 0.95, n_dead_links: int = 3) -> DemoCorpus | None:
+    """The corpus under `out_dir` if it was built with these arguments, else None (writes nothing)."""
+    params = _params(n_fashion, seed, port, subset_fraction, n_dead_links)
+    info_path = os.path.join(os.path.abspath(out_dir), "corpus.json")
     if os.path.exists(info_path):
         with open(info_path) as f:
             info = json.load(f)
         if info.get("params") == params:
             return DemoCorpus(**info["corpus"])
+    return None
+
+
+def build_demo_corpus(out_dir: str, n_fashion: int = 3000, seed: int = 0, port: int = DEFAULT_PORT,
+                      subset_fraction: float = 0.95, n_dead_links: int = 3) -> DemoCorpus:
+    """Write (or reuse, if already built with the same arguments) the demo corpus under `out_dir`."""
+    out_dir = os.path.abspath(out_dir)
+    found = existing_demo_corpus(out_dir, n_fashion, seed, port, subset_fraction, n_dead_links)
+    if found:  # (reusing one imports nothing heavy: a no-op `slip reproduce` only reads corpus.json)
+        return found
+    import numpy as np
+    from PIL import Image
+
+    from datasets import offline
+    from datasets.sources.yfcc import format_row
+
+    if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
     image_dir = os.path.join(out_dir, "images")
     os.makedirs(os.path.join(image_dir, "fmnist"), exist_ok=True)
@@ -128,8 +143,9 @@ def build_demo_corpus(out_dir: str, n_fashion: int = 3000, seed: int = 0, port: 
         json.dump(label_map, f)
     corpus = DemoCorpus(out_dir, meta, subset, image_dir, base, port, len(order), n_sub, len(chosen),
                         len(offline.photo_corpus()), labels_path)
-    with open(info_path, "w") as f:
-        json.dump({"params": params, "corpus": asdict(corpus)}, f, indent=1)
+    with open(os.path.join(out_dir, "corpus.json"), "w") as f:
+        json.dump({"params": _params(n_fashion, seed, port, subset_fraction, n_dead_links), "corpus": asdict(corpus)},
+                  f, indent=1)
     return corpus
 
 

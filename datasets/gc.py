@@ -12,6 +12,7 @@ import os
 import time
 
 from slip_core import artifacts, storage
+from slip_core.store import Store
 
 SHARD_GLOB = "shards/*.tar"
 
@@ -22,16 +23,8 @@ def _norm(url: str) -> str:
 
 def referenced_shards(store: str) -> set[str]:
     """Normalised URLs of every shard some published dataset manifest in the store lists."""
-    fs, base = storage.url_to_fs(storage.join(store, "dataset"))
     refs: set[str] = set()
-    if not fs.exists(base):
-        return refs
-    for murl in fs.glob(base.rstrip("/") + "/*/" + artifacts.MANIFEST_NAME):
-        url = _as_url(store, murl)
-        try:
-            m = artifacts.load_manifest(url)
-        except artifacts.ManifestError:
-            continue
+    for url, m in Store(store).published("dataset"):  # readable manifests only
         root = artifacts.artifact_root(url)
         refs.update(_norm(artifacts.resolve(root, f.path)) for f in m.files if f.path.endswith(".tar"))
     return refs

@@ -9,8 +9,9 @@ import argparse
 import json
 import sys
 
-from slip_core import artifacts, storage
+from slip_core import artifacts, identity, storage
 from slip_core.failpoints import failpoint
+from slip_core.store import Store
 
 from datasets import config, download, plan, publish as publish_mod, work
 from datasets.sources import BadInput, captions, yfcc, yfcc_parquet
@@ -19,9 +20,8 @@ from datasets.sources.detect import detect_source
 
 
 def file_sha256(url: str, store: str) -> str:
-    """sha256 of a file's contents, remembered in `<store>/.hashcache/` under its size and mtime / ETag
-    (storage.sha256_file_stamped), so an unchanged 50 GB metadata file is hashed once, not on every rerun."""
-    return storage.sha256_file_stamped(url, storage.join(store, ".hashcache"))
+    """sha256 of a file's contents, memoised in the store (Store.content_sha256)."""
+    return Store(store).content_sha256(url)
 
 
 def source_sha256(source: str, store: str, kind: str) -> str:
@@ -36,6 +36,18 @@ def source_sha256(source: str, store: str, kind: str) -> str:
     return storage.sha256_bytes(listing.encode())
 
 
+# The code a caption table is made by: the filters / normalisers of every source format.
+TABLE_CODE = (yfcc.__name__, yfcc_parquet.__name__, captions.__name__)
+
+
+def table_identity(source_sha256: str, subset_sha256: str, source_kind: str,
+                   cfg: config.DatasetConfig) -> identity.StageIdentity:
+    """Identity of the caption table of a source: its contents (and the subset's), the cleaning mode, the
+    filter code. Download settings are not part of it: changing image size does not re-filter 100M rows."""
+    return identity.stage("caption-table", cfg.name, {"source": source_sha256, "subset": subset_sha256},
+                          {"clean_mode": cfg.clean_mode, "source_kind": source_kind}, TABLE_CODE)
+
+
 def prepare_table(source: str, store: str, cfg: config.DatasetConfig, subset: str | None = None) -> str:
     """Caption-table artifact (captions.parquet + filter_report.json) for `source`; returns its manifest URL.
     Keyed on the contents of source and subset and the cleaning mode; an existing one is reused."""
@@ -45,7 +57,8 @@ def prepare_table(source: str, store: str, cfg: config.DatasetConfig, subset: st
             raise BadInput(f"{url}: no such {what} file")
     src_sha = source_sha256(source, store, kind)
     sub_sha = file_sha256(subset, store) if subset else ""
-    root = artifacts.stage_root(store, "caption-table", cfg.name, src_sha, sub_sha, cfg.clean_mode, kind)
+    ident = table_identity(src_sha, sub_sha, kind, cfg)
+    root = Store(store).stage_root(ident)
     murl = artifacts.manifest_url(root)
     if artifacts.is_complete(murl):  # complete and intact: reuse
         return murl
@@ -54,7 +67,7 @@ def prepare_table(source: str, store: str, cfg: config.DatasetConfig, subset: st
             return murl
         storage.remove_temp_files(root)  # what a killed earlier build left mid-write
         try:
-            return _build_table(source, root, cfg, kind, subset, src_sha, sub_sha)
+            return _build_table(source, root, cfg, kind, subset, src_sha, sub_sha, ident)
         except BadInput:
             _remove_if_empty(root)  # nothing of a refused input stays behind
             raise
@@ -66,7 +79,7 @@ def _remove_if_empty(root: str) -> None:
         fs.rm(p, recursive=True)
 
 
-def _build_table(source, root, cfg, kind, subset, src_sha, sub_sha) -> str:
+def _build_table(source, root, cfg, kind, subset, src_sha, sub_sha, ident) -> str:
     out, bad = storage.join(root, "captions.parquet"), storage.join(root, MALFORMED_FILE)
     if kind in ("yfcc", "yfcc-parquet"):
         run = yfcc.filter_yfcc if kind == "yfcc" else yfcc_parquet.filter_yfcc_parquet
@@ -81,7 +94,8 @@ def _build_table(source, root, cfg, kind, subset, src_sha, sub_sha) -> str:
                                  config={"clean_mode": cfg.clean_mode, "subset_name": cfg.subset_name, "kind": kind,
                                          "source": source, "source_sha256": src_sha,
                                          "subset": subset or "", "subset_sha256": sub_sha},
-                                 metrics={k: report[k] for k in ("rows", "written", "malformed", "in_subset") if k in report})
+                                 metrics={k: report[k] for k in ("rows", "written", "malformed", "in_subset") if k in report},
+                                 identity=ident.to_dict())
     return artifacts.publish(m, root)
 
 

@@ -22,9 +22,10 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from slip_core import artifacts, storage
+from slip_core import artifacts, identity, storage
 from slip_core.config import to_dict
 from slip_core.failpoints import failpoint
+from slip_core.store import Store
 
 from datasets import engine, tarshards
 from datasets import quality as quality_pass  # issue 10: dedup, decontamination, filters
@@ -230,6 +231,28 @@ def _ledger_out_sql(con: duckdb.DuckDBPyConnection, fps: pa.Table | None) -> str
 
 # ------------------------------------------------------------------------------------------ publish
 
+# The dataset stage's code: its entry (filter -> plan -> download -> publish, named as a string because it
+# imports this module) and everything that reaches, img2dataset's `python -m` wrapper included. The
+# CLIP-score filter is the only dataset code that loads a model: unless it is on, model code (reached only
+# through slip_core.checkpoint) is not part of the dataset's identity.
+DATASET_CODE = ("datasets.pipeline",)
+MODEL_CODE = ("slip_core.checkpoint",)
+
+
+def dataset_identity(captions_sha256: str, cfg: DatasetConfig) -> identity.StageIdentity:
+    """Identity of a dataset built from the caption table with manifest sha256 `captions_sha256` (the table's
+    own identity, hence the caption cleaning code, is inside that sha). Parallelism settings are left out."""
+    q = cfg.quality
+    inputs = {"captions": captions_sha256}
+    if q.clip_score_checkpoint:
+        inputs["clip_score_checkpoint"] = storage.sha256_file(q.clip_score_checkpoint)
+    if q.previous_dataset:
+        inputs["previous_dataset"] = artifacts.load_manifest(q.previous_dataset).sha256
+    config = {k: v for k, v in to_dict(cfg).items() if k not in PARALLEL_FIELDS}
+    return identity.stage("dataset", cfg.name, inputs, config, DATASET_CODE,
+                          stop=() if q.clip_score_checkpoint else MODEL_CODE)
+
+
 def publish(table_path: str, work: str, cfg: DatasetConfig, store: str, upstream: dict | None = None,
             extra_stats: dict | None = None, malformed_path: str | None = None) -> str:
     """Ledger, shards (incrementally), ledger/sizes/stats and the dataset manifest (last). Returns the manifest
@@ -240,7 +263,9 @@ def publish(table_path: str, work: str, cfg: DatasetConfig, store: str, upstream
         table_sha = storage.sha256_file(table_path)
         ident = {k: v for k, v in to_dict(cfg).items() if k not in PARALLEL_FIELDS}
         settings = hashlib.sha256(json.dumps([cfg.name, ident], sort_keys=True, default=str).encode()).hexdigest()[:16]
-        root = artifacts.stage_root(store, "dataset", cfg.name, table_sha, ident, ledger_fingerprint(con))
+        captions = (upstream or {}).get("captions")  # without a caption-table artifact: the table file itself
+        stage = dataset_identity(captions.sha256 if captions else table_sha, cfg)
+        root = Store(store).stage_root(stage, ledger_fingerprint(con))
         murl = artifacts.manifest_url(root)
         if artifacts.is_complete(murl):  # published before and intact
             record_version(work, settings, root)
@@ -271,7 +296,7 @@ def publish(table_path: str, work: str, cfg: DatasetConfig, store: str, upstream
                                           "success_rate": stats["success_rate"], "shards": len(sizes),
                                           "input_table_sha256": table_sha, "shard_samples": sizes,
                                           **{f"n_{k}": v for k, v in stats["by_status"].items()}},
-                                 external_files=reused)
+                                 external_files=reused, identity=stage.to_dict())
     failpoint("publish.before_manifest")
     url = artifacts.publish(m, root)
     record_version(work, settings, root)

@@ -26,15 +26,17 @@ from dataclasses import dataclass
 
 from slip_core import locks, storage
 from slip_core.config import to_dict
+from slip_core.store import Store
 
 from datasets.config import PARALLEL_FIELDS, PLANNING_FIELDS, DatasetConfig
 
 
 def work_dir(store: str, cfg: DatasetConfig) -> str:
-    """Work folder identity = the settings that change what a download produces."""
+    """Work folder identity = the settings that change what a download produces. Not the code: downloaded
+    shards stay valid across code edits (a code change republishes from them; it never re-downloads)."""
     ident = {k: v for k, v in to_dict(cfg).items() if k not in PARALLEL_FIELDS | PLANNING_FIELDS | {"quality"}}
     h = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
-    return storage.join(store, "dataset-work", f"{cfg.name}-{h}")
+    return Store(store).work_dir("dataset", f"{cfg.name}-{h}")
 
 
 @contextlib.contextmanager

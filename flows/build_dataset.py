@@ -2,9 +2,10 @@
 
 The logic lives in datasets/ (pipeline.py, plan.py, download.py, ledger.py, publish.py, sources/); the tasks only call it. Caching: the
 filter and publish tasks use flows.caching's content policy (input sha256s, manifests by manifest sha256,
-config by value, task source, code version); publish is also keyed on the ledger fingerprint, so an
-unchanged rerun is two cache hits and a ledger read. Plan/download are never cached by Prefect: their
-cache is img2dataset's per-shard `_stats.json` markers (kill-and-rerun resumes, see datasets/work.py).
+config by value, and the code identity of the caption-table resp. dataset stage: pipeline.TABLE_CODE,
+publish.DATASET_CODE); publish is also keyed on the ledger fingerprint, so an unchanged rerun is two cache
+hits and a ledger read. Plan/download are never cached by Prefect: their cache is img2dataset's per-shard
+`_stats.json` markers (kill-and-rerun resumes, see datasets/work.py).
 """
 from __future__ import annotations
 
@@ -15,20 +16,21 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from datasets import config as dataset_config
-from datasets import download, engine, ledger, pipeline, plan, work
+from datasets import download, engine, ledger, pipeline, plan, publish, work
 from datasets.quality.fingerprint import fingerprint_ledger
 from datasets.sources.detect import detect_source
 from flows.caching import stage_cache
 from slip_core import artifacts, procs
-from slip_core.config import to_dict
+from slip_core.config import from_dict, to_dict
+from slip_core.store import Store
 
 
-def _cfg(config: dict | None) -> dataset_config.DatasetConfig:
-    config = dict(config or {})
-    return dataset_config.make_config(config, config.pop("preset", None) or "yfcc15m")
+def _cfg(config: dict) -> dataset_config.DatasetConfig:
+    """The resolved DatasetConfig the flow hands its tasks (as a dict)."""
+    return from_dict(dataset_config.DatasetConfig, config)
 
 
-@task(name="filter", cache_policy=stage_cache("source", "subset"), persist_result=True)
+@task(name="filter", cache_policy=stage_cache(pipeline.TABLE_CODE, "source", "subset"), persist_result=True)
 def filter_task(source: str, subset: str | None, store: str, config: dict, source_sha256: str, subset_sha256: str) -> str:
     """Keyed on the CONTENT hashes of source and subset (memoised per size/mtime, see pipeline.file_sha256),
     not on their paths: a renamed copy is a hit, an edited file a miss, a 50 GB file is not re-read."""
@@ -61,7 +63,7 @@ def verify_task(table_manifest: str, store: str, config: dict) -> dict:
     return summary
 
 
-@task(name="publish", cache_policy=stage_cache("summary"), persist_result=True)
+@task(name="publish", cache_policy=stage_cache(publish.DATASET_CODE, "summary"), persist_result=True)
 def publish_task(table_manifest: str, store: str, config: dict, fingerprint: str, summary: dict) -> str:
     url = pipeline.publish(table_manifest, store, _cfg(config))
     _report(url, summary)
@@ -84,15 +86,20 @@ def _report(manifest_url: str, summary: dict) -> None:
 
 @flow(name="build-dataset")
 def build_dataset(source: str, store: str, config: dict | None = None, subset: str | None = None,
-                  retry_failed: bool = False, progress: bool = False) -> str:
+                  retry_failed: bool = False, progress: bool = False, preset: str | None = None) -> str:
     """YFCC100M metadata (+ subset) or any url+caption table -> verified webdataset shards.
-    `config`: DatasetConfig overrides, optionally with "preset" (default "yfcc15m"; the demo uses "tiny").
+    `preset`: DATASET_PRESETS name (default "yfcc15m"; the demo uses "tiny"); `config`: DatasetConfig
+    overrides (dotted keys allowed; a "preset" key there is read as `preset`, as older callers pass it).
     Returns the dataset manifest URL."""
     log = get_run_logger()
-    cfg = _cfg(config)
+    config = dict(config or {})
+    legacy_preset = config.pop("preset", None)
+    cfg = dataset_config.make_config(config, preset or legacy_preset)
     cfg_dict = {**to_dict(cfg)}
+    st = Store(store)
     sha = (pipeline.source_sha256(source, store, detect_source(source)), pipeline.file_sha256(subset, store) if subset else "")
     table = filter_task(source, subset, store, cfg_dict, *sha)
+    log.info("dataset: %s", st.status(publish.dataset_identity(artifacts.load_manifest(table).sha256, cfg)).line())
     # One build per work folder at a time; SIGTERM (a Prefect cancellation) reaches img2dataset at once, or
     # this thread's unwinding would wait for the mapped download tasks until their downloads finish.
     with work.work_lock(work.work_dir(store, cfg)), procs.forward_termination():

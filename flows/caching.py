@@ -3,19 +3,21 @@
 Prefect's default policy includes the run id (no reuse across runs) and hashes a path by its string
 (stale hits after a file changes). Stage tasks instead key on *contents*: a path argument that names
 a file is hashed by its bytes, one that names an artifact (folder or manifest.json) by its manifest's
-sha256; everything else by value. The code version of our packages is always part of the key.
+sha256; everything else by value. The rest of the key is the stage's code identity (slip_core/identity.py:
+the normalised code its entry modules reach, and their library versions), never the task function's
+source: flows are glue, and a comment in one must not rerun a stage.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
-from prefect.cache_policies import TASK_SOURCE, CachePolicy
+from prefect.cache_policies import CachePolicy
 from prefect.utilities.hashing import hash_objects
 
-from slip_core import artifacts, storage
+from slip_core import artifacts, identity, storage
 
 
 def content_key(value: Any) -> Any:
@@ -43,22 +45,23 @@ def content_key(value: Any) -> Any:
 
 @dataclass
 class ContentInputs(CachePolicy):
-    """Key = content hashes of the inputs + our code version."""
+    """Key = content hashes of the inputs + the code identity of the stage's entry modules."""
 
+    code: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str | None:
         kept = {k: content_key(v) for k, v in sorted(inputs.items()) if k not in self.exclude}
-        return hash_objects(kept, artifacts.code_version(), raise_on_failure=True)
+        return hash_objects(kept, identity.code(self.code).sha256, raise_on_failure=True)
 
 
-# The policy every stage task uses: inputs by content, plus the task's own source.
-STAGE_CACHE = ContentInputs() + TASK_SOURCE
-
-
-def stage_cache(*exclude: str):
-    """STAGE_CACHE ignoring some arguments (e.g. a progress flag or a log path)."""
-    return ContentInputs(exclude=tuple(exclude)) + TASK_SOURCE
+def stage_cache(code: Iterable[str], *exclude: str) -> ContentInputs:
+    """The policy of a stage task: its inputs by content (minus `exclude`, e.g. a progress flag or a timeout)
+    plus the code identity of the stage's entry modules `code`."""
+    codes = tuple(code)
+    if not codes or isinstance(code, str):
+        raise ValueError("stage_cache needs the stage's entry modules, e.g. stage_cache(TRAIN_CODE, 'timeout_s')")
+    return ContentInputs(code=codes, exclude=tuple(exclude))
 
 
 def refreshing() -> bool:

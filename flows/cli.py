@@ -1,7 +1,9 @@
 """`slip` command line: one sub-command per pipeline stage.
 
 Each stage's arguments live next to its flow (flows/cli_<stage>.py, function `register(subparsers)`),
-and are imported only when that stage is asked for, so `slip --help` stays fast.
+and are imported only when that stage is asked for, so `slip --help` stays fast. Every command that
+reads or writes artifacts takes the same `--store` (default $SLIP_STORE or ./out/store), and uses a
+running `slip server start` Prefect server when it finds one (flows/prefect_server.py).
 """
 from __future__ import annotations
 
@@ -18,9 +20,32 @@ STAGES: dict[str, tuple[str, str]] = {
     "export": ("flows.cli_export", "checkpoint -> open_clip local-dir folder; eval results -> CLIP_benchmark JSON"),
     "reproduce": ("flows.cli_reproduce", "the whole chain as one cached Prefect flow (dataset -> train -> eval)"),
     "serve": ("flows.cli_reproduce", "register scheduled deployments (nightly rebuild, eval new checkpoints)"),
+    "status": ("flows.cli_reproduce", "per stage: cached (artifact) or will run (why), for a reproduce preset"),
     "lineage": ("flows.cli_reproduce", "print the lineage of an artifact from its manifests"),
+    "server": ("flows.cli_server", "start / stop a persistent local Prefect server (SQLite, 127.0.0.1)"),
     "bench": ("flows.cli_bench", "run the benchmarks in bench/ (one JSON line each)"),
 }
+NO_PREFECT = {"status", "lineage", "server", "bench"}  # commands that never talk to a Prefect server
+
+
+def add_store(parser: argparse.ArgumentParser, *aliases: str) -> None:
+    """The one `--store` flag (default $SLIP_STORE or ./out/store); `aliases`: deprecated spellings."""
+    from slip_core.store import default_root
+
+    parser.add_argument("--store", dest="store", default=None,
+                        help="artifact store root (local folder or s3://...); default $SLIP_STORE or ./out/store")
+    for alias in aliases:
+        parser.add_argument(alias, dest="store_alias", default=None, help=argparse.SUPPRESS)
+    parser.set_defaults(store_default=default_root())
+
+
+def store_of(args: argparse.Namespace) -> str:
+    """The store a command was given; a deprecated alias (e.g. `slip train --out`) still works, with a warning."""
+    alias = getattr(args, "store_alias", None)
+    if alias and not args.store:
+        print("warning: --out is deprecated, use --store", file=sys.stderr)
+        return alias
+    return args.store or args.store_default
 
 
 def _defaults_env() -> None:
@@ -58,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.parse_args([stage, "--help"])
         return 2
+    if hasattr(args, "store_default"):
+        args.store = store_of(args)
+    if stage not in NO_PREFECT:
+        from flows import prefect_server
+
+        prefect_server.connect(getattr(args, "store", None))
     from slip_core.config import ConfigError
 
     try:

@@ -1,9 +1,9 @@
 """`slip dataset ...`: filter-yfcc, build, demo-corpus.
 
     slip dataset filter-yfcc --metadata M --subset S --output OUT.parquet [--mode slip|strict]
-    slip dataset build SOURCE --store STORE [--subset S] [--preset yfcc15m|cc3m|cc12m|tiny]
+    slip dataset build SOURCE [--store STORE] [--subset S] [--preset yfcc15m|cc3m|cc12m|tiny]
                        [--set image_size=128 ...] [--retry-failed] [--no-prefect]
-    slip dataset demo-corpus OUT_DIR [--n-fashion 3000] [--seed 0] [--port 18765] [--build STORE]
+    slip dataset demo-corpus OUT_DIR [--n-fashion 3000] [--seed 0] [--port 18765] [--store STORE]
     slip dataset gc --store STORE [--delete] [--min-age-s 3600]
 
 Every path may be an fsspec URL (s3://..., file://...).
@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 
+from flows.cli import add_store
 from slip_core.config import parse_sets
 
 
@@ -34,8 +35,8 @@ def _filter(a) -> int:
 def _build(a) -> int:
     from datasets.config import make_config
 
-    config = {"preset": a.preset, **parse_sets(a.set)}
-    cfg = make_config({k: v for k, v in config.items() if k != "preset"}, a.preset)  # fail before Prefect starts
+    config = parse_sets(a.set)
+    cfg = make_config(config, a.preset)  # fail before Prefect starts
     from datasets import pipeline
     from datasets.sources import BadInput
 
@@ -49,7 +50,8 @@ def _build(a) -> int:
         return 2
     from flows.build_dataset import build_dataset
 
-    print(build_dataset(a.source, a.store, config=config, subset=a.subset, retry_failed=a.retry_failed, progress=True))
+    print(build_dataset(a.source, a.store, config=config, preset=a.preset, subset=a.subset,
+                        retry_failed=a.retry_failed, progress=True))
     return 0
 
 
@@ -58,11 +60,14 @@ def _demo(a) -> int:
 
     corpus = build_demo_corpus(a.out_dir, n_fashion=a.n_fashion, seed=a.seed, port=a.port or DEFAULT_PORT)
     print(json.dumps(corpus.__dict__, indent=1))
-    if a.build:
+    store = a.store or a.build
+    if a.build and not a.store:
+        print("warning: --build STORE is deprecated, use --store STORE", file=sys.stderr)
+    if store:
         from flows.build_dataset import build_dataset
 
         with corpus.serve():
-            print(build_dataset(corpus.metadata, a.build, config={"preset": "tiny"}, subset=corpus.subset, progress=True))
+            print(build_dataset(corpus.metadata, store, preset="tiny", subset=corpus.subset, progress=True))
     return 0
 
 
@@ -94,7 +99,7 @@ def register(subparsers, name: str) -> None:
 
     b = sub.add_parser("build", help="metadata or url+caption table -> verified webdataset shards (Prefect flow)")
     b.add_argument("source", help="YFCC100M metadata, CC3M/CC12M TSV, or any parquet/csv/tsv with url+caption")
-    b.add_argument("--store", required=True, help="artifact store root (path or fsspec URL)")
+    add_store(b)
     b.add_argument("--subset", help="OpenAI subset TSV (YFCC only)")
     b.add_argument("--preset", default="yfcc15m", help="yfcc15m | cc3m | cc12m | tiny")
     b.add_argument("--set", action="append", metavar="KEY=VALUE", help="DatasetConfig override (repeatable)")
@@ -107,7 +112,8 @@ def register(subparsers, name: str) -> None:
     d.add_argument("--n-fashion", type=int, default=3000)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--port", type=int, default=None)
-    d.add_argument("--build", metavar="STORE", help="also serve it and build the tiny dataset into STORE")
+    d.add_argument("--store", default=None, help="also serve it and build the tiny dataset into this artifact store")
+    d.add_argument("--build", metavar="STORE", default=None, help=argparse.SUPPRESS)  # deprecated: --store
     d.set_defaults(func=_demo)
 
     g = sub.add_parser("gc", help="list (or --delete) shards no published dataset version references")

@@ -6,7 +6,7 @@
   slip eval linear    --checkpoint PATH --dataset NAME [--recipe fast|reference] [--epochs N] ...
   slip eval finetune  --checkpoint PATH --dataset NAME [--preset tiny|vits16|vitb16|vitl16] [--nproc N] [--set k=v]
   slip eval retrieval --checkpoint PATH [--dataset photos]
-  slip eval run       --checkpoint PATH_OR_MANIFEST [--preset tiny|paper|zeroshot26] [--store DIR]   (Prefect flow)
+  slip eval run       --checkpoint PATH_OR_MANIFEST [--preset tiny|paper|zeroshot26] [--store STORE]   (Prefect flow)
   slip eval list      [--data-root DIR]        (catalog: formats, metric, found on disk or how to obtain)
   slip eval prepare   NAME [--data-root DIR]   (materialise a local offline set)
 
@@ -21,9 +21,8 @@ import os
 import subprocess
 import sys
 
+from flows.cli import add_store
 from slip_core.config import parse_sets
-
-DEFAULT_STORE = os.environ.get("SLIP_STORE", os.path.join(os.getcwd(), "out", "store"))
 
 
 def _ranks(args: argparse.Namespace) -> int:
@@ -168,7 +167,7 @@ def register(subparsers, name: str) -> None:
     r = sub.add_parser("run", help="the cached Prefect evaluation flow; publishes an eval artifact")
     r.add_argument("--checkpoint", required=True, help="checkpoint manifest URL/folder or a .pt file")
     r.add_argument("--preset", default="tiny", help="tiny | paper | zeroshot26")
-    r.add_argument("--store", default=DEFAULT_STORE)
+    add_store(r)
     r.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="EvalConfig override, e.g. --set max_samples=500 or --set data_root=/data (repeatable)")
     r.set_defaults(func=_run)

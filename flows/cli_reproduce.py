@@ -1,38 +1,88 @@
-"""`slip reproduce`, `slip serve`, `slip lineage`."""
+"""`slip reproduce`, `slip status`, `slip serve`, `slip lineage`.
+
+    slip reproduce [--preset tiny] [--store STORE] [--source S] [--subset S] [--rebuild STAGE]
+                   [--set train.max_steps=100 --set eval.max_samples=500 ...] [--resume-from CKPT]
+                   [--dry-run [--json]]
+    slip status    [--preset tiny] [--store STORE] [--source S] [--subset S] [--set ...] [--json]
+
+`--set STAGE.KEY=VALUE` overrides a stage config of the preset (STAGE: dataset | train | eval | corpus, the
+last for the demo corpus' arguments, e.g. corpus.n_fashion=240). `slip status` (= `reproduce --dry-run`
+without the compute estimate) prints per stage `cached` and the artifact, or `will run` and why.
+"""
 from __future__ import annotations
 
 import argparse
 import json
-import os
 
-DEFAULT_STORE = os.environ.get("SLIP_STORE", os.path.join(os.getcwd(), "out", "store"))
+from flows.cli import add_store
+from slip_core.config import ConfigError, parse_sets
+
+OVERRIDE_STAGES = ("dataset", "train", "eval", "corpus")
+
+
+def stage_overrides(sets: list[str] | None) -> dict[str, dict]:
+    """['train.lr=1e-3', 'eval.max_samples=500'] -> {"train": {"lr": 0.001}, "eval": {"max_samples": 500}}."""
+    out: dict[str, dict] = {}
+    for key, value in parse_sets(sets).items():
+        stage, _, rest = key.partition(".")
+        if stage not in OVERRIDE_STAGES or not rest:
+            raise ConfigError(f"--set {key}: expected STAGE.KEY=VALUE with STAGE one of {', '.join(OVERRIDE_STAGES)}")
+        out.setdefault(stage, {})[rest] = value
+    return out
+
+
+def _request(args: argparse.Namespace):
+    from flows.status import Request
+
+    o = stage_overrides(args.sets)
+    return Request(preset=args.preset, store=args.store, source=args.source, subset=args.subset,
+                   rebuild=getattr(args, "rebuild", None), dataset_config=o.get("dataset"),
+                   train_config=o.get("train"), eval_config=o.get("eval"), demo_corpus=o.get("corpus"),
+                   nproc=args.nproc)
+
+
+def _status(args: argparse.Namespace, estimate: bool = False) -> int:
+    from flows import status
+    from flows.presets import reproduce_preset
+
+    req = _request(args)
+    p = reproduce_preset(req.preset)
+    source, subset, _ = status.demo_source(req, p, build=False)
+    plans = status.reproduce_plan(req, p, source, subset)
+    if getattr(args, "resume_from", None) and plans["train"].state == "run":
+        plans["train"].reasons.append(f"continues from {args.resume_from} (--resume-from)")
+    if args.json:
+        print(json.dumps(status.to_json(plans)))
+        return 0
+    print(status.format_plan(plans))
+    if estimate:
+        from flows.plan import dry_run_plan
+
+        print("\n" + dry_run_plan(req.preset))
+    return 0
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from flows.plan import dry_run_plan
-    from flows.reproduce import REPRODUCE_PRESETS, reproduce
+    from flows.presets import reproduce_preset
+    from flows.reproduce import reproduce
 
-    if args.preset not in REPRODUCE_PRESETS:
-        raise SystemExit(f"unknown preset {args.preset!r}; choose from {sorted(REPRODUCE_PRESETS)}")
+    reproduce_preset(args.preset)  # an unknown preset fails before Prefect starts
     if args.dry_run:
-        print(dry_run_plan(args.preset))
-        return 0
-    from slip_core.config import parse_sets
-
-    result = reproduce(preset=args.preset, store=args.store, source=args.source, subset=args.subset,
-                       rebuild=args.rebuild, train_config=parse_sets(args.train_sets) or None,
-                       eval_config=parse_sets(args.eval_sets) or None,
-                       demo_corpus=parse_sets(args.corpus_sets) or None)
+        return _status(args, estimate=True)
+    req = _request(args)
+    result = reproduce(preset=req.preset, store=req.store, source=req.source, subset=req.subset, rebuild=req.rebuild,
+                       train_config=req.train_config, eval_config=req.eval_config, demo_corpus=req.demo_corpus,
+                       dataset_config=req.dataset_config, nproc=req.nproc, resume_from=args.resume_from)
     print(json.dumps(result, indent=2))
     print(f"\nreport: {result['report']}")
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from flows.scheduled import serve_forever
+    from flows.scheduled import DATASET_CRON, EVAL_CRON, serve_forever
 
     serve_forever(store=args.store, source=args.source, subset=args.subset,
-                  dataset_cron=args.dataset_cron, eval_cron=args.eval_cron)
+                  dataset_cron=args.dataset_cron or DATASET_CRON, eval_cron=args.eval_cron or EVAL_CRON)
     return 0
 
 
@@ -43,32 +93,41 @@ def _lineage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", help="tiny (the demo) or a paper preset")
+    add_store(p)
+    p.add_argument("--source", default=None, help="metadata/URL table (default: the preset's; tiny builds the demo corpus)")
+    p.add_argument("--subset", default=None, help="YFCC subset TSV (line number, photo id, hash)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                   help="override a stage config: dataset.KEY, train.KEY, eval.KEY or corpus.KEY (repeatable)")
+    p.add_argument("--nproc", type=int, default=1, help="training processes per node")
+    p.add_argument("--json", action="store_true", help="print the per-stage status as one JSON object")
+
+
 def register(subparsers, name: str) -> None:
     if name == "reproduce":
         p = subparsers.add_parser(name, help="dataset -> pretrain -> eval as one cached Prefect flow")
-        p.add_argument("--preset", default="tiny", help="tiny (the demo) or a paper preset")
-        p.add_argument("--store", default=DEFAULT_STORE, help="artifact store root (local folder or s3://...)")
-        p.add_argument("--source", default=None, help="metadata/URL table (default: the preset's; tiny builds the demo corpus)")
-        p.add_argument("--subset", default=None, help="YFCC subset TSV (line number, photo id, hash)")
+        _plan_args(p)
         p.add_argument("--rebuild", choices=["dataset", "train", "eval"], default=None,
                        help="force this stage and everything downstream to run again")
-        p.add_argument("--dry-run", action="store_true", help="print the plan and compute estimate, run nothing")
-        p.add_argument("--train-set", dest="train_sets", action="append", default=[], metavar="KEY=VALUE",
-                       help="TrainConfig override for the pretraining stage (repeatable; JSON values)")
-        p.add_argument("--eval-set", dest="eval_sets", action="append", default=[], metavar="KEY=VALUE",
-                       help="EvalConfig override for the evaluation stage (repeatable; JSON values)")
-        p.add_argument("--corpus-set", dest="corpus_sets", action="append", default=[], metavar="KEY=VALUE",
-                       help="demo corpus argument, e.g. n_fashion=500 (tiny preset; repeatable)")
+        p.add_argument("--resume-from", default=None, metavar="ARTIFACT_OR_CHECKPOINT",
+                       help="continue training from another run's checkpoint (see slip train --resume-from)")
+        p.add_argument("--dry-run", action="store_true",
+                       help="print per stage cached/will run and why, and the compute estimate; run nothing")
         p.set_defaults(func=_reproduce)
+    elif name == "status":
+        p = subparsers.add_parser(name, help="per stage: cached (artifact) or will run (why); runs nothing")
+        _plan_args(p)
+        p.add_argument("--rebuild", choices=["dataset", "train", "eval"], default=None,
+                       help="show what forcing this stage (and everything downstream) would do")
+        p.set_defaults(func=_status)
     elif name == "serve":
-        from flows.scheduled import DATASET_CRON, EVAL_CRON
-
         p = subparsers.add_parser(name, help="serve scheduled deployments against a running Prefect server")
-        p.add_argument("--store", default=DEFAULT_STORE)
+        add_store(p)
         p.add_argument("--source", default=None, help="metadata snapshot to rebuild nightly (omit: eval sweep only)")
         p.add_argument("--subset", default=None)
-        p.add_argument("--dataset-cron", default=DATASET_CRON)
-        p.add_argument("--eval-cron", default=EVAL_CRON)
+        p.add_argument("--dataset-cron", default=None, help="default: nightly at 03:00 UTC")
+        p.add_argument("--eval-cron", default=None, help="default: hourly")
         p.set_defaults(func=_serve)
     elif name == "lineage":
         p = subparsers.add_parser(name, help="print an artifact's lineage from its manifests")

@@ -1,11 +1,12 @@
-"""`slip train --dataset MANIFEST --preset tiny --out STORE [--nproc N] [--set key=value ...] [--resume latest]`."""
+"""`slip train --dataset MANIFEST --preset tiny --store STORE [--nproc N] [--set key=value ...]
+[--resume latest|none] [--resume-from ARTIFACT_OR_CHECKPOINT]`."""
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import sys
 
-DEFAULT_STORE = os.environ.get("SLIP_STORE", os.path.join(os.getcwd(), "out", "store"))
+from flows.cli import add_store
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -14,8 +15,18 @@ def _train(args: argparse.Namespace) -> int:
 
     overrides = parse_sets(args.sets)
     make_config(args.preset, overrides)  # fail fast on a typo, before Prefect starts
-    url = pretrain(dataset=args.dataset, store=args.out, config=overrides or None, preset=args.preset,
-                   nproc=args.nproc, timeout_s=args.timeout, retries=args.retries, resume=args.resume)
+    if args.resume_from:  # and on a --resume-from that names no resume checkpoint
+        from flows.pretrain import resume_checkpoint
+        from slip_core.store import Store
+
+        try:
+            resume_checkpoint(args.resume_from, Store(args.store))
+        except (FileNotFoundError, ValueError) as e:
+            print(f"slip train: {e}", file=sys.stderr)
+            return 2
+    url = pretrain(dataset=args.dataset, store=args.store, config=overrides or None, preset=args.preset,
+                   nproc=args.nproc, timeout_s=args.timeout, retries=args.retries, resume=args.resume,
+                   resume_from=args.resume_from)
     print(json.dumps({"checkpoint": url}))
     return 0
 
@@ -27,12 +38,16 @@ def register(subparsers, name: str) -> None:
     p.add_argument("--preset", default="tiny",
                    help="tiny | clip_tiny | simclr_tiny (CPU demo) or <slip|clip|simclr>_<vits16|vitb16|vitl16>_"
                         "<yfcc15m_25ep|yfcc15m_50ep|yfcc15m_100ep|cc3m_40ep|cc12m_35ep> (paper recipes)")
-    p.add_argument("--out", default=DEFAULT_STORE, help="artifact store root (local folder or s3://...)")
+    add_store(p, "--out")
     p.add_argument("--nproc", type=int, default=1, help="processes per node (GPUs, or CPU ranks with gloo)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="TrainConfig override, value parsed as JSON when possible (repeatable)")
     p.add_argument("--resume", choices=["latest", "none"], default="latest",
-                   help="latest: continue an interrupted run of the same config; none: start over")
+                   help="latest: continue an interrupted run of the same identity; none: start over")
+    p.add_argument("--resume-from", default=None, metavar="ARTIFACT_OR_CHECKPOINT",
+                   help="continue from another run's checkpoint (a run's checkpoints/step_N.pt, its run folder, or "
+                        "its stage folder) although this run has a different identity, e.g. after a logging fix; "
+                        "recorded in the checkpoint's lineage as resumed_from")
     p.add_argument("--timeout", type=float, default=None, help="seconds before the run is killed (per attempt)")
     p.add_argument("--retries", type=int, default=1, help="Prefect retries; each resumes from the last checkpoint")
     p.set_defaults(func=_train)

@@ -9,11 +9,11 @@ from slip_core.config import to_dict
 
 def dry_run_plan(preset: str) -> str:
     from datasets.config import DATASET_PRESETS
-    from flows.reproduce import REPRODUCE_PRESETS
+    from flows.presets import reproduce_preset
     from slip_core.registry import MODEL_PRESETS
     from slip_core.trainer import TRAIN_PRESETS, resolve
 
-    p = REPRODUCE_PRESETS[preset]
+    p = reproduce_preset(preset)
     ds, tr = DATASET_PRESETS[p.dataset], resolve(TRAIN_PRESETS[p.train])
     model = MODEL_PRESETS[tr.model]
     rows = p.dataset_rows

@@ -1,10 +1,13 @@
 """Prefect flow for pretraining: dataset manifest + TrainConfig -> torchrun -> checkpoint artifact.
 
-The task is cached by (dataset manifest sha256, resolved config, nproc, code version) via
-flows.caching; its output folder is content-addressed too (artifacts.stage_root), and a retry of a
-killed/timed-out attempt resumes from that folder's `checkpoints/latest` (exact resume), so Prefect
-`retries` lose at most `ckpt_every` steps. Two concurrent runs of the same config are serialised by
-artifacts.stage_lock on that folder: the second waits and reuses the first's checkpoint.
+Stage identity (`train_identity`): the dataset manifest's sha256, the resolved config and nproc, the code of
+slip_core.launch + slip_core.trainer and everything they import, and those modules' library versions.
+The output folder is named by it (Store.stage_root) and the Prefect task is cached on the same things
+(flows.caching). A retry of a killed/timed-out attempt resumes from that folder's `checkpoints/latest`
+(exact resume), so Prefect `retries` lose at most `ckpt_every` steps; a run under a *new* identity starts
+fresh unless `resume_from` names a checkpoint of another run to continue (recorded in the manifest as the
+upstream `resumed_from`). Two concurrent runs of the same identity are serialised by the stage lock on that
+folder: the second waits and reuses the first's checkpoint.
 Published files: checkpoint.pt (load_checkpoint-able), metrics.jsonl, loss_curve.png, config.json,
 final_metrics.json.
 """
@@ -20,74 +23,119 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.caching import refreshing, stage_cache
-from slip_core import artifacts, storage
-from slip_core.config import ConfigError, from_dict, override, to_dict
+from slip_core import artifacts, identity, storage
+from slip_core.config import from_dict, resolve, to_dict
 from slip_core.failpoints import failpoint
 from slip_core.launch import default_threads, plot_loss_curve, run_logged, torchrun_command
-from slip_core.trainer import TRAIN_PRESETS, TrainConfig
+from slip_core.store import Store
+from slip_core.train_config import TRAIN_PRESETS, TrainConfig
+from slip_core.train_state import latest_checkpoint
 
 FILES = ["checkpoint.pt", "metrics.jsonl", "loss_curve.png", "config.json", "final_metrics.json"]
 DEFAULT_TIMEOUT_S = {"tiny": 3600.0}  # presets not listed: 14 days
-VERIFY_MAX_BYTES = 2 << 30
+# The training stage's code: the launcher and the trainer it runs as `python -m` (named here as well: the
+# launcher only names it in a string), with everything they import.
+TRAIN_CODE = (torchrun_command.__module__, "slip_core.trainer")
+RESUMED_FROM = "resumed_from.json"  # in the run folder: which checkpoint of another run this one started from
 
 
-def make_config(preset: str, config: dict | None) -> TrainConfig:
-    if preset not in TRAIN_PRESETS:
-        raise ConfigError(f"unknown training preset {preset!r}; choose from {sorted(TRAIN_PRESETS)}")
-    base = TRAIN_PRESETS[preset]
-    if not config:
-        return base
-    dotted = {k: v for k, v in config.items() if "." in k}
-    cfg = from_dict(TrainConfig, {**to_dict(base), **{k: v for k, v in config.items() if "." not in k}})
-    return override(cfg, dotted) if dotted else cfg
+def make_config(preset: str, config: dict | None = None) -> TrainConfig:
+    return resolve(TRAIN_PRESETS, preset, config, what="training")
 
 
-def _check_dataset(url: str) -> artifacts.Manifest:
-    """Re-hash a small dataset fully; for a large one (TBs at paper scale) check that every file exists with
-    its recorded size — a full re-hash is the dataset stage's job, not something to repeat per training run."""
+def train_identity(dataset_sha256: str, config: dict, nproc: int) -> identity.StageIdentity:
+    """Identity of a pretraining run: dataset manifest sha256, resolved TrainConfig (dict) and world size."""
+    return identity.stage("checkpoint", str(config["model"]).lower(), {"dataset": dataset_sha256},
+                          {**config, "nproc": nproc}, TRAIN_CODE)
+
+
+def _check_dataset(url: str, store: Store) -> artifacts.Manifest:
+    """The dataset manifest, if its files are intact (Store.check)."""
     m = artifacts.load_manifest(url)
-    if sum(f.size for f in m.files) <= VERIFY_MAX_BYTES:
-        return artifacts.load_verified(url)
-    root = artifacts.artifact_root(artifacts.manifest_url(url))
-    bad = [f.path for f in m.files if not storage.exists(storage.join(root, f.path))
-           or storage.file_size(storage.join(root, f.path)) != f.size]
-    if bad:
-        raise artifacts.ManifestError(f"dataset {url}: missing or resized files {bad[:5]}")
+    problems = store.check(url, m)
+    if problems:
+        raise artifacts.ManifestError(f"dataset {url} does not verify: " + "; ".join(problems[:5]))
     return m
 
 
-def _work_dir(root: str) -> str:
-    """Where torchrun writes: inside the artifact folder when the store is local, else a local cache
-    folder keyed the same way (so retries still find checkpoints/latest)."""
-    if storage.is_local(root):
-        return artifacts.local_path(storage.join(root, "run"))
-    return os.path.join(os.path.expanduser("~"), ".cache", "slip-pipeline", "runs", root.rstrip("/").rsplit("/", 1)[-1])
+def resume_checkpoint(ref: str, store: Store) -> str:
+    """The checkpoint file (weights + optimizer + data position: a TrainState) `--resume-from` names: a .pt
+    file, a run folder (its checkpoints/latest), a checkpoint stage folder whose run is unfinished (its run
+    folder's checkpoints/latest), or a published checkpoint artifact (folder or manifest: its checkpoint.pt)."""
+    from slip_core.checkpoint import load_state
+
+    s = str(ref).rstrip("/")
+    if s.endswith(".pt"):
+        path = s
+    else:
+        folder = artifacts.artifact_root(s) if s.endswith(".json") else s
+        found = [latest_checkpoint(d) for d in (folder, store.run_dir(folder))]
+        if storage.exists(artifacts.manifest_url(folder)):
+            found += [storage.join(folder, f.path) for f in artifacts.load_verified(folder).files
+                      if f.path == "checkpoint.pt"]
+        path = next((p for p in found if p), None)
+        if path is None:
+            raise FileNotFoundError(f"--resume-from {ref}: no checkpoints/latest there or in its run folder, and "
+                                    "no checkpoint artifact")
+    if "train_state" not in load_state(path):
+        raise ValueError(f"--resume-from {path}: not a resume checkpoint (no train_state: weights only)")
+    return path
 
 
-@task(name="pretrain", cache_policy=stage_cache("timeout_s", "resume"), persist_result=True)
-def train_task(dataset: str, store: str, config: dict, nproc: int, timeout_s: float, resume: str = "latest") -> str:
+def _seed_run(work: str, resume_from: str, log) -> None:
+    """Start a fresh run folder from another run's checkpoint: the trainer then resumes from it as from its own."""
+    if latest_checkpoint(work):
+        return  # this run has checkpoints of its own: continue those
+    name = os.path.basename(resume_from)
+    os.makedirs(os.path.join(work, "checkpoints"), exist_ok=True)
+    _copy(resume_from, os.path.join(work, "checkpoints", name))
+    metrics = resume_from.rsplit("/", 2)[0] + "/metrics.jsonl"
+    if storage.exists(metrics):  # the curve continues (the trainer truncates it to the checkpoint's step)
+        _copy(metrics, os.path.join(work, "metrics.jsonl"))
+    storage.atomic_write_text(os.path.join(work, RESUMED_FROM), json.dumps(
+        {"url": resume_from, "sha256": storage.sha256_file(resume_from)}))
+    storage.atomic_write_text(os.path.join(work, "checkpoints", "latest"), name)
+    log.info("continuing from %s (--resume-from)", resume_from)
+
+
+def _copy(url: str, local: str) -> None:
+    fs, path = storage.url_to_fs(url)
+    with fs.open(path, "rb") as src, storage.atomic_open(local, "wb") as dst:
+        shutil.copyfileobj(src, dst, storage.CHUNK)
+
+
+@task(name="pretrain", cache_policy=stage_cache(TRAIN_CODE, "timeout_s", "resume", "resume_from"), persist_result=True)
+def train_task(dataset: str, store: str, config: dict, nproc: int, timeout_s: float, resume: str = "latest",
+               resume_from: str | None = None) -> str:
     log = get_run_logger()
-    cfg = from_dict(TrainConfig, config)
-    ds_manifest = _check_dataset(dataset)
-    root = artifacts.stage_root(store, "checkpoint", cfg.model.lower(), ds_manifest.sha256, config, nproc)
+    st = Store(store)
+    ds_manifest = _check_dataset(dataset, st)
+    root = st.stage_root(train_identity(ds_manifest.sha256, config, nproc))
     if not refreshing() and artifacts.is_complete(root):
-        log.info("checkpoint artifact already complete: %s", root)
-        return artifacts.manifest_url(root)
-    # A concurrent run of the same config shares root and work folder: the second waits here (at most as long
+        return _reuse(root, "already complete", resume_from, log)
+    # A concurrent run of the same identity shares root and work folder: the second waits here (at most as long
     # as the first may train), then finds the published manifest instead of training into the same folder.
-    with artifacts.stage_lock(root, timeout_s=timeout_s, on_wait=log.info):
+    with st.lock(root, timeout_s=timeout_s, on_wait=log.info):
         if not refreshing() and artifacts.is_complete(root):
-            log.info("checkpoint artifact published by a concurrent run: %s", root)
-            return artifacts.manifest_url(root)
-        return _train_and_publish(root, dataset, ds_manifest, cfg, config, nproc, timeout_s, resume, log)
+            return _reuse(root, "published by a concurrent run", resume_from, log)
+        return _train_and_publish(st, root, dataset, ds_manifest, config, nproc, timeout_s, resume, resume_from, log)
 
 
-def _train_and_publish(root: str, dataset: str, ds_manifest: artifacts.Manifest, cfg: TrainConfig, config: dict,
-                       nproc: int, timeout_s: float, resume: str, log) -> str:
-    work = _work_dir(root)
+def _reuse(root: str, why: str, resume_from: str | None, log) -> str:
+    log.info("checkpoint artifact %s: %s%s", why, root,
+             " (--resume-from not used: this identity is already trained)" if resume_from else "")
+    return artifacts.manifest_url(root)
+
+
+def _train_and_publish(store: Store, root: str, dataset: str, ds_manifest: artifacts.Manifest, config: dict,
+                       nproc: int, timeout_s: float, resume: str, resume_from: str | None, log) -> str:
+    cfg = from_dict(TrainConfig, config)
+    work = store.run_dir(root)
     if resume == "none" and os.path.isdir(work):
         shutil.rmtree(work)
     os.makedirs(work, exist_ok=True)
+    if resume_from:
+        _seed_run(work, resume_checkpoint(resume_from, store), log)
     cfg_path = os.path.join(work, "train_config.json")
     storage.atomic_write_text(cfg_path, json.dumps(config, indent=2, sort_keys=True))
     env = dict(os.environ)
@@ -107,9 +155,15 @@ def _train_and_publish(root: str, dataset: str, ds_manifest: artifacts.Manifest,
     for name in FILES:  # work/ holds the live run; the artifact gets finished copies
         storage.put_file_atomic(os.path.join(work, name), storage.join(root, name))
     failpoint("pretrain.files_copied")  # crash tests (slip_core/failpoints.py)
+    upstream = {"dataset": artifacts.upstream_ref(dataset, ds_manifest)}
+    seeded = os.path.join(work, RESUMED_FROM)
+    if os.path.exists(seeded):  # lineage: this run continued another run's checkpoint on purpose
+        r = json.loads(storage.read_text(seeded))
+        upstream["resumed_from"] = artifacts.Upstream(url=r["url"], sha256=r["sha256"], kind=artifacts.RESUME_KIND)
+    ident = train_identity(ds_manifest.sha256, config, nproc)
     m = artifacts.build_manifest(root, FILES, kind="checkpoint", name=cfg.model.lower(),
-                                 config={**config, "nproc": nproc},
-                                 upstream={"dataset": artifacts.upstream_ref(dataset, ds_manifest)}, metrics=final)
+                                 config={**config, "nproc": nproc}, upstream=upstream, metrics=final,
+                                 identity=ident.to_dict())
     url = artifacts.publish(m, root)
     shutil.rmtree(work, ignore_errors=True)  # resume state and copies are no longer needed
     return url
@@ -133,23 +187,36 @@ def _report(url: str) -> None:
     create_markdown_artifact(key=key, markdown=md, description="pretraining summary: loss curve and final metrics")
 
 
+def explain(dataset: str, store: str, config: dict | None = None, preset: str = "tiny", nproc: int = 1) -> str:
+    """`cached: URL` or `will run: reasons` for this training run (the same identity the task computes)."""
+    try:
+        ds_sha = artifacts.load_manifest(dataset).sha256
+    except artifacts.ManifestError as e:
+        return f"will run: {e}"
+    return Store(store).status(train_identity(ds_sha, to_dict(make_config(preset, config)), nproc)).line()
+
+
 @flow(name="pretrain")
 def pretrain(dataset: str, store: str, config: dict | None = None, preset: str = "tiny", nproc: int = 1,
-             timeout_s: float | None = None, retries: int = 1, resume: str = "latest") -> str:
+             timeout_s: float | None = None, retries: int = 1, resume: str = "latest",
+             resume_from: str | None = None) -> str:
     """Pretrain on a dataset artifact (manifest URL or folder); returns the checkpoint manifest URL.
     `config`: TrainConfig field overrides over the preset (dotted keys allowed). A failed or timed-out
-    attempt is retried `retries` times and resumes from its last checkpoint."""
+    attempt is retried `retries` times and resumes from its last checkpoint. `resume_from`: continue from a
+    checkpoint of another run (another identity: e.g. after a logging fix), see resume_checkpoint()."""
     log = get_run_logger()
     cfg = to_dict(make_config(preset, config))
+    dataset = artifacts.manifest_url(dataset)
+    log.info("train: %s", explain(dataset, store, config, preset, nproc))
     timeout = timeout_s or DEFAULT_TIMEOUT_S.get(preset, 14 * 86400.0)
     run = train_task.with_options(retries=retries, retry_delay_seconds=5)
-    url = run(artifacts.manifest_url(dataset), store, cfg, nproc, timeout, resume)
+    url = run(dataset, store, cfg, nproc, timeout, resume, resume_from)
     if artifacts.verify(url):  # cached result whose files were deleted since: train again
         log.warning("cached checkpoint %s no longer verifies; retraining", url)
         create_markdown_artifact(key="rebuilt-checkpoint", description="artifact failed verification",
                                  markdown=f"# checkpoint rebuilt\n\n`{url}` failed verification: "
                                  + "; ".join(artifacts.verify(url)))
-        url = run.with_options(refresh_cache=True)(artifacts.manifest_url(dataset), store, cfg, nproc, timeout, resume)
+        url = run.with_options(refresh_cache=True)(dataset, store, cfg, nproc, timeout, resume, resume_from)
     _report(url)
     log.info("checkpoint: %s", url)
     return url

@@ -1,61 +1,31 @@
 """The whole chain as one Prefect flow: raw URLs -> shards -> pretrain -> eval -> report.
 
-Each stage is its own flow (flows/build_dataset.py, pretrain.py, evaluate.py) whose output is a
-content-addressed artifact; this flow only chains their manifest URLs, checks each one still verifies
-(a tampered or partial artifact is rebuilt and the event reported), and writes the report.
-`rebuild="train"` forces that stage and everything downstream (Prefect refresh_cache).
+Each stage is its own flow (flows/build_dataset.py, pretrain.py, evaluate.py) whose output is an artifact
+named by its stage identity. This flow first computes the plan (flows/status.py: per stage `cached` +
+artifact or `will run` + why), logs it and attaches it as a markdown artifact, then runs exactly the stages
+the plan says will run (a stage whose upstream ran is always handed to its flow, which finds its own
+artifact again if the upstream came out the same), checks each output still verifies (a tampered or partial
+artifact is rebuilt and the event reported), and writes the report. `rebuild="train"` forces that stage and
+everything downstream (Prefect refresh_cache). A fully cached run reads the plan from the store's no-op
+record and runs no stage flow at all.
 """
 from __future__ import annotations
 
 import contextlib
-import os
-from dataclasses import dataclass
+import dataclasses
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
 
 from evaluation import pipeline_report
-from slip_core import artifacts, storage
+from flows import status
+from flows.presets import reproduce_preset
+from slip_core import artifacts, identity, storage
+from slip_core.store import Store
 
-STAGES = ("dataset", "train", "eval")
-
-
-@dataclass(frozen=True)
-class ReproducePreset:
-    dataset: str  # datasets.config.DATASET_PRESETS key
-    train: str  # slip_core.trainer.TRAIN_PRESETS key
-    eval: str  # EVAL_PRESETS key
-    demo_corpus: bool = False  # build the embedded demo corpus and serve it on 127.0.0.1
-    dataset_rows: int = 0  # expected input rows (dry-run estimate when no dataset is built yet)
-
-
-# Input rows per paper dataset: YFCC15M as SLIP logged it (SPEC §1); CC3M / CC12M as published.
-PAPER_ROWS = {"yfcc15m": 14_689_580, "cc3m": 3_318_333, "cc12m": 12_423_374}
-
-
-def _paper_presets() -> dict[str, ReproducePreset]:
-    """One reproduce preset per paper training preset named `<kind>_<vit>_<data>_<N>ep`."""
-    from slip_core.trainer import TRAIN_PRESETS
-
-    out = {}
-    for name in TRAIN_PRESETS:
-        parts = name.split("_")
-        if len(parts) == 4 and parts[2] in PAPER_ROWS and parts[3].endswith("ep"):
-            out[name] = ReproducePreset(dataset=parts[2], train=name, eval="paper", dataset_rows=PAPER_ROWS[parts[2]])
-    return out
-
-
-REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
-    "tiny": ReproducePreset(dataset="tiny", train="tiny", eval="tiny", demo_corpus=True, dataset_rows=3000),
-    **_paper_presets(),
-}
-
-
-def _local_cache(store: str) -> str:
-    if storage.is_local(store):
-        return artifacts.local_path(storage.join(store, "raw"))
-    return os.path.join(os.path.expanduser("~"), ".cache", "slip-pipeline", "raw")
+STAGES = status.STAGES
+REPORT_CODE = (pipeline_report.__name__,)
 
 
 def _run(fn, refresh: bool, **kwargs) -> str:
@@ -86,46 +56,82 @@ def write_report(store: str, dataset: str, checkpoint: str, evaluation: str) -> 
     """HTML report as its own artifact (upstream: the three stage manifests). Returns the report file URL."""
     ups = {role: artifacts.upstream_ref(u) for role, u in
            (("dataset", dataset), ("checkpoint", checkpoint), ("eval", evaluation))}
-    root = artifacts.stage_root(store, "report", "pipeline", *(u.sha256 for u in ups.values()))
+    ident = identity.stage("report", "pipeline", {role: u.sha256 for role, u in ups.items()}, {}, REPORT_CODE)
+    st = Store(store)
+    root = st.stage_root(ident)
     report = storage.join(root, "report.html")
-    with artifacts.stage_lock(root):  # a concurrent reproduce of the same inputs reuses this report
+    with st.lock(root):  # a concurrent reproduce of the same inputs reuses this report
         if artifacts.is_complete(root):
             return report
         storage.atomic_write_text(report, pipeline_report.build_report(dataset, checkpoint, evaluation))
         artifacts.publish(artifacts.build_manifest(root, ["report.html"], kind="report", name="pipeline",
-                                                   upstream=ups), root)
+                                                   upstream=ups, identity=ident.to_dict()), root)
     return report
 
 
 @flow(name="reproduce")
 def reproduce(preset: str = "tiny", store: str = "out/store", source: str | None = None, subset: str | None = None,
               rebuild: str | None = None, train_config: dict | None = None, eval_config: dict | None = None,
-              demo_corpus: dict | None = None) -> dict:
-    """Returns the manifest URLs of the three stages and the report's URL. `demo_corpus`: arguments of
-    datasets.demo_corpus.build_demo_corpus (e.g. a smaller n_fashion for tests)."""
-    from flows.build_dataset import build_dataset
-    from flows.evaluate import evaluate
-    from flows.pretrain import pretrain
-
+              demo_corpus: dict | None = None, dataset_config: dict | None = None, nproc: int = 1,
+              resume_from: str | None = None) -> dict:
+    """Returns the manifest URLs of the three stages and the report's URL. `*_config`: overrides of the
+    preset's stage configs; `demo_corpus`: arguments of datasets.demo_corpus.build_demo_corpus (e.g. a
+    smaller n_fashion for tests); `resume_from`: continue training from another run's checkpoint."""
     log = get_run_logger()
-    p = REPRODUCE_PRESETS[preset]
-    forced = set(STAGES[STAGES.index(rebuild):]) if rebuild else set()
-    server = contextlib.nullcontext()
-    if source is None and p.demo_corpus:
-        from datasets.demo_corpus import build_demo_corpus
-
-        corpus = build_demo_corpus(os.path.join(_local_cache(store), "demo-corpus"), **(demo_corpus or {}))
-        source, subset, server = corpus.metadata, corpus.subset, corpus.serve()
-        log.info("demo corpus: %d metadata rows, images served from %s", corpus.n_rows, corpus.base_url)
+    p = reproduce_preset(preset)
+    req = status.Request(preset, store, source, subset, rebuild, dataset_config, train_config, eval_config,
+                         demo_corpus, nproc)
+    source, subset, corpus = status.demo_source(req, p, build=True)
     if source is None:
         raise ValueError(f"preset {preset!r} needs --source (YFCC100M metadata or a url+caption table)")
-    with server:
-        dataset = _stage("dataset", build_dataset, forced, source=source, store=store, subset=subset,
-                         config={"preset": p.dataset})
-    checkpoint = _stage("train", pretrain, forced, dataset=dataset, store=store, preset=p.train, config=train_config)
-    evaluation = _stage("eval", evaluate, forced, checkpoint=checkpoint, store=store, preset=p.eval, config=eval_config)
+    if corpus is not None:
+        log.info("demo corpus: %d metadata rows, images served from %s", corpus.n_rows, corpus.base_url)
+    plans = status.reproduce_plan(req, p, source, subset)
+    if resume_from and plans["train"].state == "run":
+        plans["train"].reasons.append(f"continues from {resume_from} (--resume-from)")
+    for s in STAGES:
+        log.info("%s: %s", s, plans[s].line())
+    create_markdown_artifact(key="reproduce-plan", markdown=status.to_markdown(plans),
+                             description="per stage: cached (artifact) or will run (why)")
+    forced = set(STAGES[STAGES.index(rebuild):]) if rebuild else set()
+    ran: set[str] = set()
+
+    def skip(stage: str) -> bool:  # cached, and nothing upstream ran
+        return plans[stage].state == "cached" and not ran
+
+    if skip("dataset"):  # stage flows are imported only when they run (torch, timm: seconds)
+        dataset = plans["dataset"].artifact
+    else:
+        from flows.build_dataset import build_dataset
+
+        ran.add("dataset")
+        with corpus.serve() if corpus is not None else contextlib.nullcontext():
+            dataset = _stage("dataset", build_dataset, forced, source=source, store=store, subset=subset,
+                             preset=p.dataset, config=dataset_config)
+    if skip("train"):
+        checkpoint = plans["train"].artifact
+    else:
+        from flows.pretrain import pretrain
+
+        ran.add("train")
+        checkpoint = _stage("train", pretrain, forced, dataset=dataset, store=store, preset=p.train,
+                            config=train_config, nproc=nproc, resume_from=resume_from)
+    if skip("eval"):
+        evaluation = plans["eval"].artifact
+    else:
+        from flows.evaluate import evaluate
+
+        ran.add("eval")
+        evaluation = _stage("eval", evaluate, forced, checkpoint=checkpoint, store=store, preset=p.eval,
+                            config=eval_config)
     report = write_report(store, dataset, checkpoint, evaluation)
     if storage.is_local(report):
         create_link_artifact(key="pipeline-report", link=f"file://{artifacts.local_path(report)}",
                              link_text="pipeline report (HTML)")
-    return {"dataset": dataset, "checkpoint": checkpoint, "eval": evaluation, "report": report}
+    result = {"dataset": dataset, "checkpoint": checkpoint, "eval": evaluation, "report": report}
+    if ran:  # the plan now finds every stage cached: check that, and remember it for the next no-op
+        after = status.reproduce_plan(dataclasses.replace(req, rebuild=None), p, source, subset)
+        off = [s for s in STAGES if after[s].artifact != result["checkpoint" if s == "train" else s]]
+        if off:
+            log.warning("after this run the plan disagrees for %s: %s", off, {s: after[s].line() for s in off})
+    return result

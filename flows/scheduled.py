@@ -1,8 +1,8 @@
 """Scheduled work: a nightly incremental dataset rebuild and an evaluate-new-checkpoints sweep.
 
 `slip serve` registers both as deployments with cron schedules on a running Prefect server
-(`prefect server start --host 127.0.0.1`, SQLite) and serves them from this process; the same flows
-are declared for a process work pool in infra/prefect.yaml.
+(`slip server start`, SQLite on 127.0.0.1) and serves them from this process; the same flows are declared
+for a process work pool in infra/prefect.yaml. Artifacts are found through slip_core.store.Store.
 """
 from __future__ import annotations
 
@@ -10,37 +10,19 @@ import os
 
 from prefect import flow, get_run_logger
 
-from slip_core import artifacts, storage
+from slip_core import artifacts
+from slip_core.store import Store
 
 DATASET_CRON = "0 3 * * *"  # nightly, 03:00 UTC
 EVAL_CRON = "0 * * * *"  # hourly sweep for new checkpoints
 
 
-def _manifests(store: str, kind: str) -> list[str]:
-    fs, root = storage.url_to_fs(storage.join(store, kind))
-    found = fs.glob(f"{root}/*/{artifacts.MANIFEST_NAME}")
-    proto = "" if storage.is_local(store) else f"{fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol}://"
-    return sorted(proto + p for p in found)
-
-
 def unevaluated_checkpoints(store: str) -> list[str]:
-    """Checkpoint manifests in `store` that verify and that no eval artifact was built from."""
-    evaluated = set()
-    for url in _manifests(store, "eval"):
-        try:
-            m = artifacts.load_manifest(url)
-        except artifacts.ManifestError:
-            continue
-        evaluated.update(up.sha256 for up in m.upstream.values() if up.kind == "checkpoint")
-    todo = []
-    for url in _manifests(store, "checkpoint"):
-        try:
-            m = artifacts.load_manifest(url)
-        except artifacts.ManifestError:
-            continue
-        if m.sha256 not in evaluated and not artifacts.verify(url, m):
-            todo.append(url)
-    return todo
+    """Checkpoint manifests in `store` that verify and that no eval artifact was built from (oldest first)."""
+    st = Store(store)
+    evaluated = {up.sha256 for _, m in st.published("eval") for up in m.upstream.values() if up.kind == "checkpoint"}
+    todo = [url for url, m in st.published("checkpoint") if m.sha256 not in evaluated and not artifacts.verify(url, m)]
+    return todo[::-1]
 
 
 @flow(name="evaluate-new-checkpoints")
@@ -55,11 +37,12 @@ def evaluate_new_checkpoints(store: str, preset: str = "tiny") -> list[str]:
 
 
 @flow(name="nightly-dataset-rebuild")
-def nightly_dataset_rebuild(source: str, store: str, subset: str | None = None, config: dict | None = None) -> str:
+def nightly_dataset_rebuild(source: str, store: str, subset: str | None = None, config: dict | None = None,
+                            preset: str | None = None) -> str:
     """Incremental rebuild: only rows not attempted before are downloaded (see flows.build_dataset)."""
     from flows.build_dataset import build_dataset
 
-    return build_dataset(source=source, store=store, config=config, subset=subset)
+    return build_dataset(source=source, store=store, config=config, subset=subset, preset=preset)
 
 
 def deployments(store: str, source: str | None, subset: str | None = None,
@@ -78,7 +61,6 @@ def serve_forever(store: str, source: str | None, subset: str | None = None, **k
     from prefect import serve
 
     if not os.environ.get("PREFECT_API_URL"):
-        raise SystemExit("slip serve needs a running Prefect server: run `prefect server start --host 127.0.0.1` "
-                         "and set PREFECT_API_URL=http://127.0.0.1:4200/api (schedules cannot run on an "
-                         "ephemeral server)")
+        raise SystemExit("slip serve needs a running Prefect server: run `slip server start` (or set "
+                         "PREFECT_API_URL to one); schedules cannot run on an ephemeral server")
     serve(*deployments(store, source, subset, **kw), pause_on_shutdown=False)

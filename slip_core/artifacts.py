@@ -2,12 +2,14 @@
 
 An artifact is a folder (any fsspec root) holding its files plus `manifest.json`:
 the sha256 and size of every file, the stage config, the manifests it was built from (upstream),
-the code version and the time. The manifest is written last and atomically, so its presence marks
-a complete artifact; `verify` re-hashes the files, so a partial or tampered artifact is never used.
+the stage identity it was built under (slip_core/identity.py: inputs, config, per-module code hashes,
+library versions), the full code version and the time. The manifest is written last and atomically, so
+its presence marks a complete artifact; `verify` re-hashes the files, so a partial or tampered artifact
+is never used.
 Lineage (eval number -> checkpoint -> dataset -> raw URL table) is walked through `upstream`.
 
 Concurrency: two runs of the same stage with the same inputs share one content-addressed root
-(`stage_root`). A stage builds and publishes inside `stage_lock(root)`, re-checking under the lock whether
+(`Store.stage_root`). A stage builds and publishes inside `stage_lock(root)`, re-checking under the lock whether
 the root already verifies, so the second run waits for the first and reuses its output instead of
 interleaving files with it. The lock is slip_core/locks.py's lease: a flock on a sibling file of a local
 root, a lease object written with a conditional PUT next to an s3:// root (serialises runs on different
@@ -30,7 +32,9 @@ from slip_core import locks, storage
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
-CODE_PACKAGES = ("slip_core", "datasets", "flows")
+CODE_PACKAGES = ("slip_core", "datasets", "evaluation", "flows")  # lineage only: `code_version`
+LINEAGE_ONLY = ("created_at", "code_version")  # recorded, but not part of an artifact's content identity
+RESUME_KIND = "resume-checkpoint"  # upstream role `resumed_from`: a checkpoint file, not an artifact
 
 
 class ManifestError(RuntimeError):
@@ -67,6 +71,7 @@ class Manifest:
     config: dict[str, Any] = field(default_factory=dict)
     upstream: dict[str, Upstream] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    identity: dict[str, Any] = field(default_factory=dict)  # StageIdentity.to_dict() of the run that built it
     code_version: str = ""
     created_at: str = ""
     schema_version: int = SCHEMA_VERSION
@@ -86,9 +91,12 @@ class Manifest:
 
     @property
     def sha256(self) -> str:
-        """Content identity of the artifact: hash of everything except the wall-clock time."""
+        """Content identity of the artifact: hash of everything except the wall-clock time and the whole-repo
+        code version (an edit anywhere in the repo must not make downstream stages rerun; the stage identity,
+        which is included, covers the code this artifact was built with)."""
         d = dataclasses.asdict(self)
-        d.pop("created_at", None)
+        for k in LINEAGE_ONLY:
+            d.pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def file(self, rel: str) -> FileEntry:
@@ -100,12 +108,12 @@ class Manifest:
 
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """sha256 (16 hex) over the source of our packages: changes whenever stage code changes,
-    works without git (fresh clone, wheel install)."""
+    """sha256 (16 hex) over the source of all our packages, for lineage ("which checkout built this"):
+    works without git (fresh clone, wheel install). Not part of any identity: see slip_core/identity.py."""
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
     for pkg in CODE_PACKAGES:
-        for p in sorted((root / pkg).rglob("*.py")):
+        for p in sorted((root / pkg).rglob("*.py")) if (root / pkg).is_dir() else ():
             h.update(str(p.relative_to(root)).encode())
             h.update(p.read_bytes())
     return h.hexdigest()[:16]
@@ -149,6 +157,7 @@ def build_manifest(
     upstream: dict[str, Upstream] | None = None,
     metrics: dict | None = None,
     external_files: list[FileEntry] | None = None,
+    identity: dict | None = None,
 ) -> Manifest:
     """`rel_paths` are hashed now; `external_files` (files of sibling artifacts, `../<name>/...`) are taken
     as recorded by the artifact that wrote them and verified with the rest."""
@@ -159,6 +168,7 @@ def build_manifest(
         config=config or {},
         upstream=upstream or {},
         metrics=metrics or {},
+        identity=identity or {},
         code_version=code_version(),
         created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
@@ -260,6 +270,9 @@ def lineage(root_or_url: str, _depth: int = 0, _seen: set | None = None) -> list
         return [(_depth, url, None, str(e))]
     out = [(_depth, url, m, "")]
     for role, up in sorted(m.upstream.items()):
+        if up.kind == RESUME_KIND:  # a checkpoint file of another run: a leaf, not a manifest
+            out.append((_depth + 1, up.url, None, f"{role}: checkpoint file sha256 {up.sha256[:12]}"))
+            continue
         sub = lineage(up.url, _depth + 1, seen)
         if sub and sub[0][2] is not None and sub[0][2].sha256 != up.sha256:
             d, u, mm, _ = sub[0]
@@ -276,7 +289,8 @@ def format_lineage(root_or_url: str) -> str:
             lines.append(f"{pad}- {url}  [{note}]")
             continue
         metrics = ", ".join(f"{k}={v}" for k, v in list(m.metrics.items())[:6])
-        lines.append(f"{pad}- {m.kind} '{m.name}' sha256={m.sha256[:12]} code={m.code_version} at {m.created_at}")
+        ident = f" identity={m.identity['sha256'][:12]}" if m.identity.get("sha256") else ""
+        lines.append(f"{pad}- {m.kind} '{m.name}' sha256={m.sha256[:12]}{ident} code={m.code_version} at {m.created_at}")
         lines.append(f"{pad}  {url}  ({len(m.files)} files{'; ' + metrics if metrics else ''}){'  [' + note + ']' if note else ''}")
         if m.config.get("source"):  # a stage read raw input that is not itself an artifact
             lines.append(f"{pad}  raw input: {m.config['source']} (sha256 {str(m.config.get('source_sha256', ''))[:12]})"
@@ -292,14 +306,6 @@ def local_path(url: str) -> str:
     return os.path.abspath(path)
 
 
-def stage_root(store: str, kind: str, name: str, *key_parts: Any) -> str:
-    """Content-addressed folder for a stage output: store/kind/name-<hash of key parts + code>.
-
-    Same inputs + config + code -> same folder, so a rerun finds (and verifies) the earlier output;
-    anything different gets a new folder and old versions stay readable for lineage.
-    """
-    blob = json.dumps([kind, name, list(key_parts), code_version()], sort_keys=True, default=str)
-    return storage.join(store, kind, f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}")
 
 
 def lock_path(root: str) -> str:

@@ -1,7 +1,9 @@
-"""Typed-config helpers: dataclass <-> plain dict/JSON, stable hashes, dotted overrides.
+"""Typed-config helpers: dataclass <-> plain dict/JSON, stable hashes, dotted overrides, the preset resolver.
 
 Every stage config is a dataclass with named presets; flows pass configs as dicts inside manifests,
 so the round trip must be exact and unknown keys must fail loudly (a typo is not a default).
+`resolve(presets, name, overrides)` is the one way a stage config is built from a preset plus overrides
+(dataset, train, eval stages, their flows and CLIs alike).
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import hashlib
 import json
 import types
 import typing
-from typing import Any, TypeVar
+from typing import Any, Mapping, TypeVar
 
 T = TypeVar("T")
 
@@ -119,6 +121,27 @@ def override(cfg: T, overrides: dict[str, Any]) -> T:
             raise ConfigError(f"override {key!r}: unknown field {leaf!r}")
         node[leaf] = value
     return from_dict(type(cfg), data)
+
+
+def resolve(presets: Mapping[str, T], preset: str, overrides: dict[str, Any] | None = None, *, what: str = "config",
+            named: Mapping[str, Mapping[str, Any]] | None = None) -> T:
+    """Preset `preset` of `presets` with `overrides` applied: top-level or dotted keys ({"lr": 1e-3,
+    "optim.betas": [0.9, 0.95]}); a top-level key replaces that field's whole value. `named` lets a field
+    be given as the name of a preset of its own (e.g. {"quality": QUALITY_PRESETS}: quality="strict")."""
+    if preset not in presets:
+        raise ConfigError(f"unknown {what} preset {preset!r}; choose from {sorted(presets)}")
+    overrides = dict(overrides or {})
+    for key, table in (named or {}).items():
+        value = overrides.get(key)
+        if isinstance(value, str):
+            if value not in table:
+                raise ConfigError(f"unknown {key} preset {value!r}; choose from {sorted(table)}")
+            overrides[key] = to_dict(table[value])
+    base = presets[preset]
+    flat = {k: v for k, v in overrides.items() if "." not in k}
+    dotted = {k: v for k, v in overrides.items() if "." in k}
+    cfg = from_dict(type(base), {**to_dict(base), **flat}) if flat else base
+    return override(cfg, dotted) if dotted else cfg
 
 
 def parse_sets(items: list[str] | None) -> dict[str, Any]:

@@ -17,6 +17,10 @@ from typing import IO, Iterator
 import fsspec
 
 CHUNK = 1 << 20
+# This user's local cache, for what cannot live in the store (locks and training work folders of object-store
+# roots, the demo corpus of a remote store): the one spelling of the path (slip_core.store.Store uses it).
+CACHE_HOME = os.environ.get("SLIP_CACHE_DIR") or os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "slip-pipeline")
 
 
 def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -74,8 +78,7 @@ def sha256_file(url: str) -> str:
     return h.hexdigest()
 
 
-HASH_MEMO_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-                             "slip-pipeline", "hashes")
+HASH_MEMO_DIR = os.path.join(CACHE_HOME, "hashes")
 
 
 def file_stamp(url: str) -> list:

@@ -375,12 +375,11 @@ def train(cfg: TrainConfig, dataset_manifest: str, out_dir: str, resume: str | N
 
 # ---------------------------------------------------------------------------------------------- CLI
 def config_from_args(preset: str, config_json: str | None, sets: list[str]) -> TrainConfig:
-    if preset not in TRAIN_PRESETS:
-        raise SystemExit(f"unknown preset {preset!r}; choose from {sorted(TRAIN_PRESETS)}")
-    cfg = TRAIN_PRESETS[preset]
-    if config_json:
-        cfg = cfgmod.from_dict(TrainConfig, {**cfgmod.to_dict(cfg), **json.loads(storage.read_text(config_json))})
-    return cfgmod.override(cfg, cfgmod.parse_sets(sets)) if sets else cfg
+    overrides = {**(json.loads(storage.read_text(config_json)) if config_json else {}), **cfgmod.parse_sets(sets)}
+    try:
+        return cfgmod.resolve(TRAIN_PRESETS, preset, overrides, what="training")
+    except cfgmod.ConfigError as e:
+        raise SystemExit(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,9 @@
-"""Stage runs shared by tests/test_concurrency.py and tests/test_security.py (run once per session).
+"""Stage runs shared by several test modules (each run once per session).
+
+`tiny_pipeline`: the reproduce chain at test size (demo corpus of 240 Fashion-MNIST rows + photos through
+img2dataset, 12 training steps, two evaluations), used by tests/test_reproduce.py and
+tests/test_stage_identity.py. Its users only add artifacts or rebuild ones byte-identically, never
+remove or alter what another user relies on (the base-code artifacts of the three stages).
 
 Every stage is started twice at the same moment as real `slip` CLI processes against the session's Prefect
 server: pretraining into a local store, then evaluation of that checkpoint read from and published to s3://
@@ -102,6 +107,28 @@ class EvalPair:
     objects: dict[str, bytes] = field(default_factory=dict)  # everything under the pair's store afterwards
     problems: list[str] = field(default_factory=list)  # verify() of the published eval artifact
     single: dict[str, bytes] = field(default_factory=dict)  # files a single uncontended run published
+
+
+TINY_TRAIN = {"max_steps": 12, "log_every": 2, "ckpt_every": 6, "num_workers": 0}
+TINY_EVAL = {"zeroshot": ["fashion_mnist"], "linear": ["fashion_mnist"], "retrieval": [], "max_samples": 300,
+             "max_train_samples": 600}
+TINY_CORPUS = {"n_fashion": 240}
+
+
+def tiny_sets() -> list[str]:
+    """The same run as `slip reproduce --set STAGE.KEY=VALUE` arguments."""
+    return sets({**{f"train.{k}": v for k, v in TINY_TRAIN.items()}, **{f"eval.{k}": v for k, v in TINY_EVAL.items()},
+                 **{f"corpus.{k}": v for k, v in TINY_CORPUS.items()}})
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_pipeline(prefect_api: str) -> tuple[str, dict]:
+    """(store, URLs of dataset/checkpoint/eval/report) of the session's tiny reproduce run."""
+    from flows.reproduce import reproduce
+
+    store = os.path.join(tempfile.mkdtemp(prefix="slip-tiny-"), "store")
+    return store, reproduce(preset="tiny", store=store, train_config=TINY_TRAIN, eval_config=TINY_EVAL,
+                            demo_corpus=TINY_CORPUS)
 
 
 @functools.lru_cache(maxsize=1)

@@ -120,9 +120,8 @@ SIGTERM_POINTS = [
 
 
 def _command(store: str) -> list[str]:
-    sets = [a for k, v in TRAIN.items() for a in ("--train-set", f"{k}={json.dumps(v)}")]
-    sets += [a for k, v in EVAL.items() for a in ("--eval-set", f"{k}={json.dumps(v)}")]
-    sets += [a for k, v in CORPUS.items() for a in ("--corpus-set", f"{k}={json.dumps(v)}")]
+    sets = [a for stage, cfg in (("train", TRAIN), ("eval", EVAL), ("corpus", CORPUS))
+            for k, v in cfg.items() for a in ("--set", f"{stage}.{k}={json.dumps(v)}")]
     return SLIP + ["--preset", "tiny", "--store", store, *sets]
 
 

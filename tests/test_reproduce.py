@@ -9,13 +9,12 @@ import sys
 import pytest
 
 from slip_core import artifacts, storage
+from tests._stage_runs import TINY_CORPUS as CORPUS
+from tests._stage_runs import TINY_EVAL as EVAL
+from tests._stage_runs import TINY_TRAIN as TRAIN
+from tests._stage_runs import tiny_pipeline
 
 pytestmark = pytest.mark.prefect
-
-TRAIN = {"max_steps": 12, "log_every": 2, "ckpt_every": 6, "num_workers": 0}
-EVAL = {"zeroshot": ["fashion_mnist"], "linear": ["fashion_mnist"], "retrieval": [], "max_samples": 300,
-        "max_train_samples": 600}
-CORPUS = {"n_fashion": 240}
 
 
 def _mtime(url):
@@ -23,12 +22,8 @@ def _mtime(url):
 
 
 @pytest.fixture(scope="module")
-def first_run(prefect_server, tmp_path_factory):
-    from flows.reproduce import reproduce
-
-    store = str(tmp_path_factory.mktemp("store"))
-    result = reproduce(preset="tiny", store=store, train_config=TRAIN, eval_config=EVAL, demo_corpus=CORPUS)
-    return store, result
+def first_run(prefect_server):
+    return tiny_pipeline(prefect_server)  # shared with test_stage_identity.py
 
 
 def _again(store, **kw):
