@@ -17,11 +17,12 @@ def _train(args: argparse.Namespace) -> int:
     make_config(args.preset, overrides)  # fail fast on a typo, before Prefect starts
     if args.resume_from:  # and on a --resume-from that names no resume checkpoint
         from flows.pretrain import resume_checkpoint
+        from slip_core import artifacts
         from slip_core.store import Store
 
         try:
             resume_checkpoint(args.resume_from, Store(args.store))
-        except (FileNotFoundError, ValueError) as e:
+        except (FileNotFoundError, ValueError, artifacts.ManifestError) as e:
             print(f"slip train: {e}", file=sys.stderr)
             return 2
     url = pretrain(dataset=args.dataset, store=args.store, config=overrides or None, preset=args.preset,

@@ -26,8 +26,8 @@ DEMO_PRESETS = {"tiny": ReproducePreset(dataset="tiny", train="tiny", eval="tiny
 
 def reproduce_presets() -> dict[str, ReproducePreset]:
     """Every preset: the demo, and one per paper training preset named `<kind>_<vit>_<data>_<N>ep` (reading
-    TRAIN_PRESETS imports the trainer, i.e. torch: only done when a paper preset is asked for)."""
-    from slip_core.trainer import TRAIN_PRESETS
+    TRAIN_PRESETS imports the model registry, i.e. torch: only done when a paper preset is asked for)."""
+    from slip_core.train_config import TRAIN_PRESETS
 
     out = dict(DEMO_PRESETS)
     for name in TRAIN_PRESETS:

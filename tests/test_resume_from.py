@@ -36,9 +36,9 @@ def _train_alone(cfg_overrides: dict, dataset: str, out: str) -> None:
 
 def test_resume_from_continues_a_run_of_another_identity(prefect_server, tmp_path, capsys, monkeypatch):
     from slip_core.checkpoint import load_state
+    from slip_core.train_state import latest_checkpoint
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # torchrun's ranks compute like the single-thread references
-    from slip_core.trainer import latest_checkpoint
 
     ds = write_dataset(str(tmp_path / "dataset"), fashion_samples(80, seed=7), per_shard=40)
     old = str(tmp_path / "old-run")
@@ -49,9 +49,11 @@ def test_resume_from_continues_a_run_of_another_identity(prefect_server, tmp_pat
 
     store = str(tmp_path / "store")
     argv = ["train", "--dataset", ds, "--store", store, "--preset", "tiny", "--retries", "0", *sets(TRAIN_SETS)]
-    # a published checkpoint.pt holds weights only: refused before Prefect starts, with the reason
-    assert cli.main(argv + ["--resume-from", str(tmp_path / "uninterrupted" / "checkpoint.pt")]) == 2
-    assert "not a resume checkpoint" in capsys.readouterr().err
+    # weights without a train state (optimizer, data position): refused before Prefect starts, with the reason
+    weights = str(tmp_path / "weights.pt")
+    torch.save({"state_dict": load_state(step2)["state_dict"]}, weights)
+    assert cli.main(argv + ["--resume-from", weights]) == 2
+    assert "not a resume checkpoint (no train_state" in capsys.readouterr().err
 
     assert cli.main(argv + ["--resume-from", old]) == 0
     url = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["checkpoint"]

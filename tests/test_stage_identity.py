@@ -109,7 +109,7 @@ def test_comment_docstring_and_help_text_edits_rerun_nothing(built, tmp_path):
     _edit(src, "flows/pretrain.py", "    log = get_run_logger()\n    st = Store(store)",
           "    log = get_run_logger()  # a comment in a flow's task function\n    st = Store(store)")
     _edit(src, "slip_core/trainer.py", 'help="dataset manifest URL"', 'help="the dataset manifest URL to train on"')
-    _edit(src, "slip_core/trainer.py", '"""Fill the \'reference default\' sentinels', '"""Reworded: fill the sentinels')
+    _edit(src, "slip_core/train_config.py", '"""Fill the \'reference default\' sentinels', '"""Reworded: fill the sentinels')
     _edit(src, "datasets/sources/yfcc.py", "\nimport html\n", "\n# a comment in caption cleaning code\nimport html\n")
     with open(src / "README.md", "a") as f:
         f.write("\nA line added to the README.\n")
