@@ -212,8 +212,10 @@ def _eval_values(url: str) -> list[tuple]:
 
 
 def _ledger(url: str) -> list[tuple]:
-    t = pq.read_table(os.path.join(artifacts.artifact_root(url), "ledger.parquet"), columns=["key", "status"])
-    return list(zip(t["key"].to_pylist(), t["status"].to_pylist()))
+    """(source line, key, status) per input row: malformed rows have no key, only their line number."""
+    t = pq.read_table(os.path.join(artifacts.artifact_root(url), "ledger.parquet"),
+                      columns=["line_number", "key", "status"])
+    return sorted(zip(t["line_number"].to_pylist(), t["key"].to_pylist(), t["status"].to_pylist()))
 
 
 def _weights(url: str) -> dict:
@@ -252,7 +254,7 @@ def _check_chain(points, kills, proc, store, logs, reference) -> list[str]:
         assert artifacts.verify(url) == [], url
     assert _metric_steps(out["checkpoint"]) == list(range(1, TRAIN["max_steps"] + 1))
     ledger = _ledger(out["dataset"])
-    assert len({key for key, _ in ledger}) == len(ledger) and sorted(ledger) == sorted(reference["ledger"])
+    assert len({line for line, _, _ in ledger}) == len(ledger) and ledger == reference["ledger"]  # one fate per row
     got, ref = _weights(out["checkpoint"]), reference["weights"]
     assert got.keys() == ref.keys() and all(torch.equal(got[n], ref[n]) for n in ref), "weights differ from the reference"
     assert _eval_values(out["eval"]) == reference["eval"]
