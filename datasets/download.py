@@ -11,7 +11,9 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from typing import Iterator
 
 import pyarrow.parquet as pq
 
@@ -66,9 +68,9 @@ def _kill_stale(group: Group) -> None:
     procs.kill_group_members(int(info["pgid"]), (b"img2dataset", b"multiprocessing"))
 
 
-def run_group(group: Group, cfg: DatasetConfig, progress: bool = False) -> dict:
-    """Download one group with the img2dataset CLI (subprocess, own process group, timeout), resuming
-    from its completed shards. Raises if any shard is still incomplete afterwards."""
+def _prepare(group: Group) -> set[int]:
+    """Before (re)running a group: its stale processes killed, cut-short stats files and partial shard files
+    of a killed run removed. Returns its completed shards."""
     _kill_stale(group)
     out = storage.join(group.path, "out")
     fs, out_p = storage.url_to_fs(out)
@@ -84,33 +86,87 @@ def run_group(group: Group, cfg: DatasetConfig, progress: bool = False) -> dict:
             sid = base.split(".")[0].split("_")[0]
             if sid.isdigit() and int(sid) not in done:
                 fs.rm(p, recursive=True)
-    t0 = time.time()
-    if not done >= set(range(group.n_shards)):
-        # PYTHONWARNINGS: runpy's "found in sys.modules" warning for `-m` entry modules (noise)
-        env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", OMP_NUM_THREADS="1", WANDB_MODE="disabled",
-                   PYTHONWARNINGS="ignore::RuntimeWarning:runpy")
-        log_url = storage.join(group.path, "img2dataset.log")
-        log = None if progress or not storage.is_local(log_url) else open(artifacts.local_path(log_url), "ab")
-        locks.ensure_writer(group.path)  # the work folder removed or taken over: download nothing into it
-        lease = locks.writer_for(group.path)
+    return done
+
+
+def _launch(cmd: list[str], groups: list[Group], log_url: str, cfg: DatasetConfig, progress: bool) -> int:
+    """Run an img2dataset command for `groups` (subprocess, own process group, timeout; its pid in each
+    group's run.json so a rerun kills what a killed run left). Returns its exit code."""
+    # PYTHONWARNINGS: runpy's "found in sys.modules" warning for `-m` entry modules (noise)
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", OMP_NUM_THREADS="1", WANDB_MODE="disabled",
+               PYTHONWARNINGS="ignore::RuntimeWarning:runpy")
+    for group in groups:  # a work folder removed or taken over: download nothing into it
+        locks.ensure_writer(group.path)
+    lease = locks.writer_for(groups[0].path)
+    log = None if progress or not storage.is_local(log_url) else open(artifacts.local_path(log_url), "ab")
+    try:
         # procs.spawn: img2dataset (and, through its own watchdog, its pool workers) dies with this process.
-        proc = procs.spawn(img2dataset_args(group, cfg), stdout=log or subprocess.DEVNULL, stderr=log, env=env)
-        storage.atomic_write_text(storage.join(group.path, "run.json"),
-                                  json.dumps({"pid": proc.pid, "pgid": proc.pid, "host": socket.gethostname()}))
+        proc = procs.spawn(cmd, stdout=log or subprocess.DEVNULL, stderr=log, env=env)
+        for group in groups:
+            storage.atomic_write_text(storage.join(group.path, "run.json"),
+                                      json.dumps({"pid": proc.pid, "pgid": proc.pid, "host": socket.gethostname()}))
         try:  # waiting sweeps the process group too: pool workers outliving the main process
             rc = procs.wait(proc, timeout=cfg.subprocess_timeout_s, stop=lease.lost if lease else None)
         except BaseException:
             procs.terminate(proc, grace_s=5.0)
             raise
-        finally:
-            if log:
-                log.close()
-        if lease is not None:
-            lease.check()  # stopped because the lease was lost: say so
+    finally:
+        if log:
+            log.close()
+    if lease is not None:
+        lease.check()  # stopped because the lease was lost: say so
+    return rc
+
+
+def _result(group: Group, t0: float) -> dict:
+    out = storage.join(group.path, "out")
+    stats = [json.loads(storage.read_text(storage.join(out, f"{s:05d}_stats.json"))) for s in range(group.n_shards)]
+    return {"group": group.path, "rows": group.n_rows, "shards": group.n_shards, "seconds": round(time.time() - t0, 2),
+            "successes": sum(s["successes"] for s in stats)}
+
+
+def run_group(group: Group, cfg: DatasetConfig, progress: bool = False) -> dict:
+    """Download one group with the img2dataset CLI (subprocess, own process group, timeout), resuming
+    from its completed shards. Raises if any shard is still incomplete afterwards."""
+    done = _prepare(group)
+    t0 = time.time()
+    if not done >= set(range(group.n_shards)):
+        log_url = storage.join(group.path, "img2dataset.log")
+        rc = _launch(img2dataset_args(group, cfg), [group], log_url, cfg, progress)
         missing = sorted(set(range(group.n_shards)) - done_shards(group))
         if rc != 0 or missing:
             raise RuntimeError(f"img2dataset on {group.path} exited {rc}; shards without _stats.json: {missing} "
                                f"(see {log_url}); rerunning resumes them")
-    stats = [json.loads(storage.read_text(storage.join(out, f"{s:05d}_stats.json"))) for s in range(group.n_shards)]
-    return {"group": group.path, "rows": group.n_rows, "shards": group.n_shards, "seconds": round(time.time() - t0, 2),
-            "successes": sum(s["successes"] for s in stats)}
+    return _result(group, t0)
+
+
+def run_groups(groups: list[Group], cfg: DatasetConfig, progress: bool = False) -> Iterator[dict]:
+    """Download every group; yields each group's result (run_group's) as it completes. With
+    distributor "pyspark" all the groups left to download run in ONE Spark application, side by side
+    (datasets/img2dataset_spark.py); otherwise group after group."""
+    if cfg.distributor != "pyspark":
+        for group in groups:
+            yield run_group(group, cfg, progress)
+        return
+    t0 = time.time()
+    todo = [g for g in groups if not _prepare(g) >= set(range(g.n_shards))]
+    if todo:
+        logs = [storage.join(g.path, "img2dataset.log") for g in todo]
+        jobs = [{"argv": img2dataset_args(g, cfg)[3:], "log": artifacts.local_path(u) if storage.is_local(u) else None}
+                for g, u in zip(todo, logs)]
+        fd, jobs_file = tempfile.mkstemp(prefix="slip-spark-jobs-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(jobs, f)
+            driver_log = storage.join(os.path.dirname(todo[0].path.rstrip("/")), "spark-driver.log")
+            rc = _launch([sys.executable, "-m", "datasets.img2dataset_spark", f"--jobs={jobs_file}"], todo, driver_log,
+                         cfg, progress)
+        finally:
+            os.unlink(jobs_file)
+        incomplete = {g.path: sorted(set(range(g.n_shards)) - done_shards(g)) for g in todo}
+        incomplete = {p: m for p, m in incomplete.items() if m}
+        if rc != 0 or incomplete:
+            raise RuntimeError(f"img2dataset on Spark exited {rc}; shards without _stats.json: {incomplete} "
+                               f"(see each group's img2dataset.log and {driver_log}); rerunning resumes them")
+    for group in groups:
+        yield _result(group, t0)

@@ -123,8 +123,8 @@ def build(source: str, store: str, cfg: config.DatasetConfig, subset: str | None
     tm = prepare_table(source, store, cfg, subset)
     failpoint("dataset.table_published")  # crash tests (slip_core/failpoints.py)
     with work.work_lock(work.work_dir(store, cfg)):
-        for group in plan.plan(table_of(tm), work.work_dir(store, cfg), cfg, retry_failed=retry_failed):
-            download.run_group(group, cfg, progress=progress)
+        groups = plan.plan(table_of(tm), work.work_dir(store, cfg), cfg, retry_failed=retry_failed)
+        for _ in download.run_groups(groups, cfg, progress=progress):  # pyspark: one Spark application for all
             failpoint("dataset.group_downloaded")
         return publish(tm, store, cfg)
 

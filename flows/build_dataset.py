@@ -49,6 +49,12 @@ def download_task(group: dict, config: dict, progress: bool) -> dict:
     return download.run_group(work.Group(**group), _cfg(config), progress=progress)
 
 
+@task(name="download-spark", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+def download_spark_task(groups: list[dict], config: dict, progress: bool) -> list[dict]:
+    """distributor "pyspark": every group in one Spark application (datasets/download.run_groups)."""
+    return list(download.run_groups([work.Group(**g) for g in groups], _cfg(config), progress=progress))
+
+
 @task(name="verify", cache_policy=NO_CACHE)
 def verify_task(table_manifest: str, store: str, config: dict) -> dict:
     """Every input row has exactly one status (raises otherwise); returns the summary + ledger fingerprint."""
@@ -105,9 +111,14 @@ def build_dataset(source: str, store: str, config: dict | None = None, subset: s
     with work.work_lock(work.work_dir(store, cfg)), procs.forward_termination():
         groups = plan_task(table, store, cfg_dict, retry_failed)
         log.info("%d shard group(s) to download (%d rows)", len(groups), sum(g["n_rows"] for g in groups))
-        for start in range(0, len(groups), max(1, cfg.parallel_groups)):
-            wave = groups[start:start + max(1, cfg.parallel_groups)]
-            for r in download_task.map(wave, config=unmapped(cfg_dict), progress=unmapped(progress)).result():
+        if cfg.distributor == "pyspark":
+            waves = [download_spark_task(groups, cfg_dict, progress)] if groups else []
+        else:
+            waves = (download_task.map(groups[s:s + max(1, cfg.parallel_groups)], config=unmapped(cfg_dict),
+                                       progress=unmapped(progress)).result()
+                     for s in range(0, len(groups), max(1, cfg.parallel_groups)))
+        for wave in waves:
+            for r in wave:
                 log.info("group %s: %d/%d ok in %.1fs", r["group"].rsplit("/", 2)[-2:], r["successes"], r["rows"], r["seconds"])
         summary = verify_task(table, store, cfg_dict)
         url = publish_task(table, store, cfg_dict, summary["fingerprint"], summary)

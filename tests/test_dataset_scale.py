@@ -157,3 +157,27 @@ def test_manifest_paths_cannot_leave_the_store():
             artifacts.resolve("/s/dataset/v2", bad)
     assert artifacts.resolve("/s/dataset/v2", "../v1/shards/0.tar") == "/s/dataset/v1/shards/0.tar"
     assert artifacts.resolve("s3://b/dataset/v2", "../v1/shards/0.tar") == "s3://b/dataset/v1/shards/0.tar"
+
+
+def test_dataset_stage_processes_do_not_import_torch():
+    """The stage's modules (ledger, publish, quality pass, the CLI) must not pay torch's ~570 MB / ~5 s per process:
+    slip_core.tarsamples restates webdataset's key rule instead of importing webdataset (which imports torch)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import datasets.pipeline, datasets.publish, datasets.quality.apply, datasets.gc, flows.build_dataset; "
+            "print(sorted(m for m in ('torch', 'webdataset') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+def test_member_key_split_equals_webdatasets():
+    from webdataset.tariterators import base_plus_ext
+
+    from slip_core import tarsamples
+
+    names = ["000000001.jpg", "a/b/000.tar.gz", "x.y.z", "noext", "a/.b", ".hidden", "a.b/c", "a.b/c.d", "dir/", "a/b.",
+             "..", "a..b", "/abs/k.png", "k.JPG", "a/b/c/d.e.f.g", "", "./k.txt", "k\u00e9.t\u00e9", "a b.c d"]
+    for n in names:
+        assert tarsamples.base_plus_ext(n) == base_plus_ext(n), n

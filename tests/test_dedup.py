@@ -12,25 +12,88 @@ import pytest
 from PIL import Image
 
 from datasets import offline
-from datasets.quality import dedup, fingerprint
+from datasets.quality import dedup, fingerprint, hamming_index
 from datasets.quality import QualityConfig, apply_quality, apply_quality_report
 from tests._quality_util import assert_one_status, encode, failed_rows, ledger, short_side, write_group
 
 CFG = QualityConfig(exact_dedup=True, near_dup_hamming=20)
 
 
-def test_multi_index_hash_equals_brute_force():
-    rng = random.Random(0)
-    base = [rng.getrandbits(256) for _ in range(300)]
-    values = base + [b ^ sum(1 << rng.randrange(256) for _ in range(rng.randrange(0, 30))) for b in base[:300]]
+def test_hamming_index_equals_brute_force():
+    """Random 256-bit hashes plus copies at 0..29 flipped bits, every threshold shape (one block, r = 0 and 1),
+    inserted in several batches past the initial capacity: search / nearest equal the all-pairs popcount."""
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (600, 32), dtype=np.uint8)
+    bits = np.unpackbits(base[:300], axis=1)
+    for row in bits:
+        row[rng.choice(256, rng.integers(0, 30), replace=False)] ^= 1
+    values = np.concatenate([base, np.packbits(bits, axis=1)])  # 900 hashes
+    words = hamming_index.as_words(values)
+    indexed, queries = words[:700], words[600:]
+    brute = np.bitwise_count(queries[:, None, :] ^ indexed[None, :, :]).sum(-1)
     for t in (0, 1, 3, 8, 20, 25):
-        index = dedup.HammingIndex(t)
-        for i, v in enumerate(values[:400]):
-            index.add(v, i)
-        for q in values[380:]:
-            want = sorted((bin(q ^ v).count("1"), i) for i, v in enumerate(values[:400]) if bin(q ^ v).count("1") <= t)
-            assert sorted(index.query(q)) == want, t
-        assert index.radius <= 1 and sum(w for _, w in index.blocks) == 256
+        index = hamming_index.HammingIndex(t, capacity=64)
+        for s in range(0, 700, 250):
+            index.add(indexed[s:s + 250], np.arange(s, min(s + 250, 700)) + 1000)
+        q, ids, d = index.search(queries)
+        wq, wi = np.nonzero(brute <= t)
+        assert np.array_equal(q, wq) and np.array_equal(ids, wi + 1000) and np.array_equal(d, brute[wq, wi]), t
+        near, dist = index.nearest(queries)
+        masked = np.where(brute <= t, brute * 10000 + np.arange(700), 1 << 40)  # nearest, then smallest id
+        best = masked.min(1)
+        assert np.array_equal(near, np.where(best < 1 << 40, best % 10000 + 1000, -1)), t
+        assert np.array_equal(dist, np.where(best < 1 << 40, best // 10000, -1)), t
+        assert index.radius <= 1 and index.n_blocks * (index.radius + 1) > t
+    assert hamming_index.as_words([bytes(values[0])]).tobytes() == values[0].tobytes()
+    assert hamming_index.as_words(pa.array([bytes(v) for v in values[:5]], pa.binary(32))).tobytes() == values[:5].tobytes()
+
+
+def test_dedup_decisions_equal_the_sequential_rule():
+    """find_duplicates (batched, index of kept samples) against the rule written as a plain loop over all kept
+    samples: random hashes with planted near copies, exact-id collisions and dense clusters, crossing batches."""
+    rng = np.random.default_rng(5)
+    n = 3000
+    h = rng.integers(0, 256, (n, 32), dtype=np.uint8)
+    src = rng.integers(0, n, n // 2)
+    for j, s in zip(rng.choice(n, n // 2, replace=False), src):  # near copies at 0..25 bits
+        b = np.unpackbits(h[s])
+        b[rng.choice(256, rng.integers(0, 26), replace=False)] ^= 1
+        h[j] = np.packbits(b)
+    h[:200] = h[0]  # a dense cluster
+    keys = [f"k{i:05d}" for i in rng.permutation(n)]
+    sha = [f"s{rng.integers(0, 2500)}" if i % 3 else "" for i in range(n)]  # exact-id collisions
+    orig = [f"o{i % 50}" if i % 17 == 0 else "" for i in range(n)]
+    ph = [None if i % 97 == 0 else bytes(h[i]) for i in range(n)]
+    table = pa.table({"key": keys, "sha256": sha, "orig_sha256": orig, "phash": pa.array(ph, pa.binary(32))})
+    for exact, hamming in ((True, 20), (False, 8), (True, None)):
+        old_batch = dedup.BATCH
+        dedup.BATCH = 256  # many batches, so in-batch and cross-batch candidates both occur
+        try:
+            res = dedup.find_duplicates(table, hamming, exact)
+        finally:
+            dedup.BATCH = old_batch
+        want_dup, want_kept = {}, []
+        kept_ph, exact_ids = [], {}
+        for k, s, o, p in sorted(zip(keys, sha, orig, ph)):
+            eid = o or s
+            if exact and eid and eid in exact_ids:
+                want_dup[k] = (exact_ids[eid], 0, "exact")
+                continue
+            if hamming is not None and p is not None:
+                hits = [(fingerprint.hamming(p, q), kk) for q, kk in kept_ph if fingerprint.hamming(p, q) <= hamming]
+                if hits:
+                    d, t = min(hits)
+                    want_dup[k] = (t, d, "near")
+                    continue
+            want_kept.append(k)
+            if exact and eid:
+                exact_ids.setdefault(eid, k)
+            if p is not None:
+                kept_ph.append((p, k))
+        got = {k: (t, d, kd) for k, t, d, kd in zip(*(res.duplicates[c].to_pylist() for c in ("key", "duplicate_of", "distance", "kind")))}
+        assert got == want_dup, (exact, hamming)
+        assert sorted(res.kept.to_pylist()) == want_kept
+        assert len(want_dup) > 400  # the planted copies and clusters are there to be found
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,8 @@
 Same URL list (real images + failing rows behind a real HTTP server on 127.0.0.1), two builds into two
 stores: distributor "multiprocessing" and "pyspark" (datasets/img2dataset_spark.py, local[2], 512 MB driver).
 Checked equal: every sample's key, image bytes sha256, caption and metadata; the ledger's (key, status,
-reason, width, height); the published shard files byte for byte.
+reason, width, height); the published shard files byte for byte. One shard per group, so the Spark build
+has three groups: they must all run in ONE Spark application, at the same time.
 """
 from __future__ import annotations
 
@@ -30,8 +31,10 @@ pytestmark = [pytest.mark.slow,
 
 def _cfg(distributor: str):
     # Spark: local[2] (processes_count); multiprocessing: one worker process is enough to compare (2 shared cores).
+    # One shard per group in both (img2dataset's own keys in the metadata are numbered per group): three groups.
     procs = 2 if distributor == "pyspark" else 1
-    return dataset_config.make_config({**TEST_CONFIG, "name": "scale", "processes_count": procs, "distributor": distributor}, "tiny")
+    return dataset_config.make_config({**TEST_CONFIG, "name": "scale", "processes_count": procs, "distributor": distributor,
+                                       "shards_per_group": 1}, "tiny")
 
 
 def _samples(manifest_url: str) -> dict[str, dict]:
@@ -90,6 +93,8 @@ def test_pyspark_runs_our_wrapper_and_stays_out_of_the_work_folder_identity():
     assert work.work_dir("/s", mp) == work.work_dir("/s", sp)  # parallelism, not content
     with pytest.raises(ValueError, match="distributor"):
         _cfg("dask")
+    with pytest.raises(SystemExit, match="pyspark only"):  # checked before any JVM starts
+        img2dataset_spark.main(["--distributor=multiprocessing"])
     conf = img2dataset_spark.spark_conf(["--processes_count=3"], {"SLIP_SPARK_CONF": '{"spark.driver.memory": "512m"}'})
     assert conf["spark.master"] == "local[3]" and conf["spark.driver.memory"] == "512m"
     conf = img2dataset_spark.spark_conf([], {"SLIP_SPARK_MASTER": "spark://head:7077"})
@@ -123,3 +128,20 @@ def test_spark_really_ran(builds):
     assert "img2dataset_spark: Spark 4." in spark_log and "master local[2], driver memory 512m" in spark_log
     assert "No pyspark session found" not in spark_log
     assert "img2dataset_spark" not in log("multiprocessing")
+
+
+def test_all_groups_ran_in_one_spark_application_concurrently(builds):
+    import re
+
+    paths = sorted(glob.glob(os.path.join(builds["pyspark_store"], "dataset-work", "*", "attempts", "*", "g*", "img2dataset.log")))
+    assert len(paths) == 3  # 18 rows, 8 per shard, 1 shard per group
+    apps, spans = set(), []
+    for p in paths:
+        text = open(p, errors="replace").read()
+        apps |= set(re.findall(r"application (\S+);", text))
+        (start,), (end,) = re.findall(r"group started ([0-9.]+)", text), re.findall(r"group finished ([0-9.]+)", text)
+        spans.append((float(start), float(end)))
+    assert len(apps) == 1, apps  # one SparkContext for every group
+    assert max(s for s, _ in spans) < min(e for _, e in spans), spans  # every group was running at one moment
+    (driver,) = glob.glob(os.path.join(builds["pyspark_store"], "dataset-work", "*", "attempts", "*", "spark-driver.log"))
+    assert open(driver).read().count("img2dataset_spark: application ") == 1 and "3 group(s)" in open(driver).read()

@@ -328,3 +328,46 @@ def test_parquet_mirror_on_s3(tmp_path, s3_bucket):
     assert detect_source(f"{s3_bucket}/mirror") == "yfcc-parquet"
     rep = yfcc_parquet.filter_yfcc_parquet(f"{s3_bucket}/mirror", str(tmp_path / "o.parquet"))
     assert rep.written == len(rows) and pq.read_table(tmp_path / "o.parquet")["key"].to_pylist() == [str(r[1]) for r in rows]
+
+
+@pytest.mark.parametrize("columns", [25, 23])
+@pytest.mark.parametrize("where", ["local", "memory", "bz2"])
+def test_vectorised_filter_equals_the_reference_loop_across_blocks(tmp_path, monkeypatch, columns, where):
+    """Many small blocks (memory-mapped locally, streamed otherwise), garbage before the first well-formed line
+    spanning several blocks, and 25-column blocks parsed from line 0 and shifted: still the reference loop."""
+    from datasets.sources import yfcc_blocks
+
+    monkeypatch.setattr(yfcc_blocks, "BLOCK_BYTES", 700)
+    data = b"junk\tline\n" * 150 + b"\n".join([_hostile_metadata(columns)] * 6) + b"\n"
+    if where == "local":
+        meta = str(tmp_path / "m")
+        open(meta, "wb").write(data)
+    else:
+        meta = f"memory://blocks-{columns}/m" + (".bz2" if where == "bz2" else "")
+        with fsspec.open(meta, "wb") as f:
+            f.write(bz2.compress(data) if where == "bz2" else data)
+    subset = tmp_path / "s.tsv"
+    subset.write_text("".join(f"{i}\t{1000 + i}\tx\n" for i in range(0, 300, 2)))
+    out = {}
+    for vec in (True, False):
+        o = tmp_path / f"o{vec}.parquet"
+        rep = yfcc.filter_yfcc(meta, str(o), subset=str(subset), malformed_output=str(tmp_path / f"bad{vec}.parquet"),
+                               vectorized=vec, line_offset=3)
+        out[vec] = (pq.read_table(o).to_pylist(), rep.to_dict(), pq.read_table(tmp_path / f"bad{vec}.parquet").to_pylist())
+    assert out[True] == out[False]
+    assert out[True][1]["rows_read"] == data.count(b"\n") and out[True][1]["malformed"] >= 150 and out[True][0]
+
+
+def test_subset_list_is_read_as_the_line_rule_says(tmp_path):
+    """read_subset (blocks, numpy) = the per-line rule: first tab-separated field, stripped, all digits."""
+    lines = [b"line_number\tphoto_id\thash", b"", b"5\t1\tx", b" 7 \t2\tx", b"9\r", b"0012", b"3", b"x4\t1", b"\t8",
+             b"4e3\t1", b"11\t\t", b"\xff\t1", b"2\t" + "\u00e9".encode(), b"13"]
+    data = b"\n".join(lines * 3)  # no final newline
+    (tmp_path / "s.tsv").write_bytes(data)
+    want = set()
+    for raw in data.split(b"\n"):
+        head = raw.split(b"\t", 1)[0].strip()
+        if head.isdigit():
+            want.add(int(head))
+    bits = yfcc.read_subset(str(tmp_path / "s.tsv"))
+    assert {i for i, b in enumerate(bits) if b} == want == {5, 7, 9, 12, 3, 11, 2, 13}

@@ -138,11 +138,12 @@ def apply_quality_report(ledger: pa.Table, fingerprints: pa.Table, cfg: QualityC
 
     if cfg.exact_dedup or cfg.near_dup_hamming >= 0:
         res = dedup.find_duplicates(_subset(fingerprints, alive), cfg.near_dup_hamming if cfg.near_dup_hamming >= 0 else None,
-                                    cfg.exact_dedup, previous, set(keys))
-        for k, target in res.duplicate_of.items():
+                                    cfg.exact_dedup, previous, ledger["key"])
+        dups = res.duplicates
+        for k, target in zip(dups["key"].to_pylist(), dups["duplicate_of"].to_pylist()):
             reason[k] = f"{dedup.DUP_PREFIX}{target}"
-        report["dedup"] = {"kept": len(res.kept), "duplicates": len(res.duplicate_of), "by_kind": dict(collections.Counter(res.kind.values())),
-                           "max_distance": max([d for d in res.distance.values()] or [0])}
+        report["dedup"] = {"kept": len(res.kept), "duplicates": len(dups), "by_kind": dict(collections.Counter(dups["kind"].to_pylist())),
+                           "max_distance": max(pc.max(dups["distance"]).as_py() or 0, 0) if len(dups) else 0}
 
     out_status, out_reason = list(status), ledger["reason"].to_pylist()
     for i, k in enumerate(keys):

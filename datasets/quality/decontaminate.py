@@ -20,12 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
 from datasets import offline
 from datasets.quality import fingerprint
-from datasets.quality.dedup import HammingIndex
+from datasets.quality.hamming_index import HammingIndex, as_words
 
 OVERLAP_PREFIX = "eval_overlap:"
 
@@ -46,14 +47,28 @@ class EvalIndex:
     unavailable: dict[str, str]  # dataset -> why it was skipped
 
     def __post_init__(self):
-        self._index = HammingIndex(self.hamming)
-        for ds, i, ph in zip(*(self.table[c].to_pylist() for c in ("dataset", "id", "phash"))):
-            self._index.add(int.from_bytes(ph, "big"), (ds, i))
+        # index ids = rank in (dataset, id) order, so the smallest id among equally near images is the
+        # lexicographically smallest (dataset, id)
+        t = self.table.filter(pc.is_valid(self.table["phash"]))
+        self._sorted = t.take(pc.sort_indices(t, [("dataset", "ascending"), ("id", "ascending")]))
+        self._index = HammingIndex(self.hamming, capacity=len(self._sorted))
+        self._index.add(as_words(self._sorted["phash"]))
+
+    def nearest(self, phashes) -> tuple[np.ndarray, np.ndarray]:
+        """(row of `sorted_table` or -1, distance) of the nearest eval image per hash ([n, 32] uint8, a list of
+        32-byte strings or a fixed_size_binary array)."""
+        return self._index.nearest(as_words(phashes))
 
     def match(self, phash: bytes) -> tuple[int, str, str] | None:
         """(distance, dataset, eval id) of the nearest eval image within `hamming`, else None."""
-        hits = self._index.query(int.from_bytes(phash, "big"))
-        return min((d, ds, i) for d, (ds, i) in hits) if hits else None
+        (row,), (d,) = self.nearest([phash])
+        if row < 0:
+            return None
+        return int(d), self._sorted["dataset"][int(row)].as_py(), self._sorted["id"][int(row)].as_py()
+
+    @property
+    def sorted_table(self) -> pa.Table:
+        return self._sorted
 
 
 def _fingerprint_images(name: str, ids: list[str], images) -> pa.Table:
@@ -166,14 +181,12 @@ def load_eval_index(names: tuple[str, ...] | list[str] = ("*",), hamming: int = 
 
 def find_overlaps(fingerprints: pa.Table, index: EvalIndex) -> dict[str, tuple[str, str, int]]:
     """{training key: (dataset, eval id, distance)} for every fingerprint that matches an eval image."""
-    out = {}
-    for k, ph in zip(fingerprints["key"].to_pylist(), fingerprints["phash"].to_pylist()):
-        if ph is None:
-            continue
-        m = index.match(ph)
-        if m is not None:
-            out[k] = (m[1], m[2], m[0])
-    return out
+    fps = fingerprints.filter(pc.is_valid(fingerprints["phash"]))
+    rows, dist = index.nearest(fps["phash"])
+    hit = np.flatnonzero(rows >= 0)
+    evals = index.sorted_table.take(pa.array(rows[hit]))
+    return {k: (ds, i, int(d)) for k, ds, i, d in zip(fps["key"].take(pa.array(hit)).to_pylist(), evals["dataset"].to_pylist(),
+                                                      evals["id"].to_pylist(), dist[hit])}
 
 
 def overlap_report(overlaps: dict[str, tuple[str, str, int]], index: EvalIndex, max_examples: int = 20) -> dict:

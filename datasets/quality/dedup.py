@@ -14,159 +14,222 @@ smallest key); otherwise it is kept. The order is what makes rebuilds stable:
 So a new near-copy never evicts an earlier kept sample, even when its key sorts first, and earlier
 duplicate decisions do not move. Without `previous`, this is greedy "smallest key wins" clustering.
 
-Near-neighbour search uses multi-index hashing (Norouzi, Punjani & Fleet, CVPR 2012) instead of O(n^2)
-comparisons: the 256 bits are dealt into m = hamming // 2 + 1 blocks, so two hashes within `hamming` bits
-agree on some block up to r = hamming // m <= 1 bit (pigeonhole). Each block keeps a dict
-value -> kept ids; a query probes its own block values and their r-bit flips (1 + block width probes per
-block) and verifies the candidates exactly.
+Near-neighbour search is datasets.quality.hamming_index (multi-index hashing in numpy: no Python object
+per hash). Samples are decided in batches of BATCH in the order above: a batch is searched against the
+index of the samples kept before it, and within itself (a small index of the batch); a sample with no
+candidate inside its batch is decided at once, the rare ones with an earlier candidate in the same batch
+in order, in Python, each against what is kept by then. Only kept samples enter the index, so a cluster
+of a million copies costs a million queries, not a million squared pairs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from itertools import combinations
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from datasets.quality import fingerprint
+from datasets.quality.hamming_index import HammingIndex, as_words
 
 DUP_PREFIX = "duplicate_of:"
-
-
-class HammingIndex:
-    """Multi-index hash over fixed-width bit strings (Python ints); insert + radius query."""
-
-    def __init__(self, threshold: int, bits: int = 256, blocks: int | None = None):
-        if threshold < 0:
-            raise ValueError("threshold must be >= 0")
-        self.threshold, self.bits = threshold, bits
-        m = blocks or min(threshold // 2 + 1, bits)
-        self.radius = threshold // m
-        base, extra = divmod(bits, m)
-        self.blocks: list[tuple[int, int]] = []  # (shift, width), covering all bits exactly once
-        shift = 0
-        for i in range(m):
-            w = base + (1 if i < extra else 0)
-            self.blocks.append((shift, w))
-            shift += w
-        # flip patterns with <= radius bits, per block width
-        self._masks = {w: [0] + [sum(1 << b for b in c) for r in range(1, self.radius + 1) for c in combinations(range(w), r)]
-                       for _, w in self.blocks}
-        self._tables: list[dict[int, list[int]]] = [{} for _ in self.blocks]
-        # Blocks take interleaved bits (bit j -> block j % m), not contiguous runs: pHash bits of the same
-        # DCT row are correlated, and correlated blocks make crowded buckets (measured on 30k Fashion-MNIST
-        # hashes: contiguous blocks 6.5 s, interleaved 3.4 s, same result). Distances do not change.
-        self._order = np.concatenate([np.arange(i, bits, m) for i in range(m)]) if bits % 8 == 0 else None
-        self.values: list[int] = []
-        self.items: list = []
-
-    def __len__(self) -> int:
-        return len(self.values)
-
-    def _permute(self, h: int) -> int:
-        if self._order is None:
-            return h
-        b = np.unpackbits(np.frombuffer(h.to_bytes(self.bits // 8, "big"), np.uint8))
-        return int.from_bytes(np.packbits(b[self._order]).tobytes(), "big")
-
-    def _parts(self, h: int):
-        for (shift, w), table in zip(self.blocks, self._tables):
-            yield (h >> shift) & ((1 << w) - 1), w, table
-
-    def add(self, h: int, item) -> None:
-        h = self._permute(h)
-        idx = len(self.values)
-        self.values.append(h)
-        self.items.append(item)
-        for v, _, table in self._parts(h):
-            table.setdefault(v, []).append(idx)
-
-    def query(self, h: int) -> list[tuple[int, object]]:
-        """(distance, item) of every indexed value within `threshold` bits of h."""
-        h = self._permute(h)
-        seen: set[int] = set()
-        out = []
-        for v, w, table in self._parts(h):
-            for mask in self._masks[w]:
-                for idx in table.get(v ^ mask, ()):
-                    if idx in seen:
-                        continue
-                    seen.add(idx)
-                    d = (self.values[idx] ^ h).bit_count()
-                    if d <= self.threshold:
-                        out.append((d, self.items[idx]))
-        return out
+BATCH = 8192
+KINDS = ("exact", "near", "previous")
 
 
 @dataclass
 class DedupResult:
-    duplicate_of: dict[str, str] = field(default_factory=dict)  # key -> kept key
-    distance: dict[str, int] = field(default_factory=dict)  # key -> Hamming distance (0 for exact)
-    kind: dict[str, str] = field(default_factory=dict)  # key -> "exact" | "near" | "previous"
-    kept: list[str] = field(default_factory=list)
+    """`duplicates`: key, duplicate_of (the kept key), distance (Hamming; 0 exact, -1 decided by the previous
+    version), kind ("exact" | "near" | "previous"), in decision order. `kept`: the kept keys of the input."""
+    duplicates: pa.Table
+    kept: pa.Array
+
+    @property
+    def duplicate_of(self) -> dict[str, str]:
+        return dict(zip(self.duplicates["key"].to_pylist(), self.duplicates["duplicate_of"].to_pylist()))
+
+    @property
+    def distance(self) -> dict[str, int]:
+        return dict(zip(self.duplicates["key"].to_pylist(), self.duplicates["distance"].to_pylist()))
+
+    @property
+    def kind(self) -> dict[str, str]:
+        return dict(zip(self.duplicates["key"].to_pylist(), self.duplicates["kind"].to_pylist()))
 
 
-def _exact_id(sha: str, orig: str) -> str:
-    return orig or sha
+def _last_per_key(t: pa.Table) -> pa.Table:
+    """Rows sorted by key, one per key (the last one given, as a dict built from the rows would keep)."""
+    order = pc.sort_indices(t["key"]).to_numpy()  # stable
+    keys = t["key"].take(pa.array(order))
+    last = np.r_[pc.not_equal(keys.slice(1), keys.slice(0, len(keys) - 1)).to_numpy(zero_copy_only=False), True] \
+        if len(keys) else np.zeros(0, bool)
+    return t.take(pa.array(order[last]))
+
+
+def _exact_ids(t: pa.Table) -> pa.ChunkedArray:
+    """`orig_sha256 or sha256` per row; null where both are empty."""
+    orig, sha = t["orig_sha256"], t["sha256"]
+    eid = pc.if_else(pc.fill_null(pc.not_equal(orig, ""), False), orig, sha)
+    return pc.if_else(pc.fill_null(pc.not_equal(eid, ""), False), eid, pa.scalar(None, eid.type))
+
+
+def _words_of(phash) -> tuple[np.ndarray, np.ndarray]:
+    """(has a phash mask, [n_with, 4] uint64 hashes) of a phash column."""
+    has = pc.is_valid(phash).to_numpy(zero_copy_only=False)
+    return has, as_words(phash.filter(pa.array(has)))
+
+
+def _previous(previous: pa.Table | None, cur_keys: pa.Array, ledger_keys) -> tuple[pa.Table, pa.Table]:
+    """(anchors: key, exact id, phash, in current; earlier duplicates: key, target), both sorted by key."""
+    empty = pa.table({"key": pa.array([], pa.string())})
+    if previous is None or not len(previous):
+        return empty, empty
+    prev = _last_per_key(previous)
+    in_cur = pc.is_in(prev["key"], value_set=cur_keys)
+    in_ledger = in_cur if ledger_keys is None else pc.is_in(prev["key"], value_set=ledger_keys)
+    status = pc.fill_null(prev["status"], "")
+    anchor = pc.and_(pc.equal(status, "success"), pc.or_(in_cur, pc.invert(in_ledger)))
+    reason = pc.fill_null(prev["reason"], "")
+    was_dup = pc.and_(pc.equal(status, "filtered"), pc.starts_with(reason, DUP_PREFIX))
+    anchors = prev.filter(anchor)
+    anchors = pa.table({"key": anchors["key"], "eid": _exact_ids(anchors), "phash": anchors["phash"],
+                        "in_cur": pc.is_in(anchors["key"], value_set=cur_keys)})
+    dups = prev.filter(was_dup)
+    dups = pa.table({"key": dups["key"], "target": pc.utf8_slice_codeunits(dups["reason"], len(DUP_PREFIX))})
+    return anchors, dups
 
 
 def find_duplicates(fingerprints: pa.Table, hamming: int | None = 20, exact: bool = True,
-                    previous: pa.Table | None = None, ledger_keys: set[str] | None = None) -> DedupResult:
+                    previous: pa.Table | None = None, ledger_keys=None) -> DedupResult:
     """Duplicate decisions for the rows of `fingerprints` (key, sha256, orig_sha256, phash; all eligible).
 
     `previous`: the previous version's table with key, sha256, orig_sha256, phash, status, reason (see
-    `previous_table`). `ledger_keys`: every key of the current ledger (any status); a previous anchor whose
-    key is in the ledger but not eligible now (failed, filtered) no longer anchors. `hamming=None` turns
-    near-duplicate search off.
+    `previous_table`). `ledger_keys` (an array or set): every key of the current ledger (any status); a previous
+    anchor whose key is in the ledger but not eligible now (failed, filtered) no longer anchors.
+    `hamming=None` turns near-duplicate search off.
     """
-    cur = {k: (_exact_id(s, o), None if p is None else int.from_bytes(p, "big"))
-           for k, s, o, p in zip(*(fingerprints[c].to_pylist() for c in ("key", "sha256", "orig_sha256", "phash")))}
-    ledger_keys = set(cur) if ledger_keys is None else ledger_keys
-    index = HammingIndex(hamming) if hamming is not None else None
-    exact_ids: dict[str, str] = {}
-    res = DedupResult()
+    if isinstance(ledger_keys, (set, frozenset, list, tuple)):
+        ledger_keys = pa.array(sorted(ledger_keys), pa.string())
+    cur = _last_per_key(fingerprints.select(["key", "sha256", "orig_sha256", "phash"]))
+    cur_keys = cur["key"].combine_chunks().cast(pa.string())
+    anchors, prev_dups = _previous(previous, cur_keys, ledger_keys)
+    # every key that can be kept, in key order: its rank is the sample's id (ties -> the smallest key)
+    all_keys = pc.unique(pa.chunked_array([cur_keys, anchors["key"].combine_chunks().cast(pa.string())])
+                         if len(anchors) else cur_keys)
+    all_keys = all_keys.take(pc.sort_indices(all_keys))
+    rank_of = lambda keys: pc.index_in(keys, value_set=all_keys).to_numpy(zero_copy_only=False).astype(np.int64)  # noqa: E731
 
-    def keep(key: str, eid: str, ph: int | None, report: bool) -> None:
-        if exact and eid:
-            exact_ids.setdefault(eid, key)
-        if index is not None and ph is not None:
-            index.add(ph, key)
-        if report:
-            res.kept.append(key)
+    # samples decided by the previous version: anchors are kept; their earlier duplicates stay duplicates
+    is_anchor = pc.is_in(cur_keys, value_set=anchors["key"]) if len(anchors) else pa.array(np.zeros(len(cur_keys), bool))
+    decided_dups = pa.table({"key": pa.array([], pa.string()), "target": pa.array([], pa.string())})
+    if len(prev_dups):
+        live = prev_dups.filter(pc.is_in(prev_dups["target"], value_set=anchors["key"]) if len(anchors)
+                                else pa.array(np.zeros(len(prev_dups), bool)))
+        decided_dups = live.filter(pc.and_(pc.is_in(live["key"], value_set=cur_keys),
+                                           pc.invert(pc.is_in(live["key"], value_set=anchors["key"]))))
+    todo = cur.filter(pc.and_(pc.invert(is_anchor), pc.invert(pc.is_in(cur_keys, value_set=decided_dups["key"]))))
 
-    anchors: set[str] = set()
-    prev_dups: dict[str, str] = {}
-    if previous is not None and len(previous):
-        p = previous.to_pydict()
-        rows = sorted(zip(p["key"], p["sha256"], p["orig_sha256"], p["phash"], p["status"], p["reason"]))
-        for k, s, o, ph, st, reason in rows:
-            if st == "success" and (k in cur or k not in ledger_keys):
-                anchors.add(k)
-                keep(k, _exact_id(s, o), None if ph is None else int.from_bytes(ph, "big"), k in cur)
-            elif st == "filtered" and (reason or "").startswith(DUP_PREFIX):
-                prev_dups[k] = reason[len(DUP_PREFIX):]
-    todo = []
-    for k in sorted(cur):
-        if k in anchors:
+    eids = pa.concat_arrays([anchors["eid"].combine_chunks().cast(pa.string()) if len(anchors) else pa.array([], pa.string()),
+                             _exact_ids(todo).combine_chunks().cast(pa.string())])
+    encoded = pc.dictionary_encode(eids)
+    codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64) if exact \
+        else np.full(len(eids), -1, np.int64)
+    n_codes = len(encoded.dictionary)
+    state = _State(np.full(n_codes + 1, -1, np.int64),  # + 1: never empty (codes < 0 read slot 0, unused)
+                   HammingIndex(hamming, capacity=len(anchors) + len(todo)) if hamming is not None else None)
+    if len(anchors):
+        state.register(rank_of(anchors["key"]), codes[:len(anchors)], *_words_of(anchors["phash"]))
+    t_ranks = rank_of(todo["key"]) if len(todo) else np.zeros(0, np.int64)  # ascending: todo is sorted by key
+    out = [_decide_batch(state, t_ranks[s:s + BATCH], codes[len(anchors) + s:len(anchors) + s + BATCH],
+                         *_words_of(todo["phash"].slice(s, BATCH))) for s in range(0, len(todo), BATCH)]
+    keep = np.concatenate([np.zeros(0, bool)] + [o[0] for o in out])
+    dup_rank = np.concatenate([np.zeros(0, np.int64)] + [o[1] for o in out])
+    dup_target = np.concatenate([np.zeros(0, np.int64)] + [o[2] for o in out])
+    dup_dist = np.concatenate([np.zeros(0, np.int32)] + [o[3] for o in out])
+    dup_kind = np.concatenate([np.zeros(0, np.int8)] + [o[4] for o in out])
+    n_prev = len(decided_dups)
+    duplicates = pa.table({
+        "key": pa.concat_arrays([decided_dups["key"].combine_chunks().cast(pa.string()),
+                                 all_keys.take(pa.array(dup_rank))]),
+        "duplicate_of": pa.concat_arrays([decided_dups["target"].combine_chunks().cast(pa.string()),
+                                          all_keys.take(pa.array(dup_target))]),
+        "distance": pa.array(np.r_[np.full(n_prev, -1, np.int32), dup_dist], pa.int32()),
+        "kind": pa.array(np.r_[np.full(n_prev, "previous", object), np.array(KINDS, object)[dup_kind]], pa.string())})
+    kept = pa.concat_arrays([anchors.filter(anchors["in_cur"])["key"].combine_chunks().cast(pa.string())
+                             if len(anchors) else pa.array([], pa.string()), all_keys.take(pa.array(t_ranks[keep]))])
+    return DedupResult(duplicates, kept)
+
+
+@dataclass
+class _State:
+    """What the samples kept so far give the next batch: the first kept rank per exact id, the kept pHashes."""
+    first_kept: np.ndarray  # exact-id code -> rank of the first kept sample with it (-1: none)
+    index: HammingIndex | None
+
+    def register(self, ranks: np.ndarray, codes: np.ndarray, has_ph: np.ndarray, words: np.ndarray) -> None:
+        """Kept samples, in decision order (arrays of equal length; `words` for the has_ph ones)."""
+        ok = codes >= 0
+        u, first = np.unique(codes[ok], return_index=True)
+        fresh = self.first_kept[u] < 0
+        self.first_kept[u[fresh]] = ranks[ok][first[fresh]]
+        if self.index is not None:
+            self.index.add(words, ranks[has_ph])
+
+
+def _decide_batch(state: _State, ranks: np.ndarray, codes: np.ndarray, has_ph: np.ndarray, words: np.ndarray):
+    """Decisions for one batch in order -> (kept mask, duplicate ranks, their targets, distances, kind codes)."""
+    n = len(ranks)
+    ex = np.where(codes >= 0, state.first_kept[np.maximum(codes, 0)], -1)  # exact copy of a sample kept before
+    near, near_d = np.full(n, -1, np.int64), np.full(n, -1, np.int32)
+    intra_q = intra_i = intra_d = np.zeros(0, np.int64)
+    if state.index is not None and has_ph.any():
+        near[has_ph], near_d[has_ph] = state.index.nearest(words)
+        local = np.flatnonzero(has_ph)
+        batch_index = HammingIndex(state.index.threshold, capacity=len(local), buckets_per_item=16)  # small: sparse
+        batch_index.add(words, local)
+        q, i, d = batch_index.search(words)
+        q = local[q]
+        earlier = i < q
+        intra_q, intra_i, intra_d = q[earlier], i[earlier], d[earlier]
+    # an earlier sample of the batch with the same exact id
+    order = np.lexsort((np.arange(n), codes))
+    same_code = np.zeros(n, bool)
+    sc = codes[order]
+    same_code[order[1:]] = (sc[1:] == sc[:-1]) & (sc[1:] >= 0)
+    slow = (ex < 0) & (same_code | np.isin(np.arange(n), intra_q))
+    target = np.where(ex >= 0, ex, near)
+    dist = np.where(ex >= 0, 0, near_d)
+    kind = np.where(ex >= 0, 0, 1).astype(np.int8)
+    keep = (target < 0) & ~slow
+    if slow.any():
+        _decide_in_order(np.flatnonzero(slow), ranks, codes, keep, target, dist, kind, (intra_q, intra_i, intra_d))
+    dup = ~keep
+    state.register(ranks[keep], codes[keep], has_ph[keep], words[keep[has_ph]])
+    return keep, ranks[dup], target[dup], dist[dup].astype(np.int32), kind[dup]
+
+
+def _decide_in_order(slow: np.ndarray, ranks, codes, keep, target, dist, kind, intra) -> None:
+    """The samples of a batch with an earlier candidate in the same batch, one by one in order (in place)."""
+    q, i, d = intra
+    by_q = np.argsort(q, kind="stable")
+    q, i, d = q[by_q], i[by_q], d[by_q]
+    lo, hi = np.searchsorted(q, slow, "left"), np.searchsorted(q, slow, "right")
+    members: dict[int, list[int]] = {}
+    for j in np.flatnonzero(codes >= 0):
+        members.setdefault(int(codes[j]), []).append(int(j))
+    for j, a, b in zip(slow.tolist(), lo.tolist(), hi.tolist()):
+        same = [m for m in members.get(int(codes[j]), ()) if m < j and keep[m]] if codes[j] >= 0 else []
+        if same:
+            target[j], dist[j], kind[j] = ranks[same[0]], 0, 0
             continue
-        target = prev_dups.get(k)
-        if target is not None and target in anchors:
-            res.duplicate_of[k], res.distance[k], res.kind[k] = target, -1, "previous"  # decided before
-            continue
-        todo.append(k)
-    for k in todo:
-        eid, ph = cur[k]
-        if exact and eid and eid in exact_ids:
-            res.duplicate_of[k], res.distance[k], res.kind[k] = exact_ids[eid], 0, "exact"
-            continue
-        if index is not None and ph is not None:
-            hits = index.query(ph)
-            if hits:
-                d, target = min(hits)
-                res.duplicate_of[k], res.distance[k], res.kind[k] = target, d, "near"
-                continue
-        keep(k, eid, ph, True)
-    return res
+        hits = [(int(d[x]), int(ranks[i[x]])) for x in range(a, b) if keep[i[x]]]
+        if target[j] >= 0:
+            hits.append((int(dist[j]), int(target[j])))
+        if hits:
+            dist[j], target[j] = min(hits)
+            kind[j] = 1
+        else:
+            keep[j] = True
 
 
 def previous_table(ledger: pa.Table, fingerprints: pa.Table | None = None) -> pa.Table:

@@ -18,19 +18,18 @@ first MAX_TEXT_CHARS; the row is kept (its image is as good as any) and counted 
 reads only the first 77 tokens. Cleaning itself is linear in the text length (see `_strip_tags`), so a
 hostile field costs milliseconds before it is cut.
 
-Speed: the hot loop only counts tabs and parses the line number of each row; the full split, decoding
-and cleaning run only for subset members (~15% of YFCC100M). Rows are batched into pyarrow record
-batches and written with one ParquetWriter, so memory stays flat whatever the input size.
+Speed: the file is read in blocks of whole lines (yfcc_blocks: memory-mapped when local and uncompressed)
+and parsed in parallel threads (yfcc_parse: numpy byte scans, Arrow copies, DuckDB regexes); per row only
+the field count and the line number are looked at, the text fields are cut out, decoded and cleaned for
+subset members only (~15% of YFCC100M). Rows are written in row groups with one ParquetWriter, so memory
+stays flat whatever the input size. bench/filter_yfcc.py measures it against the reference loop.
 """
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import html
 import os
 import json
 import re
-import threading
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
@@ -46,6 +45,8 @@ from slip_core.failpoints import failpoint
 from datasets import engine
 from datasets.sources import BadInput
 from datasets.sources import yfcc_parse as yparse
+from datasets.sources import yfcc_blocks
+from datasets.sources.yfcc_blocks import READ_ERRORS, parsed_blocks
 
 LAYOUT_COLUMNS = {25: "consolidated", 23: "legacy"}
 # field positions per layout: (line number or None, photo id, hash or None, title, description, url)
@@ -68,8 +69,6 @@ _SPACE = re.compile(r"[\s\x00-\x1f\x7f]+")
 MAX_MALFORMED_KEPT = 1000  # line numbers reported; the count is always exact
 MAX_TEXT_CHARS = 8192  # cleaned title / description cap (module docstring: "Long text")
 assert yparse.MAX_TEXT == MAX_TEXT_CHARS
-BLOCK_BYTES = 16 << 20  # metadata is parsed in blocks of whole lines of about this size
-PARSE_THREADS = min(os.cpu_count() or 1, 4)
 
 
 def _strip_tags(text: str) -> str:
@@ -139,25 +138,28 @@ def open_binary(url: str, threads: int | None = None):
     return fsspec.open(url, "rb", compression="infer").open()
 
 
-READ_ERRORS = (EOFError, OSError, ValueError, RuntimeError)  # what a truncated / corrupt compressed stream raises
 
 
 def read_subset(url: str) -> bytearray:
     """OpenAI's subset TSV -> membership bitmap indexed by line number (100 MB for all of YFCC100M,
-    far less than a Python set of 14.8M ints). A header line or blank lines are skipped."""
-    bitmap = bytearray()
+    far less than a Python set of 14.8M ints). A header line or blank lines are skipped: a line counts when
+    its first field, stripped of ASCII whitespace, is all digits. Parsed in blocks (yfcc_parse.first_numbers);
+    the rare line that is not plain digits takes the Python rule."""
     if not storage.exists(url):
         raise BadInput(f"{url}: no such subset file")
+    numbers = []
     with open_binary(url) as f:
-        for raw in _checked_lines(url, f):
-            head = raw.split(b"\t", 1)[0].strip()
-            if not head.isdigit():
-                continue
-            ln = int(head)
-            if ln >= len(bitmap):
-                bitmap.extend(b"\0" * max(ln + 1 - len(bitmap), len(bitmap) // 2, 1 << 16))
-            bitmap[ln] = 1
-    return bitmap
+        for block, last in yfcc_blocks.blocks(url, f):
+            plain, rare = yparse.first_numbers(block, last)
+            numbers.append(plain)
+            for raw in rare:
+                head = raw.split(b"\t", 1)[0].strip()
+                if head.isdigit():
+                    numbers.append(np.array([int(head)], np.int64))
+    numbers = np.concatenate(numbers) if numbers else np.zeros(0, np.int64)
+    bitmap = np.zeros(int(numbers.max()) + 1 if len(numbers) else 0, np.uint8)
+    bitmap[numbers] = 1
+    return bytearray(bitmap)
 
 
 MALFORMED_SCHEMA = pa.schema([("line_number", pa.int64()), ("reason", pa.string())])  # one row per malformed line
@@ -264,36 +266,6 @@ def _checked_lines(metadata: str, f):
         raise BadInput(f"{metadata}: truncated or corrupt compressed file ({type(e).__name__}: {e})") from None
 
 
-def _blocks(metadata: str, f, size: int = BLOCK_BYTES):
-    """(block of whole lines, is the last block) from binary stream f. Read with readinto where the stream
-    has it, so the bytes are copied once; the partial line at a block's end starts the next block."""
-    carry = b""
-    while True:
-        data = bytearray(len(carry) + size)
-        data[:len(carry)] = carry
-        try:
-            if hasattr(f, "readinto"):
-                got = f.readinto(memoryview(data)[len(carry):]) or 0
-            else:
-                chunk = f.read(size)
-                got = len(chunk)
-                data[len(carry):len(carry) + got] = chunk
-        except READ_ERRORS as e:
-            raise BadInput(f"{metadata}: truncated or corrupt compressed file ({type(e).__name__}: {e})") from None
-        n = len(carry) + got
-        if not got:
-            if carry:
-                yield bytes(carry), True
-            return
-        cut = data.rfind(b"\n", 0, n) + 1
-        if cut == 0:
-            carry = bytes(data[:n])
-            continue
-        carry = bytes(data[cut:n])
-        del data[cut:]
-        yield data, False
-
-
 _ROW_FIELDS = ("_phys", "key", "line_number", "photo_id", "photo_hash", "title", "description", "caption", "download_url")
 
 
@@ -345,14 +317,15 @@ def filter_yfcc(
     phys0 = 0
     try:
         with storage.atomic_open(output, "wb") as out, open_binary(metadata) as f, engine.connect() as con:
-            writer = pq.ParquetWriter(out, SCHEMA, compression="zstd")
+            # text columns are nearly all distinct: dictionary pages would only cost time and bytes
+            writer = pq.ParquetWriter(out, SCHEMA, compression="zstd", use_dictionary=False)
             try:
-                for block, last, parsed in _parsed_blocks(metadata, f, layout, bitmap, line_offset, con, vectorized):
-                    table, n = _filter_block(block, phys0, last, layout, bitmap, line_offset, strict, report, bad, parsed)
-                    phys0 += n
-                    for batch in table.cast(SCHEMA).to_batches(batch_rows):
-                        writer.write_batch(batch)
-                        failpoint("filter.batch_written")  # crash tests: output open and incomplete
+                rows = RowGroups(writer, batch_rows)
+                for block, first, last, parsed in parsed_blocks(metadata, f, layout, bitmap, line_offset, con, vectorized):
+                    table, n = _filter_block(block, first, last, layout, bitmap, line_offset, strict, report, bad, parsed)
+                    phys0 = first + n
+                    rows.add(table.cast(SCHEMA))
+                rows.flush()
             finally:
                 writer.close()  # also on error (the temp file is dropped): no writer left to close a closed file
             bad_rows.close()
@@ -360,6 +333,25 @@ def filter_yfcc(
         bad_rows.abort(e)
         raise
     return finish_report(report, phys0, bitmap is not None, output)
+
+
+class RowGroups:
+    """Tables -> row groups of about `rows` rows (blocks give a few thousand kept rows each)."""
+
+    def __init__(self, writer: pq.ParquetWriter, rows: int):
+        self.writer, self.rows, self.pending, self.n = writer, rows, [], 0
+
+    def add(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.n += len(table)
+        if self.n >= self.rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.n:
+            self.writer.write_table(pa.concat_tables(self.pending), row_group_size=self.rows)
+            failpoint("filter.batch_written")  # crash tests: output open and incomplete
+        self.pending, self.n = [], 0
 
 
 def finish_report(report: FilterReport, rows_read: int, with_subset: bool, output: str) -> FilterReport:
@@ -380,35 +372,6 @@ def malformed_recorder(report: FilterReport, writer: MalformedWriter):
         if len(report.malformed_lines) < MAX_MALFORMED_KEPT:
             report.malformed_lines.append(line)
     return bad
-
-
-def _parsed_blocks(metadata, f, layout, bitmap, line_offset, con, vectorized, workers: int = PARSE_THREADS):
-    """(block, last, parse_block result or None) in file order; blocks are parsed `workers` at a time in
-    threads (numpy, pyarrow and DuckDB release the GIL), each with its own DuckDB cursor. Each block's first
-    physical line is counted here (bytes.count: memchr speed), so blocks parse independently."""
-    if not vectorized:
-        for block, last in _blocks(metadata, f):
-            yield block, last, None
-        return
-    local = threading.local()
-
-    def parse(block, phys0, last):
-        if not hasattr(local, "con"):
-            local.con = con.cursor()
-        return yparse.parse_block(block, phys0, layout, bitmap, line_offset, local.con, last)
-
-    phys0 = 0
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        pending: collections.deque = collections.deque()
-        for block, last in _blocks(metadata, f):
-            pending.append((block, last, pool.submit(parse, block, phys0, last)))
-            phys0 += block.count(b"\n") + (1 if last and not block.endswith(b"\n") else 0)
-            while len(pending) > workers:
-                b, lst, fut = pending.popleft()
-                yield b, lst, fut.result()
-        while pending:
-            b, lst, fut = pending.popleft()
-            yield b, lst, fut.result()
 
 
 def _filter_block(block, phys0, last, layout, bitmap, line_offset, strict, report, bad, parsed):

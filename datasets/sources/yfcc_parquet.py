@@ -117,8 +117,9 @@ def _clean_batch(batch: pa.RecordBatch, cols: dict, row0: int, strict: bool, rep
         ok &= (ln < len(bitmap)) & (bitmap[np.minimum(ln, max(len(bitmap) - 1, 0))] != 0) if len(bitmap) else False
     idx = pa.array(np.flatnonzero(ok))
     title_raw, desc_raw = _text(t[cols["title"]]).take(idx), _text(t[cols["description"]]).take(idx)
-    t_dec, d_dec = (yparse._binary(*yparse._unquote_plus(*_buffers(a))) for a in (title_raw, desc_raw))
-    fast = yparse._valid_utf8(t_dec) & yparse._valid_utf8(d_dec)
+    t_dec, d_dec = (yparse.binary_array(*yparse.unquote_plus(*yparse.offsets_data(a.cast(pa.large_binary()))))
+                    for a in (title_raw, desc_raw))
+    fast = yparse.valid_utf8(t_dec) & yparse.valid_utf8(d_dec)
     sel = pa.array(np.flatnonzero(fast))
     title, desc = yparse.clean_in_engine(con, t_dec.take(sel).cast(pa.large_string()), d_dec.take(sel).cast(pa.large_string()))
     title, desc = title.to_pylist(), desc.to_pylist()
@@ -140,7 +141,7 @@ def _clean_batch(batch: pa.RecordBatch, cols: dict, row0: int, strict: bool, rep
     report.dropped_empty += keep.count(False)
     rows = np.flatnonzero(ok)
     ids = ln[rows] if ln is not None else pid[rows]
-    keys = yparse._keys(ids) if ln is not None else pa.array(ids.astype(str), pa.large_string())
+    keys = yparse.line_keys(ids) if ln is not None else pa.array(ids.astype(str), pa.large_string())
     out = pa.table({"key": keys, "line_number": pa.array(ln[rows] if ln is not None else np.full(len(rows), -1), pa.int64()),
                     "photo_id": pa.array(pid[rows], pa.int64()),
                     "photo_hash": _text(t[cols["photo_hash"]]).take(idx) if cols["photo_hash"] else pa.array([""] * len(rows), pa.large_string()),
@@ -150,14 +151,6 @@ def _clean_batch(batch: pa.RecordBatch, cols: dict, row0: int, strict: bool, rep
     if ln is None:
         out = out.set_column(1, "line_number", pa.nulls(len(out), pa.int64()))
     return out.filter(pa.array(keep, pa.bool_()))
-
-
-def _buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets int64, bytes) of a large_string array (no copy of the text)."""
-    arr = arr.cast(pa.large_binary())
-    offs = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset:arr.offset + len(arr) + 1]
-    data = np.frombuffer(arr.buffers()[2], np.uint8) if arr.buffers()[2] is not None else np.zeros(0, np.uint8)
-    return offs - offs[0], data[offs[0]:offs[-1]]
 
 
 def filter_yfcc_parquet(source: str, output: str, subset: str | None = None, mode: str = "slip",

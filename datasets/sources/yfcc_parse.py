@@ -52,18 +52,30 @@ class Block:
     malformed: list  # [(physical line, reason)]
     slow: list  # [(physical line, raw line)] for the reference code (yfcc.reference_row)
 
+    def shifted(self, lines: int) -> "Block":
+        """The same block with every physical line number `lines` further down the file."""
+        if not lines:
+            return self
+        rows = None if self.rows is None else self.rows.set_column(0, "_phys", pc.add(self.rows["_phys"], lines))
+        return Block(rows, self.n_lines, self.in_subset, [(p + lines, why) for p, why in self.malformed],
+                     [(p + lines, raw) for p, raw in self.slow])
+
 
 def _digits(buf: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(is all ASCII digits and non-empty, value, too long) of the byte ranges [a, b)."""
     n = b - a
     ok = n > 0
     long = n > MAX_DIGITS
+    width = int(min(n.max(initial=0), MAX_DIGITS))
     val = np.zeros(len(a), np.int64)
-    for k in range(int(min(n.max(initial=0), MAX_DIGITS))):
-        live = ok & ~long & (n > k)
-        d = buf[np.where(live, a + k, 0)].astype(np.int64) - 48
-        ok &= ~live | ((d >= 0) & (d <= 9))
-        val = np.where(live, val * 10 + d, val)
+    if width:  # all ranges at once, as a [rows, width] digit matrix (positions past a range's end are masked)
+        k = np.arange(width)
+        live = k[None, :] < np.minimum(n, MAX_DIGITS)[:, None]
+        d = buf[np.minimum(a[:, None] + k[None, :], len(buf) - 1)].astype(np.int64) - 48
+        ok &= ~(live & ((d < 0) | (d > 9))).any(axis=1)
+        d = np.where(live, d, 0)
+        shift = np.maximum(np.minimum(n, MAX_DIGITS)[:, None] - 1 - k[None, :], 0)  # digit j of an m-digit number: 10**(m-1-j)
+        val = (d * (10 ** shift)).sum(axis=1)
     long &= ok
     if long.any():  # digits beyond MAX_DIGITS: the value is left to the reference code
         for i in np.flatnonzero(long):
@@ -71,21 +83,12 @@ def _digits(buf: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, 
     return ok, val, long
 
 
-def _gather(buf: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets int64, bytes) of the concatenated ranges [a, b)."""
-    lens = (b - a).astype(np.int64)
-    offs = np.zeros(len(a) + 1, np.int64)
-    np.cumsum(lens, out=offs[1:])
-    idx = np.repeat(a.astype(np.int64) - offs[:-1], lens) + np.arange(offs[-1], dtype=np.int64)
-    return offs, buf[idx]
-
-
-def _binary(offs: np.ndarray, data: np.ndarray) -> pa.Array:
+def binary_array(offs: np.ndarray, data: np.ndarray) -> pa.Array:
     return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(offs) - 1,
                                             [None, pa.py_buffer(offs), pa.py_buffer(np.ascontiguousarray(data))])
 
 
-def _unquote_plus(offs: np.ndarray, data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def unquote_plus(offs: np.ndarray, data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Percent-decode every field (bytes), then '+' -> ' '."""
     pct = np.flatnonzero(data == 37)
     if len(pct):
@@ -111,7 +114,7 @@ def _unquote_plus(offs: np.ndarray, data: np.ndarray) -> tuple[np.ndarray, np.nd
     return offs, data
 
 
-def _valid_utf8(arr: pa.Array) -> np.ndarray:
+def valid_utf8(arr: pa.Array) -> np.ndarray:
     """Per-row UTF-8 validity of a binary array (whole-array cast; bisected only where it fails)."""
     out = np.ones(len(arr), bool)
 
@@ -146,25 +149,68 @@ def clean_in_engine(con: duckdb.DuckDBPyConnection, title: pa.Array, desc: pa.Ar
     return out["t"].combine_chunks(), out["d"].combine_chunks()
 
 
-def _keys(lines: np.ndarray) -> pa.Array:
+def line_keys(lines: np.ndarray) -> pa.Array:
     """f"{ln:09d}" of each line number."""
     if not len(lines):
         return pa.array([], pa.large_string())
-    return pa.array(np.char.zfill(lines.astype(str), 9), pa.large_string())
+    return pc.utf8_lpad(pa.array(lines, pa.int64()).cast(pa.large_string()), 9, "0")
 
 
-def parse_block(block: bytes, phys0: int, layout: Layout, bitmap: np.ndarray | None, line_offset: int,
-                con: duckdb.DuckDBPyConnection, last: bool) -> Block:
-    """Parse the whole lines of `block` (its first line is physical line `phys0`; `last`: the file's end,
-    where a final line may lack its newline)."""
+def _ranges(block: pa.Buffer, a: np.ndarray, b: np.ndarray) -> pa.LargeBinaryArray:
+    """The byte ranges [a_i, b_i) of `block` (in increasing, non-overlapping order: one field of consecutive
+    lines) as a compact binary array, copied once by Arrow. The ranges and the gaps between them are the
+    elements of one zero-copy array over the block; the ranges are its even elements."""
+    if not len(a):
+        return pa.array([], pa.large_binary())
+    offs = np.empty(2 * len(a), np.int64)
+    offs[0::2], offs[1::2] = a, b
+    view = pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(offs) - 1, [None, pa.py_buffer(offs), block])
+    return view.take(pa.array(np.arange(0, len(offs) - 1, 2)))
+
+
+def offsets_data(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets from 0, bytes) of a compact large_binary array (as _ranges gives), no copy."""
+    offs = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset:arr.offset + len(arr) + 1]
+    data = np.frombuffer(arr.buffers()[2], np.uint8) if arr.buffers()[2] is not None else np.zeros(0, np.uint8)
+    return offs - offs[0], data[offs[0]:offs[-1]]
+
+
+def _lines(buf: np.ndarray, last: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(line starts, line ends (the newline), tab positions, tabs before each line, tabs in each line) of a
+    block of whole lines."""
+    nl = np.flatnonzero(buf == 10)
+    ends = nl if (not last or (len(buf) and buf[-1] == 10)) else np.r_[nl, len(buf)]
+    starts = np.r_[0, ends[:-1] + 1] if len(ends) else np.zeros(0, np.int64)
+    tabs = np.flatnonzero(buf == 9)
+    t_hi = np.searchsorted(tabs, ends)
+    t_lo = np.r_[0, t_hi[:-1]] if len(ends) else t_hi  # no tab sits on a newline: tabs before line i = up to line i-1's end
+    return starts, ends, tabs, t_lo, t_hi - t_lo
+
+
+def first_numbers(block, last: bool) -> tuple[np.ndarray, list[bytes]]:
+    """(values of the lines whose first tab-separated field is 1..MAX_DIGITS ASCII digits, the other lines
+    raw) of a block of whole lines: how a subset list is read."""
     buf = np.frombuffer(block, np.uint8)
     nl = np.flatnonzero(buf == 10)
     ends = nl if (not last or (len(buf) and buf[-1] == 10)) else np.r_[nl, len(buf)]
     starts = np.r_[0, ends[:-1] + 1] if len(ends) else np.zeros(0, np.int64)
-    phys = phys0 + np.arange(len(ends))
     tabs = np.flatnonzero(buf == 9)
-    t_lo = np.searchsorted(tabs, starts)
-    ntab = np.searchsorted(tabs, ends) - t_lo
+    first = np.searchsorted(tabs, starts)
+    tab = tabs[np.minimum(first, len(tabs) - 1)] if len(tabs) else np.full(len(starts), len(buf))
+    stop = np.where((first < len(tabs)) & (tab < ends), tab, ends)
+    ok, val, long = _digits(buf, starts, stop)
+    plain = ok & ~long
+    return val[plain], [bytes(buf[starts[i]:ends[i] + 1]) for i in np.flatnonzero(~plain)]
+
+
+def parse_block(block, phys0: int, layout: Layout, bitmap: np.ndarray | None, line_offset: int,
+                con: duckdb.DuckDBPyConnection, last: bool) -> Block:
+    """Parse the whole lines of `block` (bytes-like; its first line is physical line `phys0`; `last`: the
+    file's end, where a final line may lack its newline)."""
+    buf = np.frombuffer(block, np.uint8)
+    whole = pa.py_buffer(block)
+    starts, ends, tabs, t_lo, ntab = _lines(buf, last)
+    phys = phys0 + np.arange(len(ends))
     want = layout.columns - 1
     malformed = [(int(p), f"{int(k) + 1} tab-separated fields, want {'25 or 23' if p < layout.first_good else layout.columns}")
                  for p, k in zip(phys[ntab != want], ntab[ntab != want])]
@@ -197,43 +243,39 @@ def parse_block(block: bytes, phys0: int, layout: Layout, bitmap: np.ndarray | N
     slow_lines += [int(i) for i in good[pid_ok & pid_long]]
     keep = pid_ok & ~pid_long
     good, ln, pid = good[keep], ln[keep], pid[keep]
-
-    raw = {j: _gather(buf, *field(good, j)) for j in (pos_t, pos_d, pos_u)}
-    raw_valid = np.ones(len(good), bool)
-    for j in (pos_t, pos_d, pos_u):
-        raw_valid &= _valid_utf8(_binary(*raw[j]))
-    text = {j: _binary(*_unquote_plus(*raw[j])) for j in (pos_t, pos_d)}
-    dec_valid = _valid_utf8(text[pos_t]) & _valid_utf8(text[pos_d])
-    if pos_hash is not None:
-        h_offs, h_data = _gather(buf, *field(good, pos_hash))
-        h_ascii = np.ones(len(good), bool)
-        hi_rows = np.searchsorted(h_offs, np.flatnonzero(h_data >= 128), side="right") - 1
-        h_ascii[hi_rows] = False
-    else:
-        h_ascii = np.ones(len(good), bool)
-    fast = raw_valid & dec_valid & h_ascii
-    sel = pa.array(np.flatnonzero(fast))
-    title, desc = clean_in_engine(con, text[pos_t].take(sel).cast(pa.large_string()),
-                                  text[pos_d].take(sel).cast(pa.large_string()))
-    too_long = np.asarray(pc.or_(pc.greater(pc.utf8_length(title), MAX_TEXT), pc.greater(pc.utf8_length(desc), MAX_TEXT)))
+    rows, fast = _clean_rows(whole, field, good, layout, con)
     idx = np.flatnonzero(fast)
-    short = pa.array(np.flatnonzero(~too_long))
-    slow_lines += [int(i) for i in good[~fast]] + [int(i) for i in good[idx[too_long]]]
-    idx = idx[~too_long]
-    sel = pa.array(idx)
-    title, desc = title.take(short), desc.take(short)
+    slow_lines += [int(i) for i in good[~fast]]
     lines = ln[idx]
-    url = _binary(*raw[pos_u]).take(sel).cast(pa.large_string())
-    photo_hash = (_binary(*_gather(buf, *field(good, pos_hash))).take(sel).cast(pa.large_string())
-                  if pos_hash is not None else pa.array([""] * len(idx), pa.large_string()))
-    table = pa.table({
-        "_phys": pa.array(phys[good[idx]], pa.int64()),
-        "key": _keys(lines),
-        "line_number": pa.array(lines, pa.int64()), "photo_id": pa.array(pid[idx], pa.int64()),
-        "photo_hash": photo_hash, "title": title, "description": desc,
-        "caption": pc.if_else(pc.not_equal(title, ""), title, desc), "download_url": url})
+    table = pa.table({"_phys": pa.array(phys[good[idx]], pa.int64()), "key": line_keys(lines),
+                      "line_number": pa.array(lines, pa.int64()), "photo_id": pa.array(pid[idx], pa.int64()), **rows})
     slow = sorted((int(phys[i]), bytes(buf[starts[i]:ends[i] + 1])) for i in set(slow_lines))
     return Block(table, len(ends), len(table), malformed, slow)
+
+
+def _clean_rows(whole: pa.Buffer, field, good: np.ndarray, layout: Layout, con) -> tuple[dict, np.ndarray]:
+    """The text columns of lines `good`, cleaned, for the rows the vectorised path takes, and that mask:
+    raw and decoded text valid UTF-8, an ASCII hash, cleaned fields within MAX_TEXT (the rest go to the
+    reference code)."""
+    _, _, pos_hash, pos_t, pos_d, pos_u = layout.pos
+    raw = {j: _ranges(whole, *field(good, j)) for j in (pos_t, pos_d, pos_u)}
+    fast = valid_utf8(raw[pos_t]) & valid_utf8(raw[pos_d]) & valid_utf8(raw[pos_u])
+    text = {j: binary_array(*unquote_plus(*offsets_data(raw[j]))) for j in (pos_t, pos_d)}
+    fast &= valid_utf8(text[pos_t]) & valid_utf8(text[pos_d])
+    photo_hash = _ranges(whole, *field(good, pos_hash)) if pos_hash is not None else None
+    if photo_hash is not None:
+        fast &= np.asarray(pc.string_is_ascii(photo_hash.cast(pa.large_string(), safe=False)))
+    sel = pa.array(np.flatnonzero(fast))
+    title, desc = clean_in_engine(con, text[pos_t].take(sel).cast(pa.large_string()), text[pos_d].take(sel).cast(pa.large_string()))
+    too_long = np.asarray(pc.or_(pc.greater(pc.utf8_length(title), MAX_TEXT), pc.greater(pc.utf8_length(desc), MAX_TEXT)))
+    fast[np.flatnonzero(fast)[too_long]] = False
+    short = pa.array(np.flatnonzero(~too_long))
+    title, desc = title.take(short), desc.take(short)
+    sel = pa.array(np.flatnonzero(fast))
+    n = len(sel)
+    return {"photo_hash": photo_hash.take(sel).cast(pa.large_string()) if photo_hash is not None else pa.array([""] * n, pa.large_string()),
+            "title": title, "description": desc, "caption": pc.if_else(pc.not_equal(title, ""), title, desc),
+            "download_url": raw[pos_u].take(sel).cast(pa.large_string())}, fast
 
 
 MAX_TEXT = 8192  # = yfcc.MAX_TEXT_CHARS (yfcc.py asserts they agree)
