@@ -212,10 +212,11 @@ def _eval_values(url: str) -> list[tuple]:
 
 
 def _ledger(url: str) -> list[tuple]:
-    """(source line, key, status) per input row: malformed rows have no key, only their line number."""
+    """(line number, key, status) per input row, sorted: malformed rows have no key, only their physical line."""
     t = pq.read_table(os.path.join(artifacts.artifact_root(url), "ledger.parquet"),
                       columns=["line_number", "key", "status"])
-    return sorted(zip(t["line_number"].to_pylist(), t["key"].to_pylist(), t["status"].to_pylist()))
+    rows = zip(t["line_number"].to_pylist(), t["key"].to_pylist(), t["status"].to_pylist())
+    return sorted(rows, key=lambda r: (r[0], r[1] or "", r[2]))
 
 
 def _weights(url: str) -> dict:
@@ -254,7 +255,7 @@ def _check_chain(points, kills, proc, store, logs, reference) -> list[str]:
         assert artifacts.verify(url) == [], url
     assert _metric_steps(out["checkpoint"]) == list(range(1, TRAIN["max_steps"] + 1))
     ledger = _ledger(out["dataset"])
-    assert len({line for line, _, _ in ledger}) == len(ledger) and ledger == reference["ledger"]  # one fate per row
+    assert len({(line, key) for line, key, _ in ledger}) == len(ledger) and ledger == reference["ledger"]  # one fate each
     got, ref = _weights(out["checkpoint"]), reference["weights"]
     assert got.keys() == ref.keys() and all(torch.equal(got[n], ref[n]) for n in ref), "weights differ from the reference"
     assert _eval_values(out["eval"]) == reference["eval"]
