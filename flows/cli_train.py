@@ -15,6 +15,7 @@ def _train(args: argparse.Namespace) -> int:
 
     overrides = parse_sets(args.sets)
     make_config(args.preset, overrides)  # fail fast on a typo, before Prefect starts
+    launcher = launcher_config(args)
     if args.resume_from:  # and on a --resume-from that names no resume checkpoint
         from flows.pretrain import resume_checkpoint
         from slip_core import artifacts
@@ -27,9 +28,22 @@ def _train(args: argparse.Namespace) -> int:
             return 2
     url = pretrain(dataset=args.dataset, store=args.store, config=overrides or None, preset=args.preset,
                    nproc=args.nproc, timeout_s=args.timeout, retries=args.retries, resume=args.resume,
-                   resume_from=args.resume_from)
+                   resume_from=args.resume_from, launcher=launcher)
     print(json.dumps({"checkpoint": url}))
     return 0
+
+
+def launcher_config(args: argparse.Namespace) -> dict | None:
+    """--launcher KIND --launcher-set KEY=VALUE ... -> the flow's `launcher` config, checked (ConfigError: exit 2)."""
+    from flows import launch_pool  # noqa: F401  (registers the work-pool launcher)
+    from slip_core.config import parse_sets
+    from slip_core.launchers import resolve_launcher
+
+    if args.launcher is None and not args.launcher_sets:
+        return None
+    config = {"kind": args.launcher or "local", **parse_sets(args.launcher_sets)}
+    resolve_launcher(config)
+    return config
 
 
 def register(subparsers, name: str) -> None:
@@ -49,6 +63,11 @@ def register(subparsers, name: str) -> None:
                    help="continue from another run's checkpoint (a run's checkpoints/step_N.pt, its run folder, or "
                         "its stage folder) although this run has a different identity, e.g. after a logging fix; "
                         "recorded in the checkpoint's lineage as resumed_from")
+    p.add_argument("--launcher", default=None, metavar="KIND",
+                   help="where the ranks run: local (torchrun here, default) | slurm (submitit) | work-pool (a Prefect "
+                        "deployment); an execution setting, not part of the checkpoint's identity (infra/README.md)")
+    p.add_argument("--launcher-set", dest="launcher_sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="launcher setting, e.g. partition=gpu nodes=8 (slurm), pool=slip-process (work-pool)")
     p.add_argument("--timeout", type=float, default=None, help="seconds before the run is killed (per attempt)")
     p.add_argument("--retries", type=int, default=1, help="Prefect retries; each resumes from the last checkpoint")
     p.set_defaults(func=_train)

@@ -26,7 +26,9 @@ from flows.caching import refreshing, stage_cache
 from slip_core import artifacts, identity, storage
 from slip_core.config import from_dict, resolve, to_dict
 from slip_core.failpoints import failpoint
-from slip_core.launch import default_threads, plot_loss_curve, run_logged, torchrun_command
+from flows import launch_pool  # noqa: F401  (registers the work-pool launcher)
+from slip_core import launchers
+from slip_core.launch import default_threads, plot_loss_curve, torchrun_command, trainer_args
 from slip_core.store import Store
 from slip_core.train_config import TRAIN_PRESETS, TrainConfig
 from slip_core.train_state import latest_checkpoint
@@ -104,13 +106,16 @@ def _copy(url: str, local: str) -> None:
         shutil.copyfileobj(src, dst, storage.CHUNK)
 
 
-@task(name="pretrain", cache_policy=stage_cache(TRAIN_CODE, "timeout_s", "resume", "resume_from"), persist_result=True)
+@task(name="pretrain", cache_policy=stage_cache(TRAIN_CODE, "timeout_s", "resume", "resume_from", "launcher"),
+      persist_result=True)
 def train_task(dataset: str, store: str, config: dict, nproc: int, timeout_s: float, resume: str = "latest",
-               resume_from: str | None = None) -> str:
+               resume_from: str | None = None, launcher: dict | None = None) -> str:
+    """`nproc`: ranks per node; the identity has the world size the launcher makes of it (not the launcher)."""
     log = get_run_logger()
     st = Store(store)
     ds_manifest = _check_dataset(dataset, st)
-    root = st.stage_root(train_identity(ds_manifest.sha256, config, nproc))
+    world = launchers.world_size(launcher, nproc)
+    root = st.stage_root(train_identity(ds_manifest.sha256, config, world))
     if not refreshing() and artifacts.is_complete(root):
         return _reuse(root, "already complete", resume_from, log)
     # A concurrent run of the same identity shares root and work folder: the second waits here (at most as long
@@ -118,7 +123,8 @@ def train_task(dataset: str, store: str, config: dict, nproc: int, timeout_s: fl
     with st.lock(root, timeout_s=timeout_s, on_wait=log.info):
         if not refreshing() and artifacts.is_complete(root):
             return _reuse(root, "published by a concurrent run", resume_from, log)
-        return _train_and_publish(st, root, dataset, ds_manifest, config, nproc, timeout_s, resume, resume_from, log)
+        return _train_and_publish(st, root, dataset, ds_manifest, config, nproc, timeout_s, resume, resume_from, log,
+                                  launcher)
 
 
 def _reuse(root: str, why: str, resume_from: str | None, log) -> str:
@@ -128,7 +134,8 @@ def _reuse(root: str, why: str, resume_from: str | None, log) -> str:
 
 
 def _train_and_publish(store: Store, root: str, dataset: str, ds_manifest: artifacts.Manifest, config: dict,
-                       nproc: int, timeout_s: float, resume: str, resume_from: str | None, log) -> str:
+                       nproc: int, timeout_s: float, resume: str, resume_from: str | None, log,
+                       launcher: dict | None = None) -> str:
     cfg = from_dict(TrainConfig, config)
     work = store.run_dir(root)
     if resume == "none" and os.path.isdir(work):
@@ -141,10 +148,12 @@ def _train_and_publish(store: Store, root: str, dataset: str, ds_manifest: artif
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(default_threads(nproc, cfg.num_workers)))
     murl = artifacts.manifest_url(root)  # the trainer stops if another run publishes it (not on a forced rebuild)
-    cmd = torchrun_command(artifacts.manifest_url(dataset), work, cfg_path, nproc=nproc, resume="latest",
-                           published=None if storage.exists(murl) else murl)
-    log.info("launching: %s (OMP_NUM_THREADS=%s, timeout %.0fs)", " ".join(cmd), env["OMP_NUM_THREADS"], timeout_s)
-    run_logged(cmd, lambda line: log.info("%s", line), timeout_s=timeout_s, env=env)
+    args = trainer_args(artifacts.manifest_url(dataset), work, cfg_path, resume="latest",
+                        published=None if storage.exists(murl) else murl)
+    job = launchers.TrainerJob("slip_core.trainer", tuple(args), log_dir=work, nproc=nproc, name=f"slip-{cfg.model}",
+                               env={"OMP_NUM_THREADS": env["OMP_NUM_THREADS"]})
+    launchers.launch(job, launcher, timeout_s, lambda line: log.info("%s", line))
+    nproc = launchers.world_size(launcher, nproc)  # what config.json and the identity record
 
     final = json.loads(storage.read_text(os.path.join(work, "final_metrics.json")))
     plot_loss_curve(os.path.join(work, "metrics.jsonl"), os.path.join(work, "loss_curve.png"),
@@ -187,36 +196,41 @@ def _report(url: str) -> None:
     create_markdown_artifact(key=key, markdown=md, description="pretraining summary: loss curve and final metrics")
 
 
-def explain(dataset: str, store: str, config: dict | None = None, preset: str = "tiny", nproc: int = 1) -> str:
+def explain(dataset: str, store: str, config: dict | None = None, preset: str = "tiny", nproc: int = 1,
+            launcher: dict | None = None) -> str:
     """`cached: URL` or `will run: reasons` for this training run (the same identity the task computes)."""
     try:
         ds_sha = artifacts.load_manifest(dataset).sha256
     except artifacts.ManifestError as e:
         return f"will run: {e}"
-    return Store(store).status(train_identity(ds_sha, to_dict(make_config(preset, config)), nproc)).line()
+    world = launchers.world_size(launcher, nproc)
+    return Store(store).status(train_identity(ds_sha, to_dict(make_config(preset, config)), world)).line()
 
 
 @flow(name="pretrain")
 def pretrain(dataset: str, store: str, config: dict | None = None, preset: str = "tiny", nproc: int = 1,
              timeout_s: float | None = None, retries: int = 1, resume: str = "latest",
-             resume_from: str | None = None) -> str:
+             resume_from: str | None = None, launcher: dict | None = None) -> str:
     """Pretrain on a dataset artifact (manifest URL or folder); returns the checkpoint manifest URL.
     `config`: TrainConfig field overrides over the preset (dotted keys allowed). A failed or timed-out
     attempt is retried `retries` times and resumes from its last checkpoint. `resume_from`: continue from a
-    checkpoint of another run (another identity: e.g. after a logging fix), see resume_checkpoint()."""
+    checkpoint of another run (another identity: e.g. after a logging fix), see resume_checkpoint().
+    `launcher`: where the ranks run, {"kind": "local" | "slurm" | "work-pool", **settings} (slip_core/launchers.py);
+    an execution setting, not part of the identity (the world size it makes of `nproc` is)."""
     log = get_run_logger()
     cfg = to_dict(make_config(preset, config))
     dataset = artifacts.manifest_url(dataset)
-    log.info("train: %s", explain(dataset, store, config, preset, nproc))
+    launchers.resolve_launcher(launcher)  # a bad launcher config fails here, before anything runs
+    log.info("train: %s", explain(dataset, store, config, preset, nproc, launcher))
     timeout = timeout_s or DEFAULT_TIMEOUT_S.get(preset, 14 * 86400.0)
     run = train_task.with_options(retries=retries, retry_delay_seconds=5)
-    url = run(dataset, store, cfg, nproc, timeout, resume, resume_from)
+    url = run(dataset, store, cfg, nproc, timeout, resume, resume_from, launcher)
     if artifacts.verify(url):  # cached result whose files were deleted since: train again
         log.warning("cached checkpoint %s no longer verifies; retraining", url)
         create_markdown_artifact(key="rebuilt-checkpoint", description="artifact failed verification",
                                  markdown=f"# checkpoint rebuilt\n\n`{url}` failed verification: "
                                  + "; ".join(artifacts.verify(url)))
-        url = run.with_options(refresh_cache=True)(dataset, store, cfg, nproc, timeout, resume, resume_from)
+        url = run.with_options(refresh_cache=True)(dataset, store, cfg, nproc, timeout, resume, resume_from, launcher)
     _report(url)
     log.info("checkpoint: %s", url)
     return url

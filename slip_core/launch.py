@@ -34,8 +34,17 @@ def torchrun_command(dataset: str, out_dir: str, config_json: str, nproc: int = 
         cmd.append("--standalone")
     else:
         cmd += [f"--nnodes={nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv_endpoint}"]
-    return cmd + ["-m", "slip_core.trainer", "--dataset", dataset, "--out", out_dir,
-                  "--config-json", config_json, "--resume", resume] + (["--published", published] if published else [])
+    return cmd + ["-m", TRAINER_MODULE, *trainer_args(dataset, out_dir, config_json, resume, published)]
+
+
+TRAINER_MODULE = "slip_core.trainer"
+
+
+def trainer_args(dataset: str, out_dir: str, config_json: str, resume: str = "latest",
+                 published: str | None = None) -> list[str]:
+    """The trainer's arguments (`python -m slip_core.trainer ARGS`), whichever launcher starts its ranks."""
+    return ["--dataset", dataset, "--out", out_dir, "--config-json", config_json, "--resume", resume] + (
+        ["--published", published] if published else [])
 
 
 def default_threads(nproc: int, num_workers: int) -> int:

@@ -1,0 +1,165 @@
+"""Launchers (issue 17, item 2): the pretrain flow submits its training through submitit (SLURM's job layout,
+run by submitit's LocalExecutor here) or a Prefect process work pool (a real worker), waits, forwards the job's
+log lines to the flow's logger, and publishes the same checkpoint artifact with the same lineage and identity as
+a local torchrun run of the same world size. Bad launcher settings exit 2 with one line. The SLURM request is
+written once: infra/slurm_train.sbatch's #SBATCH header and submitit's sbatch file both come from it."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import time
+
+import pytest
+import torch
+
+from slip_core import artifacts, launchers, procs
+from slip_core.checkpoint import load_state
+from tests._stage_runs import TRAIN_SETS
+from tests._train_util import fashion_samples, write_dataset
+
+pytestmark = pytest.mark.prefect
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NPROC = 2  # gloo ranks: the job's rank environment and rendezvous are exercised, not only one process
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory) -> str:
+    return write_dataset(str(tmp_path_factory.mktemp("launchds")), fashion_samples(64, seed=7), per_shard=32)
+
+
+@pytest.fixture(scope="module")
+def local_run(ds, tmp_path_factory, prefect_server):
+    """The reference: the same training through the default (local torchrun) launcher; (url, seconds)."""
+    from flows.pretrain import pretrain
+
+    store = str(tmp_path_factory.mktemp("local") / "store")
+    t0 = time.time()
+    url = pretrain(dataset=ds, store=store, config=TRAIN_SETS, preset="tiny", nproc=NPROC, retries=0)
+    return url, time.time() - t0
+
+
+class Lines(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def flow_lines():
+    """Every line the flow's task logged through Prefect's run logger."""
+    h = Lines()
+    logger = logging.getLogger("prefect.task_runs")
+    logger.addHandler(h)
+    yield h.lines
+    logger.removeHandler(h)
+
+
+def assert_same_artifact(url: str, ref: str) -> None:
+    m, r = artifacts.load_verified(url), artifacts.load_verified(ref)
+    assert artifacts.artifact_root(url).rsplit("/", 1)[-1] == artifacts.artifact_root(ref).rsplit("/", 1)[-1]
+    assert m.identity == r.identity and m.config == r.config and m.config["nproc"] == NPROC
+    assert m.upstream["dataset"] == r.upstream["dataset"] and set(m.upstream) == set(r.upstream) == {"dataset"}
+    assert {f.path for f in m.files} == {f.path for f in r.files}
+    assert m.metrics["steps"] == r.metrics["steps"] == 2 and m.metrics["world_size"] == NPROC
+    got = load_state(os.path.join(artifacts.artifact_root(url), "checkpoint.pt"))["state_dict"]
+    want = load_state(os.path.join(artifacts.artifact_root(ref), "checkpoint.pt"))["state_dict"]
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)  # same ranks, same run
+    assert not os.path.exists(os.path.join(artifacts.artifact_root(url), "run"))  # job folder cleaned up
+
+
+def test_submitit_job_publishes_the_same_artifact_as_a_local_run(ds, local_run, tmp_path, flow_lines):
+    from flows.pretrain import explain, pretrain
+
+    store = str(tmp_path / "store")
+    launcher = {"kind": "slurm", "cluster": "local", "poll_s": 0.5}
+    assert explain(ds, str(tmp_path / "store"), TRAIN_SETS, "tiny", NPROC, launcher).startswith("will run")
+    t0 = time.time()
+    url = pretrain(dataset=ds, store=store, config=TRAIN_SETS, preset="tiny", nproc=NPROC, retries=0,
+                   launcher=launcher)
+    took = time.time() - t0
+    assert_same_artifact(url, local_run[0])
+    assert any(re.match(r"submitted local job \d+ \(2 task\(s\)/node x 1 node\(s\)\); log: .*_0_log.out", ln)
+               for ln in flow_lines)
+    assert any("step 4" in ln or '"step": 4' in ln for ln in flow_lines), flow_lines[-20:]  # the job's own log
+    # the identity does not depend on the launcher: the local launcher finds this run's artifact complete
+    assert explain(ds, store, TRAIN_SETS, "tiny", NPROC).startswith("cached")
+    print(f"\nsubmit->publish: submitit local {took:.1f}s, local torchrun {local_run[1]:.1f}s")
+
+
+def test_failed_submitit_job_is_one_error_with_its_output(ds, tmp_path):
+    from slip_core.launch import TrainProcessError
+
+    job = launchers.TrainerJob("slip_core.trainer", ("--dataset", ds, "--out", str(tmp_path / "run"),
+                                                     "--set", "no_such_field=1"), log_dir=str(tmp_path), nproc=1)
+    lines: list[str] = []
+    with pytest.raises(TrainProcessError, match=r"local job \d+ failed") as e:
+        launchers.launch(job, {"kind": "slurm", "cluster": "local", "poll_s": 0.2}, 120, lines.append)
+    assert "no_such_field" in str(e.value)
+
+
+def test_work_pool_run_publishes_the_same_artifact_as_a_local_run(ds, local_run, tmp_path, prefect_server, flow_lines):
+    from flows.pretrain import pretrain
+
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    worker = procs.spawn([sys.executable, "-m", "prefect", "worker", "start", "--pool", "slip-launch-test",
+                          "--type", "process"], env=env, cwd=REPO, stdout=open(tmp_path / "worker.log", "w"),
+                         stderr=-2)
+    try:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:  # the worker creates its pool
+            for _ in range(600):
+                try:
+                    client.read_work_pool("slip-launch-test")
+                    break
+                except Exception:
+                    assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+                    time.sleep(0.2)
+        t0 = time.time()
+        url = pretrain(dataset=ds, store=str(tmp_path / "store"), config=TRAIN_SETS, preset="tiny", nproc=NPROC,
+                       retries=0, launcher={"kind": "work-pool", "pool": "slip-launch-test", "repo": REPO,
+                                            "poll_s": 0.5})
+        took = time.time() - t0
+    finally:
+        procs.terminate(worker, grace_s=20)
+    assert_same_artifact(url, local_run[0])
+    assert any(re.search(r"submitted flow run \S+ \(\S+\) of trainer-job/slip-train on work pool slip-launch-test "
+                         r"\(process\); logs: .*/runs/flow-run/", ln) for ln in flow_lines)
+    assert any("launching:" in ln and "torch.distributed.run" in ln for ln in flow_lines)  # the run's own lines
+    print(f"\nsubmit->publish: work pool {took:.1f}s, local torchrun {local_run[1]:.1f}s")
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["--launcher", "nope"], "unknown launcher 'nope'; known: local, slurm, work-pool"),
+    (["--launcher", "slurm"], "launcher slurm: missing partition"),
+    (["--launcher", "slurm", "--launcher-set", "partition=gpu", "--launcher-set", "nodez=2"], "unknown field(s) ['nodez']"),
+    (["--launcher", "slurm", "--launcher-set", "cluster=local", "--launcher-set", "nodes=2"], "one node only"),
+])
+def test_bad_launcher_settings_exit_2_with_one_line(sets, message, ds, tmp_path, capsys, prefect_server):
+    from flows import cli
+
+    assert cli.main(["train", "--dataset", ds, "--store", str(tmp_path), *sets]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_sbatch_header_and_submitit_request_come_from_one_place(tmp_path):
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    with open(os.path.join(REPO, "infra", "slurm_train.sbatch")) as f:
+        header = [ln.strip() for ln in f if ln.startswith("#SBATCH")]
+    assert header == launchers.sbatch_header() + ["#SBATCH --output=slip-%j.out"]
+    s = launchers.SlurmSettings(nodes=8, partition="gpu", account="proj")
+    sbatch = _make_sbatch_string(command="python -m submitit.core._submit F", folder=str(tmp_path),
+                                 **launchers.submitit_parameters(s, 8, ["export OMP_NUM_THREADS=1"])).splitlines()
+    assert set(launchers.sbatch_header(s, 8)) <= set(sbatch)
+    assert {"#SBATCH --partition=gpu", "#SBATCH --account=proj", "#SBATCH --signal=USR1@120", "#SBATCH --requeue",
+            "#SBATCH --ntasks-per-node=8", "export OMP_NUM_THREADS=1"} <= set(sbatch)
+    assert not any("USR2" in ln for ln in sbatch)  # the warning goes to the ranks, not submitit's own handler
+    assert launchers.world_size({"kind": "slurm", "nodes": 8, "partition": "gpu"}, 8) == 64
+    assert launchers.world_size(None, 8) == 8
