@@ -335,19 +335,20 @@ def run(pretrained: str, out_dir: str, cfg: FinetuneConfig, log=print) -> dict:
 
 # ------------------------------------------------------------------------------------------ launching
 def launch(pretrained: str, out_dir: str, cfg: FinetuneConfig, nproc: int = 1, timeout_s: float | None = None,
-           log=print) -> dict:
-    """Run the fine-tune under torchrun in a subprocess (killed on timeout); returns result.json."""
+           log=print, launcher: dict | None = None) -> dict:
+    """Run the fine-tune's ranks through `launcher` (slip_core/launchers.py; default: torchrun here, a
+    subprocess killed on timeout); returns result.json. The out_dir must be reachable from where the ranks run."""
     from datasets import catalog
-    from slip_core.launch import default_threads, run_logged
+    from slip_core import launchers
+    from slip_core.launch import default_threads
 
     catalog.ensure(cfg.dataset, cfg.data_root)  # materialise local sets once, before the ranks start
     os.makedirs(out_dir, exist_ok=True)
     cfg = dataclasses.replace(cfg, threads=cfg.threads or default_threads(nproc, cfg.num_workers))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "evaluation.finetune", "--pretrained", pretrained, "--out", out_dir,
-           "--config-json", json.dumps(cfg_util.to_dict(cfg))]
-    env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads)}
-    run_logged(cmd, log, timeout_s=timeout_s, env=env)
+    args = ("--pretrained", pretrained, "--out", out_dir, "--config-json", json.dumps(cfg_util.to_dict(cfg)))
+    job = launchers.TrainerJob("evaluation.finetune", args, log_dir=out_dir, nproc=nproc, name="slip-finetune",
+                               env={"OMP_NUM_THREADS": str(cfg.threads)})
+    launchers.launch(job, launcher, timeout_s, log)
     result_path = os.path.join(out_dir, "result.json")
     if not os.path.exists(result_path):
         return {"stopped": True}

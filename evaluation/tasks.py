@@ -38,11 +38,23 @@ class EvalConfig:
     finetune_overrides: dict = field(default_factory=dict)
     finetune_nproc: int = 1
     finetune_timeout_s: float | None = None
+    # where the fine-tune's ranks run (slip_core/launchers.py: {"kind": "slurm", ...}); not in the identity
+    finetune_launcher: dict = field(default_factory=dict)
     seed: int = 0
 
     def __post_init__(self):
         if not re.fullmatch(DEVICE_PATTERN, self.device):
             raise ValueError(f"device {self.device!r}: use auto, cpu, cuda or cuda:N")
+
+    def identity_settings(self) -> dict:
+        """The config as the stage identity sees it: the fine-tune's world size, not where its ranks run."""
+        from slip_core import launchers
+        from slip_core.config import to_dict
+
+        d = to_dict(self)
+        launcher = d.pop("finetune_launcher") or None
+        d["finetune_nproc"] = launchers.world_size(launcher, self.finetune_nproc)
+        return d
 
     def jobs(self) -> list[tuple[str, str]]:
         return [(t, d) for t in TASKS for d in getattr(self, t)]
@@ -108,7 +120,8 @@ def _finetune(lm, dataset, cfg, dataset_sha256, cache_dir, device, log) -> dict:
     ft = cfg_util.from_dict(finetune.FinetuneConfig, {**cfg_util.to_dict(ft), **cfg.finetune_overrides})
     out_dir = os.path.join(common.cache_root(cache_dir), "finetune",
                            cache_key(ckpt=lm.sha256, data=dataset_sha256, cfg=cfg_util.to_dict(ft)))
-    res = finetune.launch(lm.path, out_dir, ft, nproc=cfg.finetune_nproc, timeout_s=cfg.finetune_timeout_s, log=log)
+    res = finetune.launch(lm.path, out_dir, ft, nproc=cfg.finetune_nproc, timeout_s=cfg.finetune_timeout_s, log=log,
+                          launcher=cfg.finetune_launcher or None)
     return {**_scalars(res), "finetune_preset": preset, "finetune_dir": out_dir}
 
 

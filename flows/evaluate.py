@@ -20,6 +20,7 @@ from datasets import prompts, retrieval_sets
 from evaluation import common, report
 from evaluation.presets import EVAL_PRESETS
 from evaluation.tasks import TASKS, EvalConfig, run_task
+from flows import launch_pool  # noqa: F401  (registers the work-pool launcher for the fine-tune)
 from flows.caching import refreshing, stage_cache
 from slip_core import artifacts, identity, storage
 from slip_core.config import from_dict, resolve, to_dict
@@ -42,7 +43,7 @@ def eval_identity(name: str, checkpoint_sha256: str, cfg: EvalConfig, data: dict
     inputs = {"checkpoint": checkpoint_sha256, **{f"{t}/{d}": s for (t, d), s in sorted(data.items())}}
     if reference_prompts_sha256:
         inputs["reference_prompts"] = reference_prompts_sha256
-    return identity.stage("eval", name, inputs, to_dict(cfg), EVAL_CODE)
+    return identity.stage("eval", name, inputs, cfg.identity_settings(), EVAL_CODE)
 
 
 def data_fingerprint(task_name: str, dataset: str, data_root: str | None, reference_prompts: str | None = None,

@@ -85,7 +85,7 @@ def test_submitit_job_publishes_the_same_artifact_as_a_local_run(ds, local_run, 
     assert_same_artifact(url, local_run[0])
     assert any(re.match(r"submitted local job \d+ \(2 task\(s\)/node x 1 node\(s\)\); log: .*_0_log.out", ln)
                for ln in flow_lines)
-    assert any("step 4" in ln or '"step": 4' in ln for ln in flow_lines), flow_lines[-20:]  # the job's own log
+    assert any(ln.startswith('{"step": 2,') for ln in flow_lines), flow_lines[-20:]  # the job's own log
     # the identity does not depend on the launcher: the local launcher finds this run's artifact complete
     assert explain(ds, store, TRAIN_SETS, "tiny", NPROC).startswith("cached")
     print(f"\nsubmit->publish: submitit local {took:.1f}s, local torchrun {local_run[1]:.1f}s")
@@ -163,3 +163,58 @@ def test_sbatch_header_and_submitit_request_come_from_one_place(tmp_path):
     assert not any("USR2" in ln for ln in sbatch)  # the warning goes to the ranks, not submitit's own handler
     assert launchers.world_size({"kind": "slurm", "nodes": 8, "partition": "gpu"}, 8) == 64
     assert launchers.world_size(None, 8) == 8
+
+
+def test_finetune_through_submitit_equals_the_local_launch(tmp_path):
+    """The fine-tune (evaluation.finetune) goes through the same registry: a submitit job gives the local result."""
+    import dataclasses
+    import json
+
+    from datasets import catalog
+    from evaluation import finetune
+    from tests._eval_util import tiny_checkpoint
+
+    ck = tiny_checkpoint()["path"]
+    catalog.ensure("digits")
+    cfg = dataclasses.replace(finetune.FINETUNE_PRESETS["tiny"], epochs=1, max_train_samples=64, max_test_samples=50,
+                              batch_size=32, crop_scale=(1.0, 1.0), color_jitter=None, threads=1)
+    out, res = {}, {}
+    for kind, launcher in (("local", None), ("slurm", {"kind": "slurm", "cluster": "local", "poll_s": 0.5})):
+        out[kind] = str(tmp_path / kind)
+        lines: list[str] = []
+        res[kind] = finetune.launch(ck, out[kind], cfg, nproc=1, timeout_s=600, log=lines.append, launcher=launcher)
+        assert any('"step": 2' in ln for ln in lines), lines[-10:]
+    assert res["slurm"]["value"] == res["local"]["value"] and res["slurm"]["world_size"] == 1
+    a, b = (load_state(os.path.join(out[k], "checkpoint.pt"))["state_dict"] for k in ("local", "slurm"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads(open(os.path.join(out["slurm"], "result.json")).read())["epochs"] == 1
+
+
+def test_submitit_job_past_its_timeout_is_cancelled(ds, tmp_path):
+    from slip_core.launch import TrainProcessError
+
+    job = launchers.TrainerJob("slip_core.trainer", ("--dataset", ds, "--out", str(tmp_path / "run")),
+                               log_dir=str(tmp_path), nproc=1)
+    lines: list[str] = []
+    with pytest.raises(TrainProcessError, match=r"local job (\d+) timed out after 1s \(cancelled\)") as e:
+        launchers.launch(job, {"kind": "slurm", "cluster": "local", "poll_s": 0.2}, 1, lines.append)
+    controller = int(re.search(r"job (\d+)", str(e.value)).group(1))  # the local executor's job id is its pid
+    deadline = time.time() + 30
+    while procs.pid_alive(controller) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not procs.pid_alive(controller) and lines[-1].startswith("cancelled local job")
+
+
+def test_kubernetes_pool_job_variables_rendered_from_the_launcher_settings():
+    from flows.launch_pool import WorkPoolSettings, job_variables_for
+    from slip_core.config import ConfigError
+
+    job = launchers.TrainerJob("slip_core.trainer", ("--out", "s3://b/run"), log_dir="s3://b/run", nproc=8,
+                               env={"OMP_NUM_THREADS": "8"})
+    s = WorkPoolSettings(pool="slip-k8s", image="registry.example.com/slip:1", job_variables={"memory_request": "900Gi"})
+    v = job_variables_for("kubernetes", s, job)
+    assert v == {"image": "registry.example.com/slip:1", "namespace": "slip", "gpu_count": 8, "memory_request": "900Gi",
+                 "env": {"OMP_NUM_THREADS": "8", "PREFECT_LOGGING_TO_API_ENABLED": "true"}}
+    assert job_variables_for("process", WorkPoolSettings(), job) == {"env": v["env"]}
+    with pytest.raises(ConfigError, match="needs image"):
+        job_variables_for("kubernetes", WorkPoolSettings(pool="slip-k8s"), job)
