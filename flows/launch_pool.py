@@ -22,7 +22,7 @@ from prefect import flow, get_run_logger
 
 from slip_core.config import ConfigError
 from slip_core.launch import TrainProcessError
-from slip_core.launchers import LauncherSpec, Log, TrainerJob, launch_local, register_launcher, LocalSettings
+from slip_core.launchers import LauncherSpec, LocalSettings, Log, TrainerJob, launch_local, register_launcher
 
 FLOW_NAME = "trainer-job"
 ENTRYPOINT = "flows/launch_pool.py:trainer_job"
@@ -68,15 +68,17 @@ def job_variables_for(pool_type: str, s: WorkPoolSettings, job: TrainerJob) -> d
 
 
 def ensure_deployment(s: WorkPoolSettings, pool_type: str) -> str:
-    """Register (or update) the trainer-job deployment on the pool; returns its `flow/deployment` name."""
+    """Register (or update) the trainer-job deployment on the pool; returns its `flow/deployment` name.
+    Process pools run it from `repo` on the worker's machine; kubernetes pools from the project image."""
     import os
 
-    repo = s.repo or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if pool_type == "kubernetes":
-        repo = "/opt/slip-pipeline"
-    deployment = trainer_job.from_source(source=repo, entrypoint=ENTRYPOINT) if pool_type != "kubernetes" else trainer_job
-    deployment.deploy(name=s.deployment, work_pool_name=s.pool, build=False, push=False, print_next_steps=False,
-                      **({"image": s.image} if pool_type == "kubernetes" else {}))
+        trainer_job.deploy(name=s.deployment, work_pool_name=s.pool, image=s.image, build=False, push=False,
+                           print_next_steps=False)
+    else:
+        repo = s.repo or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        trainer_job.from_source(source=repo, entrypoint=ENTRYPOINT).deploy(
+            name=s.deployment, work_pool_name=s.pool, build=False, push=False, print_next_steps=False)
     return f"{FLOW_NAME}/{s.deployment}"
 
 

@@ -21,7 +21,6 @@ This module is free of Prefect and imports neither torch nor submitit until a jo
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import os
 import socket
@@ -275,10 +274,6 @@ def launch_slurm(job: TrainerJob, s: SlurmSettings, timeout_s: float | None, log
 
 register_launcher(LauncherSpec("slurm", SlurmSettings, launch_slurm, lambda s, nproc: s.nodes * nproc,
                                "a SLURM job through submitit (cluster: local = submitit's LocalExecutor)"))
-
-
-def settings_fields(spec: LauncherSpec) -> list[str]:
-    return [f.name for f in dataclasses.fields(spec.settings)]
 
 
 if __name__ == "__main__":  # python -m slip_core.launchers sbatch: the #SBATCH header of infra/slurm_train.sbatch
