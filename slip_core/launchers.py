@@ -131,6 +131,7 @@ class SlurmSettings:
     folder: str | None = None  # submitit's job folder (logs, pickles); None: <run folder>/submitit
     python: str | None = None  # the interpreter on the nodes; None: this one
     poll_s: float = 1.0
+    max_requeues: int = 3  # cluster local: resubmissions after a stop at a checkpoint (SLURM: --requeue)
 
     def check(self) -> None:
         if self.nodes < 1:
@@ -176,11 +177,12 @@ def submitit_parameters(s: SlurmSettings, nproc: int, setup: list[str]) -> dict[
 class RankTask:
     """The function submitit runs in every task: become rank SLURM_PROCID of the job and run the module's
     main() in this process (so the pre-emption signal reaches the trainer itself). Exit 143 (stopped at a
-    checkpoint) requeues the job on SLURM, as infra/slurm_train.sbatch does; elsewhere it is an error the
-    caller's retries resume from."""
+    checkpoint) requeues the job on SLURM, as infra/slurm_train.sbatch does; on the local cluster it is the
+    task's result and launch_slurm resubmits the job."""
     job: TrainerJob
     master_port: int | None = None  # None: derived from the job id (all nodes agree on it)
     on_slurm: bool = True
+    requeue: bool = True  # on SLURM: `scontrol requeue` after a stop at a checkpoint (else: resubmitted by us)
 
     def __call__(self) -> int:
         import submitit
@@ -191,16 +193,16 @@ class RankTask:
                           LOCAL_WORLD_SIZE=str(self.job.nproc), MASTER_PORT=str(port),
                           MASTER_ADDR=env.hostnames[0] if self.on_slurm else "127.0.0.1")
         rc = importlib.import_module(self.job.module).main(list(self.job.args))
-        if rc == EXIT_PREEMPTED and self.on_slurm:
+        if rc == EXIT_PREEMPTED and self.on_slurm and self.requeue:
             if env.global_rank == 0:
                 import subprocess
 
                 print(f"slip: stopped at a checkpoint (exit 143); requeueing job {env.job_id}", flush=True)
                 subprocess.run(["scontrol", "requeue", str(env.job_id)], check=False)
             raise SystemExit(rc)  # no result file: submitit keeps waiting for the requeued job
-        if rc != 0:
+        if rc not in (0, EXIT_PREEMPTED):
             raise TrainProcessError(f"{self.job.module} rank {env.global_rank} exited with code {rc}", rc, [])
-        return rc
+        return rc  # 143 here (local cluster, no requeue): launch_slurm resubmits
 
 
 def free_port() -> int:
@@ -224,12 +226,29 @@ def slurm_executor(job: TrainerJob, s: SlurmSettings, timeout_s: float | None):
         return ex, RankTask(job, master_port=free_port(), on_slurm=False)
     ex = submitit.SlurmExecutor(folder=folder, python=s.python)
     ex.update_parameters(**submitit_parameters(s, job.nproc, setup))
-    return ex, RankTask(job, on_slurm=True)
+    return ex, RankTask(job, on_slurm=True, requeue=s.requeue)
 
 
 def launch_slurm(job: TrainerJob, s: SlurmSettings, timeout_s: float | None, log: Log) -> None:
     """Submit, forward rank 0's log lines while waiting, raise TrainProcessError unless the job succeeded.
-    Past `timeout_s` (or on any exception here, e.g. the flow being cancelled) the job is cancelled."""
+    A job whose ranks stopped at a checkpoint (exit 143: pre-emption warning, SIGTERM) requeues itself on
+    SLURM; on the local cluster it is resubmitted here (at most `max_requeues` times), so both resume from
+    the run folder's checkpoints/latest. Past `timeout_s` (or on any exception here, e.g. the flow being
+    cancelled) the job is cancelled."""
+    deadline = time.monotonic() + timeout_s if timeout_s else None
+    for attempt in range(s.max_requeues + 1):
+        left = deadline - time.monotonic() if deadline else None
+        codes = submit_and_wait(job, s, left, log)
+        if EXIT_PREEMPTED not in codes:
+            return
+        if attempt < s.max_requeues:
+            log(f"job stopped at a checkpoint (exit {EXIT_PREEMPTED}); resubmitting ({attempt + 1}/{s.max_requeues})")
+    raise TrainProcessError(f"{s.cluster} job stopped at a checkpoint {s.max_requeues + 1} times; not resubmitted "
+                            "again (max_requeues)", EXIT_PREEMPTED, [])
+
+
+def submit_and_wait(job: TrainerJob, s: SlurmSettings, timeout_s: float | None, log: Log) -> list[int]:
+    """One submission: every task's exit code (0, or 143 on the local cluster), else TrainProcessError."""
     ex, task = slurm_executor(job, s, timeout_s)
     sub = ex.submit(task)
     log(f"submitted {s.cluster} job {sub.job_id} ({job.nproc} task(s)/node x {s.nodes} node(s)); "
@@ -261,11 +280,12 @@ def launch_slurm(job: TrainerJob, s: SlurmSettings, timeout_s: float | None, log
             time.sleep(s.poll_s)
         forward()
         try:
-            sub.results()  # every task's (a job of several tasks has no single result)
+            codes = sub.results()  # every task's (a job of several tasks has no single result)
         except Exception as e:  # submitit's FailedJobError / UncompletedJobError carry the job's traceback
             raise TrainProcessError(f"{s.cluster} job {sub.job_id} failed: {str(e).strip().splitlines()[-1]}",
                                     None, tail) from e
         ok = True
+        return list(codes)
     finally:
         if not ok and not sub.done():
             sub.cancel(check=False)

@@ -218,3 +218,48 @@ def test_kubernetes_pool_job_variables_rendered_from_the_launcher_settings():
     assert job_variables_for("process", WorkPoolSettings(), job) == {"env": v["env"]}
     with pytest.raises(ConfigError, match="needs image"):
         job_variables_for("kubernetes", WorkPoolSettings(pool="slip-k8s"), job)
+
+
+def test_preempted_submitit_job_resumes_exactly(ds, tmp_path, monkeypatch):
+    """SLURM's warning (SIGUSR1 to every task of the job) mid-run: the ranks checkpoint and stop (143), the job
+    is resubmitted (what --requeue does on SLURM) and resumes; the weights equal an uninterrupted run's."""
+    import json
+    import signal
+
+    from flows.pretrain import make_config
+    from slip_core.config import to_dict
+    from slip_core.launch import trainer_args
+    from slip_core.trainer import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(make_config("tiny", TRAIN_SETS), ds, str(tmp_path / "uninterrupted"))
+    finally:
+        torch.set_num_threads(threads)
+    out = str(tmp_path / "run")
+    cfg = tmp_path / "train_config.json"
+    cfg.write_text(json.dumps(to_dict(make_config("tiny", TRAIN_SETS))))
+    job = launchers.TrainerJob("slip_core.trainer", tuple(trainer_args(ds, out, str(cfg))), log_dir=str(tmp_path),
+                               nproc=1, env={"OMP_NUM_THREADS": "1"})
+    lines: list[str] = []
+    sent: list[int] = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        job_id = re.search(r"submitted local job (\d+)", line)
+        if job_id:
+            sent.append(int(job_id.group(1)))
+        if line.startswith('{"step": 1,') and len(sent) == 1:  # the warning, while step 2 runs
+            tasks = open(f"/proc/{sent[0]}/task/{sent[0]}/children").read().split()
+            for pid in tasks:
+                os.kill(int(pid), signal.SIGUSR1)
+            sent.append(-len(tasks))
+
+    launchers.launch(job, {"kind": "slurm", "cluster": "local", "poll_s": 0.1}, 600, log)
+    assert sent[1] == -1 and any("resubmitting (1/3)" in ln for ln in lines), lines
+    steps = [json.loads(ln)["step"] for ln in open(os.path.join(out, "metrics.jsonl"))]
+    assert steps == [1, 2, 3, 4] and 2 <= int(open(os.path.join(out, "checkpoints", "latest")).read()[5:13]) <= 4
+    got = load_state(os.path.join(out, "checkpoint.pt"))["state_dict"]
+    ref = load_state(str(tmp_path / "uninterrupted" / "checkpoint.pt"))["state_dict"]
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
