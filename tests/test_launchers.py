@@ -263,3 +263,17 @@ def test_preempted_submitit_job_resumes_exactly(ds, tmp_path, monkeypatch):
     got = load_state(os.path.join(out, "checkpoint.pt"))["state_dict"]
     ref = load_state(str(tmp_path / "uninterrupted" / "checkpoint.pt"))["state_dict"]
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_the_eval_identity_sees_the_fine_tune_world_size_not_its_launcher():
+    from evaluation.tasks import EvalConfig
+    from slip_core.config import to_dict
+
+    plain = EvalConfig(finetune=["imagenet"], finetune_nproc=8)
+    before = {k: v for k, v in to_dict(plain).items() if k != "finetune_launcher"}  # the settings of older runs
+    assert plain.identity_settings() == before
+    via_slurm = EvalConfig(finetune=["imagenet"], finetune_nproc=8, finetune_launcher={"kind": "slurm", "partition": "p"})
+    assert via_slurm.identity_settings() == before
+    two_nodes = EvalConfig(finetune=["imagenet"], finetune_nproc=8,
+                           finetune_launcher={"kind": "slurm", "partition": "p", "nodes": 2})
+    assert two_nodes.identity_settings() == {**before, "finetune_nproc": 16}
