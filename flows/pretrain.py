@@ -22,12 +22,11 @@ import shutil
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from flows import launch_pool  # noqa: F401  (registers the work-pool launcher)
 from flows.caching import refreshing, stage_cache
-from slip_core import artifacts, identity, storage
+from slip_core import artifacts, identity, launchers, storage
 from slip_core.config import from_dict, resolve, to_dict
 from slip_core.failpoints import failpoint
-from flows import launch_pool  # noqa: F401  (registers the work-pool launcher)
-from slip_core import launchers
 from slip_core.launch import default_threads, plot_loss_curve, torchrun_command, trainer_args
 from slip_core.store import Store
 from slip_core.train_config import TRAIN_PRESETS, TrainConfig

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from datasets.sources import yfcc
+from slip_core import launchers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.prefect
@@ -20,6 +21,7 @@ EXPECTED = {  # flow/deployment -> work pool
     "reproduce/tiny": "slip-process", "nightly-dataset-rebuild/nightly": "slip-process",
     "evaluate-new-checkpoints/sweep": "slip-process", "filter-yfcc-on-cluster/dask-local": "slip-process",
     "pretrain/slip-vitb16-8gpu": "slip-k8s", "filter-yfcc-on-cluster/dask-cluster": "slip-k8s",
+    "pretrain/slip-vitb16-64gpu-slurm": "slip-process",
 }
 
 
@@ -66,6 +68,8 @@ def test_deploy_prefect_yaml_and_run_through_a_process_worker(prefect_server, tm
         assert gpu.job_variables["gpu_count"] == 8 and gpu.job_variables["image"] == env["SLIP_IMAGE"]
         assert gpu.parameters["store"] == store and gpu.parameters["nproc"] == 8
         assert gpu.pull_steps[0]["prefect.deployments.steps.set_working_directory"]["directory"] == "/opt/slip-pipeline"
+        slurm = deps["pretrain/slip-vitb16-64gpu-slurm"].parameters  # the flow submits it through submitit
+        assert launchers.world_size(slurm["launcher"], slurm["nproc"]) == 64
         tiny = deps["reproduce/tiny"]  # process pool: runs in the repository named by SLIP_REPO at deploy time
         assert tiny.pull_steps[0]["prefect.deployments.steps.set_working_directory"]["directory"] == REPO
         pool = client.read_work_pool("slip-k8s")
