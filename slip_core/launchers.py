@@ -218,7 +218,10 @@ def slurm_executor(job: TrainerJob, s: SlurmSettings, timeout_s: float | None):
     import submitit
 
     folder = s.folder or os.path.join(job.log_dir, "submitit")
-    setup = [f"export {k}={shlex.quote(str(v))}" for k, v in sorted(job.env.items())]
+    env = dict(job.env)
+    if s.cluster == "slurm":  # intra-op threads as infra/slurm_train.sbatch: the caller's, else 1 (not this host's count)
+        env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "1")
+    setup = [f"export {k}={shlex.quote(str(v))}" for k, v in sorted(env.items())]
     if s.cluster == "local":
         ex = submitit.LocalExecutor(folder=folder, python=s.python)
         ex.update_parameters(tasks_per_node=job.nproc, nodes=1, stderr_to_stdout=True, setup=setup,
