@@ -1,4 +1,5 @@
-"""The end-of-pipeline HTML report: ledger summary, loss curve, per-dataset bars, lineage.
+"""The end-of-pipeline HTML report: the method comparison (when baselines were trained), ledger summary, loss
+curve, per-dataset bars, lineage.
 
 Built only from artifact manifests and the files they list (never from live objects), so it can be
 regenerated for any past run. Images are embedded as data URIs: the report is one portable file.
@@ -10,6 +11,7 @@ import html
 import io
 import json
 
+from evaluation import comparison
 from slip_core import artifacts, storage
 
 
@@ -17,18 +19,6 @@ def _png_data_uri(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _read_jsonl(url: str) -> list[dict]:
-    rows = []
-    for line in storage.read_text(url).splitlines():
-        line = line.strip()
-        if line:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
 
 
 def loss_curve(metrics: list[dict]):
@@ -83,14 +73,19 @@ def _find(manifest: artifacts.Manifest, suffix: str) -> str | None:
     return None
 
 
-def build_report(dataset_url: str, checkpoint_url: str, eval_url: str) -> str:
-    """HTML text of the pipeline report for three stage manifests."""
+def build_report(dataset_url: str, checkpoint_url: str, eval_url: str,
+                 baselines: list[tuple[str, str]] = ()) -> str:
+    """HTML text of the pipeline report for three stage manifests; `baselines`: (checkpoint, eval) manifest URLs
+    of models trained on the same dataset for comparison (shown first, side by side in Table 2's layout)."""
     ds, ck, ev = (artifacts.load_manifest(u) for u in (dataset_url, checkpoint_url, eval_url))
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>slip-pipeline report</title>",
              "<style>body{font-family:sans-serif;max-width:980px;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}pre{background:#f6f6f6;padding:8px;"
              "overflow-x:auto;font-size:12px}</style></head><body>",
              "<h1>slip-pipeline report</h1>"]
+    if baselines:
+        rows = [comparison.arm_row(ck, e) for ck, e in [(checkpoint_url, eval_url), *baselines]]
+        parts.append(comparison.to_html(rows))
 
     parts.append("<h2>Dataset</h2>")
     ledger = {k: v for k, v in ds.metrics.items() if not isinstance(v, (dict, list))}
@@ -104,7 +99,7 @@ def build_report(dataset_url: str, checkpoint_url: str, eval_url: str) -> str:
     parts.append("<h2>Pretraining</h2>")
     metrics_path = _find(ck, "metrics.jsonl")
     if metrics_path:
-        rows = _read_jsonl(storage.join(artifacts.artifact_root(artifacts.manifest_url(checkpoint_url)), metrics_path))
+        rows = comparison.read_jsonl(storage.join(artifacts.artifact_root(artifacts.manifest_url(checkpoint_url)), metrics_path))
         if rows:
             parts.append(f"<img alt='loss curve' src='{_png_data_uri(loss_curve(rows))}'>")
     final = {k: v for k, v in ck.metrics.items() if not isinstance(v, (dict, list))}

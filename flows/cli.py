@@ -19,6 +19,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "eval": ("flows.cli_eval", "zero-shot, linear probe, fine-tune and retrieval evaluation"),
     "export": ("flows.cli_export", "checkpoint -> open_clip local-dir folder; eval results -> CLIP_benchmark JSON"),
     "reproduce": ("flows.cli_reproduce", "the whole chain as one cached Prefect flow (dataset -> train -> eval)"),
+    "study": ("flows.cli_study", "CLIP, SimCLR and SLIP over several seeds (and CLIP at SLIP's wall time): mean ± std"),
     "serve": ("flows.cli_reproduce", "register scheduled deployments (nightly rebuild, eval new checkpoints)"),
     "status": ("flows.cli_reproduce", "per stage: cached (artifact) or will run (why), for a reproduce preset"),
     "lineage": ("flows.cli_reproduce", "print the lineage of an artifact from its manifests"),

@@ -17,11 +17,18 @@ class ReproducePreset:
     eval: str  # EVAL_PRESETS key
     demo_corpus: bool = False  # build the embedded demo corpus and serve it on 127.0.0.1
     dataset_rows: int = 0  # expected input rows (dry-run estimate when no dataset is built yet)
+    # Baselines trained on the same dataset artifact with the same schedule (equal steps) and evaluated the
+    # same way, for the paper's Table 2 comparison: (label, TRAIN_PRESETS key). Stages `train-LABEL`, `eval-LABEL`.
+    baselines: tuple[tuple[str, str], ...] = ()
 
 
 # Input rows per paper dataset: YFCC15M as SLIP logged it (SPEC §1); CC3M / CC12M as published.
 PAPER_ROWS = {"yfcc15m": 14_689_580, "cc3m": 3_318_333, "cc12m": 12_423_374}
-DEMO_PRESETS = {"tiny": ReproducePreset(dataset="tiny", train="tiny", eval="tiny", demo_corpus=True, dataset_rows=3000)}
+DEMO_PRESETS = {"tiny": ReproducePreset(dataset="tiny", train="tiny", eval="tiny", demo_corpus=True, dataset_rows=3000,
+                                        baselines=(("clip", "clip_tiny"),))}
+# `slip study`: the methods of Table 2 per reproduce preset, (label, TRAIN_PRESETS key); the first is the method
+# whose measured wall time the `<first baseline>@walltime` arm is given.
+STUDY_METHODS = {"tiny": (("slip", "tiny"), ("clip", "clip_tiny"), ("simclr", "simclr_tiny"))}
 
 
 def reproduce_presets() -> dict[str, ReproducePreset]:

@@ -7,7 +7,9 @@ the plan says will run (a stage whose upstream ran is always handed to its flow,
 artifact again if the upstream came out the same), checks each output still verifies (a tampered or partial
 artifact is rebuilt and the event reported), and writes the report. `rebuild="train"` forces that stage and
 everything downstream (Prefect refresh_cache). A fully cached run reads the plan from the store's no-op
-record and runs no stage flow at all.
+record and runs no stage flow at all. A preset's baselines (the demo: CLIP beside SLIP) are trained on the
+same dataset artifact with the same schedule (equal steps) and evaluated the same way, as ordinary cached
+stages `train-LABEL` / `eval-LABEL`; the report shows every arm side by side in the paper's Table 2 layout.
 """
 from __future__ import annotations
 
@@ -24,7 +26,6 @@ from flows.presets import reproduce_preset
 from slip_core import artifacts, identity, storage
 from slip_core.store import Store
 
-STAGES = status.STAGES
 REPORT_CODE = (pipeline_report.__name__,)
 
 
@@ -52,10 +53,14 @@ def _stage(name: str, fn, forced: set[str], **kwargs) -> str:
     return url
 
 
-def write_report(store: str, dataset: str, checkpoint: str, evaluation: str) -> str:
-    """HTML report as its own artifact (upstream: the three stage manifests). Returns the report file URL."""
-    ups = {role: artifacts.upstream_ref(u) for role, u in
-           (("dataset", dataset), ("checkpoint", checkpoint), ("eval", evaluation))}
+def write_report(store: str, dataset: str, checkpoint: str, evaluation: str,
+                 baselines: dict[str, tuple[str, str]] | None = None) -> str:
+    """HTML report as its own artifact (upstream: the stage manifests; `baselines`: label -> (checkpoint, eval)
+    of the comparison arms). Returns the report file URL."""
+    refs = [("dataset", dataset), ("checkpoint", checkpoint), ("eval", evaluation)]
+    for label, (ck, ev) in (baselines or {}).items():
+        refs += [(f"checkpoint-{label}", ck), (f"eval-{label}", ev)]
+    ups = {role: artifacts.upstream_ref(u) for role, u in refs}
     ident = identity.stage("report", "pipeline", {role: u.sha256 for role, u in ups.items()}, {}, REPORT_CODE)
     st = Store(store)
     root = st.stage_root(ident)
@@ -63,7 +68,8 @@ def write_report(store: str, dataset: str, checkpoint: str, evaluation: str) -> 
     with st.lock(root):  # a concurrent reproduce of the same inputs reuses this report
         if artifacts.is_complete(root):
             return report
-        storage.atomic_write_text(report, pipeline_report.build_report(dataset, checkpoint, evaluation))
+        storage.atomic_write_text(report, pipeline_report.build_report(
+            dataset, checkpoint, evaluation, baselines=[ce for ce in (baselines or {}).values()]))
         artifacts.publish(artifacts.build_manifest(root, ["report.html"], kind="report", name="pipeline",
                                                    upstream=ups, identity=ident.to_dict()), root)
     return report
@@ -74,7 +80,8 @@ def reproduce(preset: str = "tiny", store: str = "out/store", source: str | None
               rebuild: str | None = None, train_config: dict | None = None, eval_config: dict | None = None,
               demo_corpus: dict | None = None, dataset_config: dict | None = None, nproc: int = 1,
               resume_from: str | None = None) -> dict:
-    """Returns the manifest URLs of the three stages and the report's URL. `*_config`: overrides of the
+    """Returns the manifest URLs of the three stages, the report's URL and, for a preset with baselines (the
+    demo: CLIP at SLIP's steps on the same dataset), `baselines`: label -> {checkpoint, eval}. `*_config`: overrides of the
     preset's stage configs; `demo_corpus`: arguments of datasets.demo_corpus.build_demo_corpus (e.g. a
     smaller n_fashion for tests); `resume_from`: continue training from another run's checkpoint."""
     log = get_run_logger()
@@ -89,15 +96,16 @@ def reproduce(preset: str = "tiny", store: str = "out/store", source: str | None
     plans = status.reproduce_plan(req, p, source, subset)
     if resume_from and plans["train"].state == "run":
         plans["train"].reasons.append(f"continues from {resume_from} (--resume-from)")
-    for s in STAGES:
-        log.info("%s: %s", s, plans[s].line())
+    for s, pl in plans.items():
+        log.info("%s: %s", s, pl.line())
     create_markdown_artifact(key="reproduce-plan", markdown=status.to_markdown(plans),
                              description="per stage: cached (artifact) or will run (why)")
-    forced = set(STAGES[STAGES.index(rebuild):]) if rebuild else set()
+    names = status.stage_names(p)
+    forced = status.forced_stages(rebuild, names)
     ran: set[str] = set()
 
-    def skip(stage: str) -> bool:  # cached, and nothing upstream ran
-        return plans[stage].state == "cached" and not ran
+    def skip(stage: str, *upstream: str) -> bool:  # cached, and nothing upstream ran
+        return plans[stage].state == "cached" and not ran.intersection(upstream)
 
     if skip("dataset"):  # stage flows are imported only when they run (torch, timm: seconds)
         dataset = plans["dataset"].artifact
@@ -108,30 +116,37 @@ def reproduce(preset: str = "tiny", store: str = "out/store", source: str | None
         with corpus.serve() if corpus is not None else contextlib.nullcontext():
             dataset = _stage("dataset", build_dataset, forced, source=source, store=store, subset=subset,
                              preset=p.dataset, config=dataset_config)
-    if skip("train"):
-        checkpoint = plans["train"].artifact
-    else:
-        from flows.pretrain import pretrain
+    out = {"dataset": dataset}
+    for arm in status.arms(p):  # the preset's own model, then its baselines: same dataset, same schedule
+        if skip(arm.train, "dataset"):
+            out[arm.train] = plans[arm.train].artifact
+        else:
+            from flows.pretrain import pretrain
 
-        ran.add("train")
-        checkpoint = _stage("train", pretrain, forced, dataset=dataset, store=store, preset=p.train,
-                            config=train_config, nproc=nproc, resume_from=resume_from)
-    if skip("eval"):
-        evaluation = plans["eval"].artifact
-    else:
-        from flows.evaluate import evaluate
+            ran.add(arm.train)
+            out[arm.train] = _stage(arm.train, pretrain, forced, dataset=dataset, store=store,
+                                    preset=arm.train_preset, config=train_config, nproc=nproc,
+                                    resume_from=resume_from if arm.label == "main" else None)
+        if skip(arm.eval, "dataset", arm.train):
+            out[arm.eval] = plans[arm.eval].artifact
+        else:
+            from flows.evaluate import evaluate
 
-        ran.add("eval")
-        evaluation = _stage("eval", evaluate, forced, checkpoint=checkpoint, store=store, preset=p.eval,
-                            config=eval_config)
-    report = write_report(store, dataset, checkpoint, evaluation)
+            ran.add(arm.eval)
+            out[arm.eval] = _stage(arm.eval, evaluate, forced, checkpoint=out[arm.train], store=store,
+                                   preset=p.eval, config=eval_config)
+    baselines = {a.label: (out[a.train], out[a.eval]) for a in status.arms(p)[1:]}
+    checkpoint, evaluation = out["train"], out["eval"]
+    report = write_report(store, dataset, checkpoint, evaluation, baselines)
     if storage.is_local(report):
         create_link_artifact(key="pipeline-report", link=f"file://{artifacts.local_path(report)}",
                              link_text="pipeline report (HTML)")
     result = {"dataset": dataset, "checkpoint": checkpoint, "eval": evaluation, "report": report}
+    if baselines:
+        result["baselines"] = {label: {"checkpoint": ck, "eval": ev} for label, (ck, ev) in baselines.items()}
     if ran:  # the plan now finds every stage cached: check that, and remember it for the next no-op
         after = status.reproduce_plan(dataclasses.replace(req, rebuild=None), p, source, subset)
-        off = [s for s in STAGES if after[s].artifact != result["checkpoint" if s == "train" else s]]
+        off = [s for s in names if after[s].artifact != out[s]]
         if off:
             log.warning("after this run the plan disagrees for %s: %s", off, {s: after[s].line() for s in off})
     return result

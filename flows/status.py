@@ -26,8 +26,35 @@ from dataclasses import asdict, dataclass
 from slip_core import artifacts, identity, storage
 from slip_core.store import StageStatus, Store
 
-STAGES = ("dataset", "train", "eval")
+STAGES = ("dataset", "train", "eval")  # the stage kinds, in order; a preset's baselines add train-LABEL, eval-LABEL
 PENDING = identity.PENDING
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One trained-and-evaluated model of a reproduce preset: the preset's own (stages `train`, `eval`) or a
+    baseline on the same dataset artifact (stages `train-LABEL`, `eval-LABEL`)."""
+    label: str
+    train_preset: str
+    train: str
+    eval: str
+
+
+def arms(p) -> list[Arm]:
+    """The main arm first, then p.baselines (flows.presets.ReproducePreset)."""
+    return [Arm("main", p.train, "train", "eval")] + [Arm(label, tp, f"train-{label}", f"eval-{label}")
+                                                      for label, tp in p.baselines]
+
+
+def stage_names(p) -> list[str]:
+    return ["dataset"] + [s for a in arms(p) for s in (a.train, a.eval)]
+
+
+def forced_stages(rebuild: str | None, names: list[str]) -> set[str]:
+    """`--rebuild KIND`: every stage of that kind and of the kinds downstream of it, in every arm."""
+    if not rebuild:
+        return set()
+    return {n for n in names if STAGES.index(n.split("-")[0]) >= STAGES.index(rebuild)}
 
 
 @dataclass(frozen=True)
@@ -68,23 +95,24 @@ def _full_plan(req: Request, st: Store, p, source: str | None, subset: str | Non
     from flows import evaluate, pretrain
     from slip_core.config import to_dict
 
-    forced = set(STAGES[STAGES.index(req.rebuild):]) if req.rebuild else set()
+    forced = forced_stages(req.rebuild, stage_names(p))
     plans = {"dataset": _dataset_plan(req, st, p, source, subset, "dataset" in forced)}
-    train_cfg = to_dict(pretrain.make_config(p.train, req.train_config))
-    train_ident = pretrain.train_identity(plans["dataset"].expected_sha256 or PENDING, train_cfg, req.nproc)
-    plans["train"] = st.status(train_ident, "train" in forced)
     eval_cfg = evaluate.make_config(p.eval, req.eval_config)
     jobs = eval_cfg.jobs()
     ref = eval_cfg.reference_prompts
     data = {(t, d): evaluate.data_fingerprint(t, d, eval_cfg.data_root, ref, prepare=False) for t, d in jobs}
     ref_sha = prompts.load_reference(ref).sha256 if ref else ""
-    eval_ident = evaluate.eval_identity(train_ident.name, plans["train"].expected_sha256 or PENDING, eval_cfg, data,
-                                        ref_sha)
-    plans["eval"] = st.status(eval_ident, "eval" in forced)
+    for arm in arms(p):  # every arm: the same dataset, the same train overrides (equal steps), the same eval
+        train_cfg = to_dict(pretrain.make_config(arm.train_preset, req.train_config))
+        train_ident = pretrain.train_identity(plans["dataset"].expected_sha256 or PENDING, train_cfg, req.nproc)
+        plans[arm.train] = st.status(train_ident, arm.train in forced)
+        eval_ident = evaluate.eval_identity(train_ident.name, plans[arm.train].expected_sha256 or PENDING, eval_cfg,
+                                            data, ref_sha)
+        plans[arm.eval] = st.status(eval_ident, arm.eval in forced)
     missing = sorted(f"{t}/{d}" for (t, d), v in data.items() if v == "missing")
-    if missing and plans["eval"].state == "run":
-        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
-        plans["eval"].reasons.append(f"not on disk, recorded as not evaluated: {', '.join(missing[:8])}{more}")
+    more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+    for e in [a.eval for a in arms(p) if missing and plans[a.eval].state == "run"]:
+        plans[e].reasons.append(f"not on disk, recorded as not evaluated: {', '.join(missing[:8])}{more}")
     return plans, [evaluate.data_files(t, d, eval_cfg.data_root, ref) for t, d in jobs]
 
 
@@ -127,25 +155,30 @@ def _memo_read(st: Store, key: str) -> dict | None:
         memo = json.loads(storage.read_text(url))
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-    urls = {s: memo["stages"][s]["artifact"] for s in STAGES}
+    names = list(memo["stages"])
+    urls = {s: memo["stages"][s]["artifact"] for s in names}
     manifests = {}
-    for s in STAGES:
+    for s in names:
         try:
             manifests[s] = artifacts.load_manifest(urls[s])
         except artifacts.ManifestError:
             return None
         if manifests[s].identity.get("sha256") != memo["stages"][s]["identity"] or st.check(urls[s], manifests[s]):
             return None
-    chained = (manifests["train"].identity.get("inputs", {}).get("dataset") == manifests["dataset"].sha256
-               and manifests["eval"].identity.get("inputs", {}).get("checkpoint") == manifests["train"].sha256)
+    def input_of(stage: str, role: str) -> str | None:
+        return manifests[stage].identity.get("inputs", {}).get(role)
+
+    trains = [s for s in names if s.split("-")[0] == "train"]  # eval-X is chained to train-X
+    chained = all(input_of(t, "dataset") == manifests["dataset"].sha256
+                  and input_of(t.replace("train", "eval", 1), "checkpoint") == manifests[t].sha256 for t in trains)
     if not chained or _stamp(memo["eval_data"]) != memo["eval_stamp"]:
         return None
-    return {s: StageStatus("cached", urls[s], [], manifests[s].sha256, manifests[s].identity["sha256"]) for s in STAGES}
+    return {s: StageStatus("cached", urls[s], [], manifests[s].sha256, manifests[s].identity["sha256"]) for s in names}
 
 
 def _memo_write(st: Store, key: str, plans: dict[str, StageStatus], watched: list[list[str]]) -> None:
     paths = sorted({p for w in watched for p in w})
-    memo = {"stages": {s: {"artifact": plans[s].artifact, "identity": plans[s].identity} for s in STAGES},
+    memo = {"stages": {s: {"artifact": plans[s].artifact, "identity": plans[s].identity} for s in plans},
             "eval_data": paths, "eval_stamp": _stamp(paths)}
     storage.atomic_write_text(storage.join(st.plan_cache(), f"{key[:32]}.json"), json.dumps(memo, indent=1))
 
@@ -173,31 +206,29 @@ def reproduce_plan(req: Request, p, source: str | None = None, subset: str | Non
         if memo:
             return memo
     plans, watched = _full_plan(req, st, p, source, subset)
-    if key and all(plans[s].state == "cached" for s in STAGES):
+    if key and all(pl.state == "cached" for pl in plans.values()):
         _memo_write(st, key, plans, watched)
     return plans
 
 
 def to_json(plans: dict[str, StageStatus]) -> dict:
-    return {"stages": {s: plans[s].to_json() for s in STAGES}}
+    return {"stages": {s: pl.to_json() for s, pl in plans.items()}}
 
 
 def format_plan(plans: dict[str, StageStatus]) -> str:
     lines = []
-    for s in STAGES:
-        pl = plans[s]
+    for s, pl in plans.items():
         if pl.state == "cached":
-            lines.append(f"{s:<8} cached    {pl.artifact}")
+            lines.append(f"{s:<11} cached    {pl.artifact}")
         else:
-            lines.append(f"{s:<8} will run")
+            lines.append(f"{s:<11} will run")
             lines.extend(f"           - {r}" for r in pl.reasons)
     return "\n".join(lines)
 
 
 def to_markdown(plans: dict[str, StageStatus]) -> str:
     rows = ["| stage | state | artifact / reasons |", "|---|---|---|"]
-    for s in STAGES:
-        pl = plans[s]
+    for s, pl in plans.items():
         what = f"`{pl.artifact}`" if pl.state == "cached" else "<br>".join(r.replace("|", "\\|") for r in pl.reasons)
         rows.append(f"| {s} | {'cached' if pl.state == 'cached' else 'will run'} | {what} |")
     return "# What this run does, and why\n\n" + "\n".join(rows)
