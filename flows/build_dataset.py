@@ -22,6 +22,7 @@ from datasets.sources.detect import detect_source
 from flows.caching import stage_cache
 from slip_core import artifacts, procs
 from slip_core.config import from_dict, to_dict
+from slip_core.progress import Progress
 from slip_core.store import Store
 
 
@@ -117,9 +118,12 @@ def build_dataset(source: str, store: str, config: dict | None = None, subset: s
             waves = (download_task.map(groups[s:s + max(1, cfg.parallel_groups)], config=unmapped(cfg_dict),
                                        progress=unmapped(progress)).result()
                      for s in range(0, len(groups), max(1, cfg.parallel_groups)))
-        for wave in waves:
-            for r in wave:
-                log.info("group %s: %d/%d ok in %.1fs", r["group"].rsplit("/", 2)[-2:], r["successes"], r["rows"], r["seconds"])
+        ok = rows = 0
+        with Progress("download", len(groups), "groups", log=log.info) as bar:  # a bar on a terminal, else lines
+            for wave in waves:
+                for r in wave:
+                    ok, rows = ok + r["successes"], rows + r["rows"]
+                    bar.update(1, ok=f"{ok}/{rows} rows", last=f"{r['rows'] / max(r['seconds'], 1e-9):.0f} rows/s")
         summary = verify_task(table, store, cfg_dict)
         url = publish_task(table, store, cfg_dict, summary["fingerprint"], summary)
     log.info("dataset: %s (%s)", url, summary["by_status"])

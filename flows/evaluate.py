@@ -25,6 +25,7 @@ from flows.caching import refreshing, stage_cache
 from slip_core import artifacts, identity, storage
 from slip_core.config import from_dict, resolve, to_dict
 from slip_core.failpoints import failpoint
+from slip_core.progress import Progress
 from slip_core.store import Store
 
 FILES = ["results.json", "report.md", "report.html", "results.png"]
@@ -160,9 +161,12 @@ def evaluate(checkpoint: str, store: str, config: dict | None = None, preset: st
     # reuses the published artifact instead of writing the same folder at the same time.
     with st.lock(root, on_wait=log.info):
         results = []
-        for t, d in jobs:
-            results.append(eval_one(ckpt_path, ckpt_sha, t, d, shas[(t, d)], settings, ref_sha))
-            failpoint("eval.result")  # crash tests (slip_core/failpoints.py)
+        with Progress("eval", len(jobs), "datasets", log=log.info) as bar:  # a bar on a terminal, else lines
+            for t, d in jobs:
+                results.append(eval_one(ckpt_path, ckpt_sha, t, d, shas[(t, d)], settings, ref_sha))
+                r = results[-1]
+                bar.update(1, last=f"{t}/{d} " + (f"{r['value']:.1f}" if r.get("value") is not None else "not evaluated"))
+                failpoint("eval.result")  # crash tests (slip_core/failpoints.py)
         if not refreshing() and artifacts.is_complete(root):  # same checkpoint, data, settings published intact
             log.info("eval artifact already complete: %s", root)
             return artifacts.manifest_url(root)

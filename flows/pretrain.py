@@ -24,7 +24,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows import launch_pool  # noqa: F401  (registers the work-pool launcher)
 from flows.caching import refreshing, stage_cache
-from slip_core import artifacts, identity, launchers, storage
+from slip_core import artifacts, identity, launchers, progress, storage
 from slip_core.config import from_dict, resolve, to_dict
 from slip_core.failpoints import failpoint
 from slip_core.launch import default_threads, plot_loss_curve, torchrun_command, trainer_args
@@ -151,7 +151,7 @@ def _train_and_publish(store: Store, root: str, dataset: str, ds_manifest: artif
                         published=None if storage.exists(murl) else murl)
     job = launchers.TrainerJob("slip_core.trainer", tuple(args), log_dir=work, nproc=nproc, name=f"slip-{cfg.model}",
                                env={"OMP_NUM_THREADS": env["OMP_NUM_THREADS"]})
-    launchers.launch(job, launcher, timeout_s, lambda line: log.info("%s", line))
+    launchers.launch(job, launcher, timeout_s, progress.relay(lambda line: log.info("%s", line)))
     nproc = launchers.world_size(launcher, nproc)  # what config.json and the identity record
 
     final = json.loads(storage.read_text(os.path.join(work, "final_metrics.json")))

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from slip_core import config as cfgmod
-from slip_core import locks, procs, storage
+from slip_core import locks, procs, progress, storage
 from slip_core.augment import AugmentConfig, normalize_uint8_batch
 from slip_core.checkpoint import load_state, unwrap
 from slip_core.data import EpochLoader, LoaderConfig, StreamLayout, dataset_shards, merge_states
@@ -325,8 +325,9 @@ def _metrics_record(run: TrainRun, out: dict, epoch: int, loader: EpochLoader, w
     rec["skipped"] = {k: int(v) for k, v in zip(sorted(counts), cvec.tolist()) if k != "ok"}
     run.metrics_log.write(rec)
     run.trackers.log(rec)
-    if run.main:
-        print(json.dumps(rec), flush=True)
+    if run.main:  # the record is in metrics.jsonl; the console gets a human line (a bar, relayed on a terminal)
+        print(progress.step_line(rec["step"], run.stop_step, rec.get("loss"), rec["samples_per_s"],
+                                 (run.stop_step - rec["step"]) * step_t), flush=True)
     return rec
 
 

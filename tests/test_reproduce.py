@@ -46,6 +46,23 @@ def test_pipeline_produces_verified_artifacts_and_report(first_run):
     assert "loss curve" in html and "fashion_mnist" in html and "Lineage" in html
 
 
+def test_clip_baseline_is_trained_on_the_same_dataset_at_equal_steps_and_reported_beside_slip(first_run):
+    store, r = first_run
+    clip = r["baselines"]["clip"]
+    assert artifacts.verify(clip["checkpoint"]) == [] and artifacts.verify(clip["eval"]) == []
+    slip_ck, clip_ck = artifacts.load_manifest(r["checkpoint"]), artifacts.load_manifest(clip["checkpoint"])
+    assert (slip_ck.name, clip_ck.name) == ("slip_vit_tiny", "clip_vit_tiny")
+    assert slip_ck.upstream["dataset"].sha256 == clip_ck.upstream["dataset"].sha256  # one dataset artifact
+    assert slip_ck.metrics["steps"] == clip_ck.metrics["steps"] == TRAIN["max_steps"]  # equal steps
+    html = open(artifacts.local_path(r["report"])).read()
+    section = html[html.index("CLIP vs SLIP (paper Table 2 layout)"):html.index("<h2>Dataset")]
+    ours = section[section.index("<h3>Ours"):section.index("<h3>Paper")]
+    assert "<td>SLIP</td>" in ours and "<td>CLIP</td>" in ours and "zeroshot/fashion_mnist" in ours
+    assert "linear/fashion_mnist" in ours and "samples/s" in ours and "train wall time (s)" in ours
+    assert "<td>42.8</td>" in section and "<td>37.6</td>" in section  # the paper's ViT-B/16 numbers beside
+    assert "Ordering: SLIP above CLIP on" in section
+
+
 def test_lineage_reaches_the_raw_url_table(first_run):
     _, r = first_run
     text = artifacts.format_lineage(r["eval"])
@@ -61,7 +78,7 @@ def test_unchanged_rerun_is_all_cache_hits(first_run):
     store, r = first_run
     before = {k: _mtime(artifacts.manifest_url(r[k])) for k in ("dataset", "checkpoint", "eval")}
     r2 = _again(store)
-    assert {k: r2[k] for k in before} == {k: r[k] for k in before}
+    assert {k: r2[k] for k in before} == {k: r[k] for k in before} and r2["baselines"] == r["baselines"]
     assert {k: _mtime(artifacts.manifest_url(r2[k])) for k in before} == before  # nothing republished
 
 

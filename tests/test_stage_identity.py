@@ -85,7 +85,10 @@ def built(prefect_server):
 
 
 def _base_urls(result: dict) -> dict:
-    return {"dataset": result["dataset"], "train": result["checkpoint"], "eval": result["eval"]}
+    """Per plan stage, its artifact: the demo's SLIP run and its CLIP baseline (stages train-clip, eval-clip)."""
+    clip = result["baselines"]["clip"]
+    return {"dataset": result["dataset"], "train": result["checkpoint"], "eval": result["eval"],
+            "train-clip": clip["checkpoint"], "eval-clip": clip["eval"]}
 
 
 def _result(out: subprocess.CompletedProcess) -> dict:
@@ -116,7 +119,7 @@ def test_comment_docstring_and_help_text_edits_rerun_nothing(built, tmp_path):
     _edit(src, "tests/test_plan.py", "def test_flops", "# a comment in a test\ndef test_flops")
     stages = _status(src, store)
     base = _base_urls(result)
-    assert {s: v["state"] for s, v in stages.items()} == {"dataset": "cached", "train": "cached", "eval": "cached"}
+    assert {s: v["state"] for s, v in stages.items()} == dict.fromkeys(base, "cached")
     assert {s: v["artifact"] for s, v in stages.items()} == base
 
     # For real, against a persistent server that the CLI finds in the store without being told.
