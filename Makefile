@@ -14,7 +14,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: setup data test demo bench ui-check clean-venv
+.PHONY: setup data test demo study bench ui-check clean-venv
 
 setup: $(INSTALLED)
 
@@ -54,8 +54,13 @@ test: setup data
 # The demo's Prefect database and result cache live in .prefect/ (ephemeral server over SQLite), so a
 # second `make demo` is all cache hits and `make ui` shows its runs.
 DEMO_ENV := PREFECT_HOME=$(CURDIR)/.prefect
+# Trains tiny SLIP and, on the same dataset at equal steps, tiny CLIP; the report shows them side by side.
 demo: setup data
 	$(DEMO_ENV) $(VENV)/bin/slip reproduce --preset tiny --store $(CURDIR)/out/store
+
+# CLIP, SimCLR and SLIP × 3 seeds (+ CLIP at SLIP's wall time) in the demo's store: mean ± std per metric.
+study: setup data
+	$(DEMO_ENV) $(VENV)/bin/slip study --preset tiny --seeds 3 --store $(CURDIR)/out/store
 
 # Screenshot the demo's flow-run page in the Prefect UI with headless Chromium (Debian package).
 ui-check: setup
