@@ -4,6 +4,7 @@
                    [--set train.max_steps=100 --set eval.max_samples=500 ...] [--resume-from CKPT]
                    [--dry-run [--json]]
     slip status    [--preset tiny] [--store STORE] [--source S] [--subset S] [--set ...] [--json]
+    (both: [--no-baselines] to leave out the preset's comparison baselines, e.g. the demo's CLIP run)
 
 `--set STAGE.KEY=VALUE` overrides a stage config of the preset (STAGE: dataset | train | eval | corpus, the
 last for the demo corpus' arguments, e.g. corpus.n_fashion=240). `slip status` (= `reproduce --dry-run`
@@ -38,7 +39,7 @@ def _request(args: argparse.Namespace):
     return Request(preset=args.preset, store=args.store, source=args.source, subset=args.subset,
                    rebuild=getattr(args, "rebuild", None), dataset_config=o.get("dataset"),
                    train_config=o.get("train"), eval_config=o.get("eval"), demo_corpus=o.get("corpus"),
-                   nproc=args.nproc)
+                   nproc=args.nproc, baselines=not args.no_baselines)
 
 
 def _status(args: argparse.Namespace, estimate: bool = False) -> int:
@@ -46,7 +47,7 @@ def _status(args: argparse.Namespace, estimate: bool = False) -> int:
     from flows.presets import reproduce_preset
 
     req = _request(args)
-    p = reproduce_preset(req.preset)
+    p = status.effective_preset(req, reproduce_preset(req.preset))
     source, subset, _ = status.demo_source(req, p, build=False)
     plans = status.reproduce_plan(req, p, source, subset)
     if getattr(args, "resume_from", None) and plans["train"].state == "run":
@@ -72,7 +73,8 @@ def _reproduce(args: argparse.Namespace) -> int:
     req = _request(args)
     result = reproduce(preset=req.preset, store=req.store, source=req.source, subset=req.subset, rebuild=req.rebuild,
                        train_config=req.train_config, eval_config=req.eval_config, demo_corpus=req.demo_corpus,
-                       dataset_config=req.dataset_config, nproc=req.nproc, resume_from=args.resume_from)
+                       dataset_config=req.dataset_config, nproc=req.nproc, resume_from=args.resume_from,
+                       baselines=req.baselines)
     print(json.dumps(result, indent=2))
     print(f"\nreport: {result['report']}")
     return 0
@@ -102,6 +104,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
                    help="override a stage config: dataset.KEY, train.KEY, eval.KEY or corpus.KEY (repeatable)")
     p.add_argument("--nproc", type=int, default=1, help="training processes per node")
     p.add_argument("--json", action="store_true", help="print the per-stage status as one JSON object")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="only the preset's own model: skip its comparison baselines (the demo's CLIP run)")
 
 
 def register(subparsers, name: str) -> None:

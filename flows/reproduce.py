@@ -79,15 +79,16 @@ def write_report(store: str, dataset: str, checkpoint: str, evaluation: str,
 def reproduce(preset: str = "tiny", store: str = "out/store", source: str | None = None, subset: str | None = None,
               rebuild: str | None = None, train_config: dict | None = None, eval_config: dict | None = None,
               demo_corpus: dict | None = None, dataset_config: dict | None = None, nproc: int = 1,
-              resume_from: str | None = None) -> dict:
+              resume_from: str | None = None, baselines: bool = True) -> dict:
     """Returns the manifest URLs of the three stages, the report's URL and, for a preset with baselines (the
     demo: CLIP at SLIP's steps on the same dataset), `baselines`: label -> {checkpoint, eval}. `*_config`: overrides of the
     preset's stage configs; `demo_corpus`: arguments of datasets.demo_corpus.build_demo_corpus (e.g. a
-    smaller n_fashion for tests); `resume_from`: continue training from another run's checkpoint."""
+    smaller n_fashion for tests); `resume_from`: continue training from another run's checkpoint;
+    `baselines=False`: train and evaluate the preset's own model only."""
     log = get_run_logger()
-    p = reproduce_preset(preset)
     req = status.Request(preset, store, source, subset, rebuild, dataset_config, train_config, eval_config,
-                         demo_corpus, nproc)
+                         demo_corpus, nproc, baselines)
+    p = status.effective_preset(req, reproduce_preset(preset))
     source, subset, corpus = status.demo_source(req, p, build=True)
     if source is None:
         raise ValueError(f"preset {preset!r} needs --source (YFCC100M metadata or a url+caption table)")

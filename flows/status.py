@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import dataclasses
 from dataclasses import asdict, dataclass
 
 from slip_core import artifacts, identity, storage
@@ -70,6 +71,12 @@ class Request:
     eval_config: dict | None = None
     demo_corpus: dict | None = None
     nproc: int = 1
+    baselines: bool = True  # False: the preset's own model only (no train-LABEL / eval-LABEL stages)
+
+
+def effective_preset(req: Request, p):
+    """The reproduce preset `p` as `req` runs it (without its baselines under baselines=False)."""
+    return p if req.baselines else dataclasses.replace(p, baselines=())
 
 
 # ------------------------------------------------------------------------------------------ full plan

@@ -122,7 +122,7 @@ SIGTERM_POINTS = [
 def _command(store: str) -> list[str]:
     sets = [a for stage, cfg in (("train", TRAIN), ("eval", EVAL), ("corpus", CORPUS))
             for k, v in cfg.items() for a in ("--set", f"{stage}.{k}={json.dumps(v)}")]
-    return SLIP + ["--preset", "tiny", "--store", store, *sets]
+    return SLIP + ["--preset", "tiny", "--store", store, "--no-baselines", *sets]  # SLIP alone: one chain to kill
 
 
 def _start(store: str, prefect_api: str, log_path: str, failpoint: str = "") -> tuple[subprocess.Popen, str]:
