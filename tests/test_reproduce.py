@@ -117,3 +117,17 @@ def test_rebuild_eval_forces_only_eval(first_run):
     after = {k: _mtime(artifacts.manifest_url(r2[k])) for k in before}
     assert after["dataset"] == before["dataset"] and after["checkpoint"] == before["checkpoint"]
     assert after["eval"] > before["eval"]
+
+
+def test_rebuild_forces_that_stage_kind_and_downstream_in_every_arm():
+    from flows import status
+    from flows.presets import reproduce_preset
+
+    p = reproduce_preset("tiny")
+    names = status.stage_names(p)
+    assert names == ["dataset", "train", "eval", "train-clip", "eval-clip"]
+    assert status.forced_stages("dataset", names) == set(names)
+    assert status.forced_stages("train", names) == {"train", "eval", "train-clip", "eval-clip"}
+    assert status.forced_stages("eval", names) == {"eval", "eval-clip"} and status.forced_stages(None, names) == set()
+    alone = status.effective_preset(status.Request(baselines=False), p)
+    assert status.stage_names(alone) == ["dataset", "train", "eval"]
