@@ -47,6 +47,9 @@ def _dataset(preset: str, store: str, req: status.Request, p) -> str:
     source, subset, corpus = status.demo_source(req, p, build=True)
     if source is None:
         raise ConfigError(f"preset {preset!r} needs --source (YFCC100M metadata or a url+caption table)")
+    plan = status.reproduce_plan(req, p, source, subset)["dataset"]
+    if plan.state == "cached":  # nothing to download: no server (its fixed port may be another demo's)
+        return plan.artifact
     with corpus.serve() if corpus is not None else contextlib.nullcontext():
         return build_dataset(source=source, store=store, subset=subset, preset=p.dataset, config=req.dataset_config)
 
