@@ -2,6 +2,7 @@
 
     slip reproduce [--preset tiny] [--store STORE] [--source S] [--subset S] [--rebuild STAGE]
                    [--set train.max_steps=100 --set eval.max_samples=500 ...] [--resume-from CKPT]
+                   [--which final|best]
                    [--dry-run [--json]]
     slip status    [--preset tiny] [--store STORE] [--source S] [--subset S] [--set ...] [--json]
 
@@ -35,6 +36,8 @@ def _request(args: argparse.Namespace):
     from flows.status import Request
 
     o = stage_overrides(args.sets)
+    if getattr(args, "which", None):  # = --set eval.which=...
+        o.setdefault("eval", {})["which"] = args.which
     return Request(preset=args.preset, store=args.store, source=args.source, subset=args.subset,
                    rebuild=getattr(args, "rebuild", None), dataset_config=o.get("dataset"),
                    train_config=o.get("train"), eval_config=o.get("eval"), demo_corpus=o.get("corpus"),
@@ -102,6 +105,9 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
                    help="override a stage config: dataset.KEY, train.KEY, eval.KEY or corpus.KEY (repeatable)")
     p.add_argument("--nproc", type=int, default=1, help="training processes per node")
     p.add_argument("--json", action="store_true", help="print the per-stage status as one JSON object")
+    p.add_argument("--which", choices=["final", "best"], default=None,
+                   help="evaluate the final or the best in-training checkpoint (= --set eval.which=...; "
+                        "default: the eval preset's, paper: best, tiny: final)")
 
 
 def register(subparsers, name: str) -> None:
