@@ -18,7 +18,6 @@ eval_samples, eval_seconds, is_best} (also to TensorBoard / W&B under eval/).
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 
@@ -27,7 +26,7 @@ import torch.distributed as dist
 from datasets import catalog
 from evaluation import common, knn, zeroshot
 from slip_core.checkpoint import unwrap
-from slip_core.launch import EVAL_METRIC, best_eval
+from slip_core.launch import EVAL_METRIC
 from slip_core.train_config import TrainConfig
 from slip_core.train_state import rng_state, set_rng_state
 
@@ -132,42 +131,3 @@ def callbacks_for(cfg: TrainConfig) -> list:
     """The trainer's callback factory (evaluation/train_entry.py): [InTrainingEval] unless evaluation is off."""
     return [InTrainingEval(cfg)] if (cfg.eval_every_steps > 0 or cfg.eval_every_epochs > 0) else []
 
-
-# ---------------------------------------------------------------------------------------------- report
-def summary(recs: list[dict]) -> str | None:
-    """One line on a run's in-training evaluation (from its metrics.jsonl records): best step and value, the
-    final one, and the cost per evaluation; None when no evaluation ran."""
-    evals = [r for r in recs if EVAL_METRIC in r]
-    best = best_eval(recs)
-    if best is None:
-        return None
-    metric, last = best[EVAL_METRIC], evals[-1]
-    name = "zero-shot" if metric == "zeroshot_top1" else "k-NN (no text tower)"
-    secs = sum(r["eval_seconds"] for r in evals) / len(evals)
-    return (f"best step {best['step']}, {name} {best[metric]:.1f}% ({metric} on {best['eval_dataset']}, "
-            f"{best['eval_samples']} images); final step {last['step']}: {last[metric]:.1f}%; "
-            f"{len(evals)} evaluations, {secs:.2f} s each on average")
-
-
-def report_section(checkpoint_url: str) -> str:
-    """HTML for the pipeline report: the summary line and the checkpoint artifact's loss_curve.png (the
-    in-training evaluation on its second axis, best step starred); "" when the run had no evaluation."""
-    import base64
-    import html
-
-    from slip_core import artifacts, storage
-
-    murl = artifacts.manifest_url(checkpoint_url)
-    root, files = artifacts.artifact_root(murl), {f.path for f in artifacts.load_manifest(murl).files}
-    if "metrics.jsonl" not in files:
-        return ""
-    recs = [json.loads(line) for line in storage.read_text(storage.join(root, "metrics.jsonl")).splitlines()
-            if line.strip()]
-    line = summary(recs)
-    if line is None:
-        return ""
-    parts = ["<h3>Evaluation during training</h3>", f"<p>{html.escape(line)}</p>"]
-    if "loss_curve.png" in files:
-        png = base64.b64encode(storage.read_bytes(storage.join(root, "loss_curve.png"))).decode()
-        parts.append(f"<img alt='loss and in-training evaluation' src='data:image/png;base64,{png}'>")
-    return "\n".join(parts)
