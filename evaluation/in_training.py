@@ -10,7 +10,7 @@ numpy, torch, CUDA) is restored after it, so a run with evaluation on trains bit
 it off, and the best-so-far (TrainState.extra["best"], via TrainRun.offer_best) resumes exactly.
 
 Held-out set: `eval_dataset` (a datasets.catalog name), or with `auto` ImageNet when it is on disk, else the
-first catalog set found (local sets are materialised: the demo's is a Fashion-MNIST test subset), capped at
+first downloaded catalog set, else the first local one (materialised: the demo's is a Fashion-MNIST test subset), capped at
 `eval_max_samples` images (a reproducible subsample). Models without a text tower (SimCLR) get k-NN top-1 on
 the same set, with `eval_knn_train_samples` train images as the bank (evaluation/knn.py), named `knn_top1`.
 Each evaluation writes one metrics.jsonl record {step, epoch, eval_metric, <metric>, eval_dataset,
@@ -48,9 +48,16 @@ def is_due(step: int, interval: int, stop_step: int) -> bool:
     return interval > 0 and (step % interval == 0 or step == stop_step)
 
 
+def auto_candidates() -> list[str]:
+    """ImageNet, the other downloaded catalog sets in catalog order, then the local sets (catalog.LOCAL_DATASETS:
+    Fashion-MNIST first, the demo corpus' own domain)."""
+    local = set(catalog.LOCAL_DATASETS)
+    return [PREFERRED] + [n for n in catalog.CATALOG if n != PREFERRED and n not in local] + catalog.LOCAL_DATASETS
+
+
 def choose_dataset(name: str, data_root: str | None) -> str:
-    """`name`, or for `auto` ImageNet when on disk, else the first catalog set found (local sets prepared)."""
-    candidates = [name] if name != AUTO else [PREFERRED] + [n for n in catalog.CATALOG if n != PREFERRED]
+    """`name`, or for `auto` the first of auto_candidates() on disk (a local set is prepared when reached)."""
+    candidates = [name] if name != AUTO else auto_candidates()
     reasons = []
     for cand in candidates:
         try:

@@ -26,7 +26,8 @@ from tests._stage_runs import STAGE_TIMEOUT_S, TRAIN_SETS, eval_pair_s3, last_js
 pytestmark = pytest.mark.prefect
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN_FILES = {"checkpoint.pt", "metrics.jsonl", "loss_curve.png", "config.json", "final_metrics.json"}
+TRAIN_FILES = {"checkpoint.pt", "checkpoint_best.pt", "metrics.jsonl", "loss_curve.png", "config.json",
+               "final_metrics.json"}  # checkpoint_best.pt: the tiny preset evaluates during training
 EVAL_FILES = {"results.json", "report.md", "report.html", "results.png"}
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from evaluation import common, train_curve
-from evaluation.in_training import InTrainingEval, callbacks_for, interval_steps
+from evaluation.in_training import InTrainingEval, auto_candidates, callbacks_for, choose_dataset, interval_steps
 from evaluation.tasks import EvalConfig, run_task
 from slip_core import artifacts
 from slip_core import trainer as T
@@ -52,6 +52,12 @@ def test_interval_and_factory():
     assert [type(c) for c in callbacks_for(tiny)] == [InTrainingEval]
     with pytest.raises(ValueError, match="eval_every_epochs must be >= 0"):
         small_cfg(eval_every_epochs=-1)
+    # auto: ImageNet first (the reference's), downloaded paper sets next, the local sets (Fashion-MNIST first) last
+    order = auto_candidates()
+    assert order[0] == "imagenet" and order[-3:] == ["fashion_mnist", "mnist", "digits"] and len(set(order)) == len(order)
+    assert choose_dataset("auto", None) in order
+    with pytest.raises(FileNotFoundError, match="no held-out set for in-training evaluation"):
+        choose_dataset("cifar10", "/nonexistent-eval-root")
 
 
 def test_slip_zero_shot_during_training_keeps_the_best_and_leaves_training_untouched(ds, tmp_path):
