@@ -276,7 +276,7 @@ def test_launch_templates_are_valid():
     for name in ("torchrun_multinode.sh", "slurm_train.sbatch"):
         path = os.path.join(infra, name)
         subprocess.run(["bash", "-n", path], check=True)  # syntax
-        assert "slip_core.trainer" in open(path).read()
+        assert "-m evaluation.train_entry" in open(path).read()  # the trainer with in-training evaluation
     # SLURM's warning goes to the job step's tasks (the trainer ranks), not only to the batch shell ("B:")
     sbatch = open(os.path.join(infra, "slurm_train.sbatch")).read()
     assert "#SBATCH --signal=USR1@120" in sbatch and "B:USR1" not in sbatch and "exec " in sbatch
