@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import sys
 import time
+from fractions import Fraction
 
 import torch.distributed as dist
 
@@ -34,18 +35,17 @@ AUTO = "auto"
 PREFERRED = "imagenet"  # the reference's in-training set
 
 
-def interval_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
-    """Optimizer steps between evaluations (0: off): eval_every_steps, else eval_every_epochs × steps/epoch."""
+def is_due(cfg: TrainConfig, step: int, steps_per_epoch: int, stop_step: int) -> bool:
+    """Evaluate after optimizer step `step`? Every `eval_every_steps` steps when > 0, else at each step that
+    crosses a multiple of `eval_every_epochs` epochs (1: the end of every epoch, the reference's eval_freq;
+    0.5 over 89 steps/epoch: steps 45, 89, 134, 178), and at the run's last step (the final checkpoint is a
+    candidate too). Never when both are 0."""
     if cfg.eval_every_steps > 0:
-        return cfg.eval_every_steps
+        return step % cfg.eval_every_steps == 0 or step == stop_step
     if cfg.eval_every_epochs > 0:
-        return max(1, round(cfg.eval_every_epochs * steps_per_epoch))
-    return 0
-
-
-def is_due(step: int, interval: int, stop_step: int) -> bool:
-    """Every `interval` steps and at the run's last step (the final checkpoint is a candidate too)."""
-    return interval > 0 and (step % interval == 0 or step == stop_step)
+        period = Fraction(str(cfg.eval_every_epochs)) * steps_per_epoch  # exact: 0.1 epochs is 0.1 epochs
+        return step // period > (step - 1) // period or step == stop_step
+    return False
 
 
 def auto_candidates() -> list[str]:
@@ -81,7 +81,7 @@ class InTrainingEval:
 
     def __call__(self, run, out: dict) -> None:
         step = run.state.step
-        if self.off or not is_due(step, interval_steps(self.cfg, run.steps_per_epoch), run.stop_step):
+        if self.off or not is_due(self.cfg, step, run.steps_per_epoch, run.stop_step):
             return
         model = unwrap(run.fwd_model)
         if self.test is None and not self._load(model, run.main):

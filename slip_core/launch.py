@@ -121,7 +121,7 @@ def plot_loss_curve(metrics_path: str, png_path: str, title: str = "") -> None:
     recs = read_metrics(metrics_path)
     train = [r for r in recs if "loss" in r]
     evals = [r for r in recs if EVAL_METRIC in r]
-    fig, ax = plt.subplots(figsize=(8 if evals else 7, 4), dpi=100)
+    fig, ax = plt.subplots(figsize=(8 if evals else 7, 4.6), dpi=100)
     for key in ("loss", "clip_loss", "ssl_loss"):
         if any(key in r for r in train):
             ax.plot([r["step"] for r in train if key in r], [r[key] for r in train if key in r], label=key)
@@ -143,7 +143,7 @@ def plot_loss_curve(metrics_path: str, png_path: str, title: str = "") -> None:
         ax_ev.set_ylabel(f"{metric} (%)")
         handles.append(ax_ev.get_legend_handles_labels())
     ax.legend([h for hs, _ in handles for h in hs], [lab for _, labs in handles for lab in labs],
-              loc="upper right", fontsize=8)
+              loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4, fontsize=8, frameon=False)
     ax.set_title(title or "training loss")
     fig.tight_layout()
     fig.savefig(png_path)

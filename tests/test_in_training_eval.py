@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from evaluation import common, train_curve
-from evaluation.in_training import InTrainingEval, auto_candidates, callbacks_for, choose_dataset, interval_steps
+from evaluation.in_training import InTrainingEval, auto_candidates, callbacks_for, choose_dataset, is_due
 from evaluation.tasks import EvalConfig, run_task
 from slip_core import artifacts
 from slip_core import trainer as T
@@ -41,14 +41,21 @@ def records(out) -> tuple[list[dict], list[dict]]:
     return [r for r in recs if "loss" in r], [r for r in recs if "eval_metric" in r]
 
 
-def test_interval_and_factory():
+def due(cfg, steps_per_epoch: int, stop_step: int) -> list[int]:
+    return [s for s in range(1, stop_step + 1) if is_due(cfg, s, steps_per_epoch, stop_step)]
+
+
+def test_when_it_evaluates_and_the_factory():
     paper = T.TRAIN_PRESETS["slip_vitb16_yfcc15m_25ep"]
     tiny = T.TRAIN_PRESETS["tiny"]
-    assert interval_steps(paper, 3586) == 3586  # every epoch, the reference's eval_freq = 1
-    assert interval_steps(tiny, 90) == 45  # the demo: 2 epochs of ~90 steps -> 4 evaluations
-    assert interval_steps(small_cfg(eval_every_steps=7), 5) == 7
+    assert due(paper, 3586, 3586 * 25) == [3586 * e for e in range(1, 26)]  # every epoch: the reference's eval_freq
+    assert due(tiny, 89, 178) == [45, 89, 134, 178]  # the demo: every half epoch of its 2 x 89 steps
+    assert due(small_cfg(eval_every_steps=0, eval_every_epochs=0.1), 10, 20) == list(range(1, 21))  # exact decimals
+    assert due(small_cfg(eval_every_steps=0, eval_every_epochs=0.3), 10, 20) == [3, 6, 9, 12, 15, 18, 20]
+    assert due(small_cfg(eval_every_steps=7), 5, 20) == [7, 14, 20]  # and at the last step
+    assert due(paper, 3586, 100) == [100]  # max_steps cut: the last step still counts
     off = small_cfg(eval_every_steps=0, eval_every_epochs=0)
-    assert interval_steps(off, 5) == 0 and callbacks_for(off) == []
+    assert due(off, 5, 20) == [] and callbacks_for(off) == []
     assert [type(c) for c in callbacks_for(tiny)] == [InTrainingEval]
     with pytest.raises(ValueError, match="eval_every_epochs must be >= 0"):
         small_cfg(eval_every_epochs=-1)
