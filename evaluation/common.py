@@ -9,6 +9,7 @@ sees exactly what pretraining validation sees; the linear-probe eval transform r
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,12 +41,26 @@ class LoadedModel:
         return self.model
 
 
-def resolve_checkpoint(checkpoint_or_manifest: str) -> tuple[str, str | None]:
-    """(checkpoint file URL, manifest URL or None) for a .pt path, an artifact folder or its manifest.json."""
+WHICH = ("final", "best")  # a checkpoint artifact's checkpoint.pt, or its checkpoint_best.pt (in-training eval)
+CHECKPOINT_FILES = {"final": "checkpoint.pt", "best": "checkpoint_best.pt"}
+
+
+def resolve_checkpoint(checkpoint_or_manifest: str, which: str = "final", log=None) -> tuple[str, str | None]:
+    """(checkpoint file URL, manifest URL or None) for a .pt path, an artifact folder or its manifest.json.
+    `which` picks an artifact's final or best checkpoint (a .pt path is taken as given); an artifact without a
+    best checkpoint (no in-training evaluation ran) gives its final one, and `log` (or stderr) says so."""
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {', '.join(WHICH)}, got {which!r}")
     s = str(checkpoint_or_manifest)
     if s.endswith(".json") or (storage.exists(artifacts.manifest_url(s)) and not s.endswith(".pt")):
         m = artifacts.load_verified(s)  # a tampered or partial checkpoint artifact is never evaluated
-        pts = [f.path for f in m.files if f.path.endswith("checkpoint.pt")] or [f.path for f in m.files if f.path.endswith(".pt")]
+        paths = [f.path for f in m.files]
+        want = CHECKPOINT_FILES[which]
+        if which == "best" and not any(p.endswith(want) for p in paths):
+            (log or (lambda msg: print(msg, file=sys.stderr)))(
+                f"{s} has no {want} (no in-training evaluation ran): evaluating its final checkpoint")
+            want = CHECKPOINT_FILES["final"]
+        pts = [p for p in paths if p.endswith(want)] or [p for p in paths if p.endswith(".pt")]
         if not pts:
             raise FileNotFoundError(f"checkpoint artifact {s} lists no .pt file")
         root = artifacts.artifact_root(artifacts.manifest_url(s))
@@ -55,8 +70,8 @@ def resolve_checkpoint(checkpoint_or_manifest: str) -> tuple[str, str | None]:
     return s, None
 
 
-def load_model(checkpoint_or_manifest: str) -> LoadedModel:
-    path, murl = resolve_checkpoint(checkpoint_or_manifest)
+def load_model(checkpoint_or_manifest: str, which: str = "final") -> LoadedModel:
+    path, murl = resolve_checkpoint(checkpoint_or_manifest, which)
     model = checkpoint.load_checkpoint(path)
     return LoadedModel(model, storage.sha256_file(path), path, model.config.name, murl)
 

@@ -11,7 +11,7 @@ import html
 import io
 import json
 
-from evaluation import comparison
+from evaluation import comparison, train_curve
 from slip_core import artifacts, storage
 
 
@@ -105,6 +105,7 @@ def build_report(dataset_url: str, checkpoint_url: str, eval_url: str,
     final = {k: v for k, v in ck.metrics.items() if not isinstance(v, (dict, list))}
     if final:
         parts.append(_table([final], list(final)))
+    parts.append(train_curve.report_section(checkpoint_url))  # issue 20: the eval curve and the best step
 
     parts.append("<h2>Evaluation</h2>")
     results_path = _find(ev, "results.json")

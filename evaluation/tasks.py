@@ -41,10 +41,13 @@ class EvalConfig:
     # where the fine-tune's ranks run (slip_core/launchers.py: {"kind": "slurm", ...}); not in the identity
     finetune_launcher: dict = field(default_factory=dict)
     seed: int = 0
+    which: str = "final"  # a checkpoint artifact's final checkpoint or its best in-training one (common.WHICH)
 
     def __post_init__(self):
         if not re.fullmatch(DEVICE_PATTERN, self.device):
             raise ValueError(f"device {self.device!r}: use auto, cpu, cuda or cuda:N")
+        if self.which not in common.WHICH:
+            raise ValueError(f"which {self.which!r}: use {' or '.join(common.WHICH)}")
 
     def identity_settings(self) -> dict:
         """The config as the stage identity sees it: the fine-tune's world size, not where its ranks run."""

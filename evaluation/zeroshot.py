@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from datasets import prompts
 from evaluation import common, metrics
-from slip_core.features import autocast, cache_key, cached_arrays, precision
+from slip_core.features import autocast, cache_key, cached_arrays, extract, precision
 from slip_core.tokenizer import tokenize
 
 
@@ -72,6 +72,13 @@ def logits(image_embed: np.ndarray, classifier: np.ndarray) -> np.ndarray:
     return x @ classifier.T
 
 
+def score(loaded, x: np.ndarray, y: np.ndarray, classifier: np.ndarray) -> dict:
+    """The zero-shot record of image embeddings `x` (labels `y`) against a class-embedding classifier."""
+    scores = metrics.compute(loaded.entry.metric, logits(x, classifier), y)
+    return {"metric": loaded.entry.metric, **scores, "num_samples": int(len(y)), "chance": loaded.entry.chance(),
+            "num_templates": len(loaded.templates)}
+
+
 def evaluate(lm: common.LoadedModel, loaded, batch_size: int = 256, num_workers: int = 0,
              cache_dir: str | None = None, dataset_sha256: str = "", device: torch.device | str = "cpu") -> dict | None:
     """Zero-shot result for one loaded dataset split: {metric, value, top1[, top5], num_samples, chance}.
@@ -81,6 +88,16 @@ def evaluate(lm: common.LoadedModel, loaded, batch_size: int = 256, num_workers:
     if x is None:
         return None
     classifier = cached_text_classifier(lm, loaded.name, loaded.classnames, loaded.templates, cache_dir, device=device)
-    scores = metrics.compute(loaded.entry.metric, logits(x, classifier), y)
-    return {"metric": loaded.entry.metric, **scores, "num_samples": int(len(y)), "chance": loaded.entry.chance(),
-            "num_templates": len(loaded.templates)}
+    return score(loaded, x, y, classifier)
+
+
+def evaluate_model(model: torch.nn.Module, loaded, batch_size: int = 256, num_workers: int = 0,
+                   device: torch.device | str = "cpu") -> dict | None:
+    """`evaluate` for a model in memory (in-training evaluation, evaluation/in_training.py): the same
+    extraction, classifier and scoring, nothing cached (the weights change between calls). The model must be
+    on `device`; under torchrun rank 0 returns the record, the others None."""
+    require_text_tower(model)
+    x, y = extract(model.encode_image, loaded.dataset, batch_size, num_workers, device)
+    if x is None:
+        return None
+    return score(loaded, x, y, text_classifier(model, loaded.classnames, loaded.templates, batch_size).numpy())

@@ -7,6 +7,8 @@
   slip eval finetune  --checkpoint PATH --dataset NAME [--preset tiny|vits16|vitb16|vitl16] [--nproc N] [--set k=v]
   slip eval retrieval --checkpoint PATH [--dataset photos]
   slip eval run       --checkpoint PATH_OR_MANIFEST [--preset tiny|paper|zeroshot26] [--store STORE]   (Prefect flow)
+                      [--which final|best (default: the preset's; paper and zeroshot26: best)]
+  (every action: --which final|best picks a checkpoint artifact's final or best in-training checkpoint)
   slip eval list      [--data-root DIR]        (catalog: formats, metric, found on disk or how to obtain)
   slip eval prepare   NAME [--data-root DIR]   (materialise a local offline set)
 
@@ -72,7 +74,7 @@ def _evaluate_direct(args: argparse.Namespace, main: bool) -> int:
     if args.action == "finetune":
         cfg.finetune_preset, cfg.finetune_nproc = args.preset, args.nproc
         cfg.finetune_overrides = parse_sets(args.sets)
-    lm = common.load_model(args.checkpoint)
+    lm = common.load_model(args.checkpoint, args.which)
     records, status = [], 0
     for ds in args.dataset or (["photos"] if args.action == "retrieval" else []):
         try:
@@ -98,6 +100,8 @@ def _run(args: argparse.Namespace) -> int:
     from flows.evaluate import evaluate, make_config
 
     overrides = parse_sets(args.sets)
+    if args.which:
+        overrides["which"] = args.which
     make_config(args.preset, overrides)  # fail fast on a typo, before Prefect starts
     url = evaluate(checkpoint=args.checkpoint, store=args.store, config=overrides or None, preset=args.preset)
     print(json.dumps({"eval": url}))
@@ -149,6 +153,8 @@ def register(subparsers, name: str) -> None:
         a.add_argument("--cache-dir", default=None, help="feature/classifier cache (default $SLIP_EVAL_CACHE or .data/eval-cache)")
         a.add_argument("--out", default=None, help="also write the records as a JSON list here")
         a.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
+        a.add_argument("--which", choices=["final", "best"], default="final",
+                       help="of a checkpoint artifact: its final checkpoint or the best in-training one")
         a.add_argument("--reference-prompts", default=None, metavar="DIR",
                        help="SLIP's templates.json + labels.json (+ dataset_catalog.json): their prompts verbatim")
         if action != "finetune":
@@ -167,6 +173,8 @@ def register(subparsers, name: str) -> None:
     r = sub.add_parser("run", help="the cached Prefect evaluation flow; publishes an eval artifact")
     r.add_argument("--checkpoint", required=True, help="checkpoint manifest URL/folder or a .pt file")
     r.add_argument("--preset", default="tiny", help="tiny | paper | zeroshot26")
+    r.add_argument("--which", choices=["final", "best"], default=None,
+                   help="the artifact's final or best in-training checkpoint (default: the preset's; paper: best)")
     add_store(r)
     r.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="EvalConfig override, e.g. --set max_samples=500 or --set data_root=/data (repeatable)")

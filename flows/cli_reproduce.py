@@ -2,6 +2,7 @@
 
     slip reproduce [--preset tiny] [--store STORE] [--source S] [--subset S] [--rebuild STAGE]
                    [--set train.max_steps=100 --set eval.max_samples=500 ...] [--resume-from CKPT]
+                   [--which final|best]
                    [--dry-run [--json]]
     slip status    [--preset tiny] [--store STORE] [--source S] [--subset S] [--set ...] [--json]
     (both: [--no-baselines] to leave out the preset's comparison baselines, e.g. the demo's CLIP run)
@@ -36,6 +37,8 @@ def _request(args: argparse.Namespace):
     from flows.status import Request
 
     o = stage_overrides(args.sets)
+    if getattr(args, "which", None):  # = --set eval.which=...
+        o.setdefault("eval", {})["which"] = args.which
     return Request(preset=args.preset, store=args.store, source=args.source, subset=args.subset,
                    rebuild=getattr(args, "rebuild", None), dataset_config=o.get("dataset"),
                    train_config=o.get("train"), eval_config=o.get("eval"), demo_corpus=o.get("corpus"),
@@ -106,6 +109,9 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the per-stage status as one JSON object")
     p.add_argument("--no-baselines", action="store_true",
                    help="only the preset's own model: skip its comparison baselines (the demo's CLIP run)")
+    p.add_argument("--which", choices=["final", "best"], default=None,
+                   help="evaluate the final or the best in-training checkpoint (= --set eval.which=...; "
+                        "default: the eval preset's, paper: best, tiny: final)")
 
 
 def register(subparsers, name: str) -> None:

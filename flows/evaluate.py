@@ -145,7 +145,7 @@ def evaluate(checkpoint: str, store: str, config: dict | None = None, preset: st
     manifest URL. `config`: EvalConfig overrides over the preset (dotted keys allowed)."""
     log = get_run_logger()
     cfg = make_config(preset, config)
-    ckpt_path, ckpt_manifest = common.resolve_checkpoint(checkpoint)
+    ckpt_path, ckpt_manifest = common.resolve_checkpoint(checkpoint, cfg.which, log=log.warning)
     ckpt_sha = storage.sha256_file(ckpt_path)
     settings = {k: v for k, v in to_dict(cfg).items() if k not in TASKS}  # what one job's number depends on
     reference = prompts.load_reference(cfg.reference_prompts)  # a bad folder fails here, before any task
@@ -195,6 +195,7 @@ def _publish(root: str, results: list[dict], model: str, preset: str, cfg: EvalC
     metrics = {f"{r['task']}/{r['dataset']}": r["value"] for r in ok}
     m = artifacts.build_manifest(root, FILES, kind="eval", name=ident.name, identity=ident.to_dict(),
                                  config={**to_dict(cfg), "preset": preset, "checkpoint_sha256": ckpt_sha,
-                                         "checkpoint": ckpt_manifest or ckpt_path},
+                                         "checkpoint": ckpt_manifest or ckpt_path,
+                                         "checkpoint_file": ckpt_path.rsplit("/", 1)[-1]},
                                  upstream=upstream, metrics=metrics)
     return artifacts.publish(m, root), md, title, len(ok)

@@ -9,7 +9,9 @@ fresh unless `resume_from` names a checkpoint of another run to continue (record
 upstream `resumed_from`). Two concurrent runs of the same identity are serialised by the stage lock on that
 folder: the second waits and reuses the first's checkpoint.
 Published files: checkpoint.pt (load_checkpoint-able), metrics.jsonl, loss_curve.png, config.json,
-final_metrics.json.
+final_metrics.json, and checkpoint_best.pt (weights at the best in-training evaluation: the trainer runs as
+`python -m evaluation.train_entry`, evaluation/in_training.py) when an evaluation ran; the manifest's metrics
+name the final step (`steps`) and the best one (`best_step`, `best_metric`, `best_value`, `best_dataset`).
 """
 from __future__ import annotations
 
@@ -33,10 +35,12 @@ from slip_core.train_config import TRAIN_PRESETS, TrainConfig
 from slip_core.train_state import latest_checkpoint
 
 FILES = ["checkpoint.pt", "metrics.jsonl", "loss_curve.png", "config.json", "final_metrics.json"]
+BEST_FILE = "checkpoint_best.pt"  # published too when the run kept one (slip_core.trainer.BEST_FILE)
 DEFAULT_TIMEOUT_S = {"tiny": 3600.0}  # presets not listed: 14 days
-# The training stage's code: the launcher and the trainer it runs as `python -m` (named here as well: the
-# launcher only names it in a string), with everything they import.
-TRAIN_CODE = (torchrun_command.__module__, "slip_core.trainer")
+# The training stage's code: the launcher and the entry it runs as `python -m` (named here as well: the
+# launcher only names it in a string): the trainer with in-training evaluation, with everything they import.
+TRAIN_ENTRY = "evaluation.train_entry"
+TRAIN_CODE = (torchrun_command.__module__, "slip_core.trainer", TRAIN_ENTRY)
 RESUMED_FROM = "resumed_from.json"  # in the run folder: which checkpoint of another run this one started from
 
 
@@ -149,7 +153,7 @@ def _train_and_publish(store: Store, root: str, dataset: str, ds_manifest: artif
     murl = artifacts.manifest_url(root)  # the trainer stops if another run publishes it (not on a forced rebuild)
     args = trainer_args(artifacts.manifest_url(dataset), work, cfg_path, resume="latest",
                         published=None if storage.exists(murl) else murl)
-    job = launchers.TrainerJob("slip_core.trainer", tuple(args), log_dir=work, nproc=nproc, name=f"slip-{cfg.model}",
+    job = launchers.TrainerJob(TRAIN_ENTRY, tuple(args), log_dir=work, nproc=nproc, name=f"slip-{cfg.model}",
                                env={"OMP_NUM_THREADS": env["OMP_NUM_THREADS"]})
     launchers.launch(job, launcher, timeout_s, progress.relay(lambda line: log.info("%s", line)))
     nproc = launchers.world_size(launcher, nproc)  # what config.json and the identity record
@@ -160,7 +164,8 @@ def _train_and_publish(store: Store, root: str, dataset: str, ds_manifest: artif
     storage.atomic_write_text(os.path.join(work, "config.json"), json.dumps(
         {"train": config, "nproc": nproc, "dataset": artifacts.manifest_url(dataset),
          "dataset_sha256": ds_manifest.sha256}, indent=2, sort_keys=True))
-    for name in FILES:  # work/ holds the live run; the artifact gets finished copies
+    files = FILES + ([BEST_FILE] if os.path.exists(os.path.join(work, BEST_FILE)) else [])
+    for name in files:  # work/ holds the live run; the artifact gets finished copies
         storage.put_file_atomic(os.path.join(work, name), storage.join(root, name))
     failpoint("pretrain.files_copied")  # crash tests (slip_core/failpoints.py)
     upstream = {"dataset": artifacts.upstream_ref(dataset, ds_manifest)}
@@ -169,7 +174,7 @@ def _train_and_publish(store: Store, root: str, dataset: str, ds_manifest: artif
         r = json.loads(storage.read_text(seeded))
         upstream["resumed_from"] = artifacts.Upstream(url=r["url"], sha256=r["sha256"], kind=artifacts.RESUME_KIND)
     ident = train_identity(ds_manifest.sha256, config, nproc)
-    m = artifacts.build_manifest(root, FILES, kind="checkpoint", name=cfg.model.lower(),
+    m = artifacts.build_manifest(root, files, kind="checkpoint", name=cfg.model.lower(),
                                  config={**config, "nproc": nproc}, upstream=upstream, metrics=final,
                                  identity=ident.to_dict())
     url = artifacts.publish(m, root)

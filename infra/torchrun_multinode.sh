@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Launch slip_core.trainer on this node with torchrun's c10d rendezvous; run the same script on every node.
+# Launch the trainer (slip_core.trainer, with in-training evaluation: evaluation.train_entry) on this node with
+# torchrun's c10d rendezvous; run the same script on every node.
 #
 #   NNODES=8 NPROC_PER_NODE=8 RDZV_ENDPOINT=node0.example:29400 RUN_ID=slip-b16-yfcc15m \
 #   DATASET=s3://bucket/slip/dataset/yfcc15m-.../manifest.json OUT=s3://bucket/slip/runs/slip-b16 \
@@ -20,4 +21,4 @@ exec "$PYTHON" -m torch.distributed.run \
     --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" \
     --rdzv_backend=c10d --rdzv_endpoint="$RDZV_ENDPOINT" --rdzv_id="$RUN_ID" \
     --max-restarts="${MAX_RESTARTS:-3}" \
-    -m slip_core.trainer --dataset "$DATASET" --out "$OUT" --preset "$PRESET" --resume latest "$@"
+    -m evaluation.train_entry --dataset "$DATASET" --out "$OUT" --preset "$PRESET" --resume latest "$@"

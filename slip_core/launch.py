@@ -101,28 +101,49 @@ def read_metrics(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+EVAL_METRIC = "eval_metric"  # in-training evaluation records of metrics.jsonl name their metric under this key
+
+
+def best_eval(recs: list[dict]) -> dict | None:
+    """The in-training evaluation record with the highest value (the earliest on a tie), or None."""
+    evals = [r for r in recs if EVAL_METRIC in r]
+    return max(evals, key=lambda r: (r[r[EVAL_METRIC]], -r["step"])) if evals else None
+
+
 def plot_loss_curve(metrics_path: str, png_path: str, title: str = "") -> None:
-    """loss / clip_loss / ssl_loss against step, lr on a second axis (matplotlib Agg, no display)."""
+    """loss / clip_loss / ssl_loss against step; the in-training evaluation (zero-shot or k-NN top-1) on a
+    second axis with its best step marked, when there is one; lr on an outer axis (matplotlib Agg, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     recs = read_metrics(metrics_path)
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    steps = [r["step"] for r in recs]
+    train = [r for r in recs if "loss" in r]
+    evals = [r for r in recs if EVAL_METRIC in r]
+    fig, ax = plt.subplots(figsize=(8 if evals else 7, 4.6), dpi=100)
     for key in ("loss", "clip_loss", "ssl_loss"):
-        if any(key in r for r in recs):
-            ax.plot([r["step"] for r in recs if key in r], [r[key] for r in recs if key in r], label=key)
+        if any(key in r for r in train):
+            ax.plot([r["step"] for r in train if key in r], [r[key] for r in train if key in r], label=key)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    ax2 = ax.twinx()
-    ax2.plot(steps, [r.get("lr", 0.0) for r in recs], color="gray", ls="--", lw=1, label="lr")
-    ax2.set_ylabel("lr")
-    lines = ax.get_legend_handles_labels()
-    lines2 = ax2.get_legend_handles_labels()
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper right")
+    ax_lr = ax.twinx()
+    ax_lr.plot([r["step"] for r in train], [r.get("lr", 0.0) for r in train], color="gray", ls="--", lw=1, label="lr")
+    ax_lr.set_ylabel("lr")
+    handles = [ax.get_legend_handles_labels(), ax_lr.get_legend_handles_labels()]
+    if evals:
+        metric, best = evals[-1][EVAL_METRIC], best_eval(recs)
+        ax_lr.spines["right"].set_position(("axes", 1.14))
+        ax_ev = ax.twinx()
+        ax_ev.plot([r["step"] for r in evals], [r[r[EVAL_METRIC]] for r in evals], "o-", color="tab:red",
+                   label=f"{metric} ({evals[-1].get('eval_dataset', '')}, %)")
+        ax_ev.plot([best["step"]], [best[metric]], "*", color="gold", ms=16, mec="black",
+                   label=f"best: step {best['step']}, {best[metric]:.1f}%")
+        ax_ev.set_ylabel(f"{metric} (%)")
+        handles.append(ax_ev.get_legend_handles_labels())
+    ax.legend([h for hs, _ in handles for h in hs], [lab for _, labs in handles for lab in labs],
+              loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4, fontsize=8, frameon=False)
     ax.set_title(title or "training loss")
     fig.tight_layout()
     fig.savefig(png_path)

@@ -182,7 +182,8 @@ def atomic_write_text(url: str, text: str) -> None:
 
 
 def put_file_atomic(local_path: str, url: str) -> None:
-    """Copy a finished local file to `url` atomically."""
-    with open(local_path, "rb") as src, atomic_open(url, "wb") as dst:
+    """Copy a finished file (a local path or any URL) to `url` atomically, streamed in chunks."""
+    fs, path = url_to_fs(local_path)
+    with fs.open(path, "rb") as src, atomic_open(url, "wb") as dst:
         while chunk := src.read(CHUNK):
             dst.write(chunk)

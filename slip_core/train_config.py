@@ -57,6 +57,17 @@ class TrainConfig:
     wandb: bool = False
     device: str = "auto"
     threads: int = 0  # >0: torch.set_num_threads
+    # In-training evaluation (evaluation/in_training.py, injected by `python -m evaluation.train_entry`): zero-shot
+    # top-1 on a held-out set (k-NN top-1 for models without a text tower) every `eval_every_steps` optimizer
+    # steps when > 0, else every `eval_every_epochs` epochs (0 and 0: off), and at the last step; the best
+    # value keeps checkpoint_best.pt (the reference's eval_freq / checkpoint_best rule, SPEC §6).
+    eval_every_epochs: float = 1.0
+    eval_every_steps: int = 0
+    eval_dataset: str = "auto"  # a datasets.catalog name; auto: imagenet when on disk, else the first set found
+    eval_data_root: str = ""  # "": the catalog's default ($SLIP_EVAL_DATA or .data/eval)
+    eval_max_samples: int = 0  # >0: a reproducible subsample of the held-out split
+    eval_knn_train_samples: int = 10000  # k-NN bank (train split) for models without a text tower
+    eval_batch_size: int = 256
 
     def __post_init__(self):
         # Checked here, not at step 1 of a queued cluster job: a bad value fails when the config is built.
@@ -64,11 +75,12 @@ class TrainConfig:
         if self.model not in MODEL_PRESETS:
             problems.append(f"model {self.model!r} is not a preset ({', '.join(sorted(MODEL_PRESETS))})")
         for name in ("epochs", "batch_size", "accum_steps", "log_every", "ckpt_every", "keep_checkpoints",
-                     "shuffle_chunk", "shuffle_shards"):
+                     "shuffle_chunk", "shuffle_shards", "eval_batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("samples_per_epoch", "global_batch", "max_steps", "num_workers", "threads", "eps",
-                     "warmup_epochs", "start_lr", "end_lr", "ssl_scale", "data_streams"):
+                     "warmup_epochs", "start_lr", "end_lr", "ssl_scale", "data_streams", "eval_every_epochs",
+                     "eval_every_steps", "eval_max_samples", "eval_knn_train_samples"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.ssl_temp <= 0:
@@ -84,13 +96,16 @@ class TrainConfig:
 
 
 # Paper recipes (SPEC §6): 64 per device, global 4096 (accumulation fills the gap on fewer devices), full
-# passes over the dataset per epoch (the reference's DistributedSampler), reference lr/wd per kind (resolve()).
+# passes over the dataset per epoch (the reference's DistributedSampler), reference lr/wd per kind (resolve()),
+# zero-shot evaluation every epoch (the reference's eval_freq=1) on the whole held-out split.
 _PAPER = dict(epochs=25, batch_size=64, global_batch=4096, num_workers=10, log_every=10, ckpt_every=1000)
 # The tiny presets also train full passes: with streams cut at sample granularity (slip_core/data.py) a
 # 3-shard demo corpus splits over any world size, and every demo sample is seen once per epoch as in the
 # paper, instead of ~63 % of the shards under resampling.
+# In-training evaluation: every half epoch (4 points over the 2 epochs), on 500 held-out images (k-NN bank: 1000).
 _TINY = dict(epochs=2, batch_size=32, lr=2e-3, weight_decay=0.1, warmup_epochs=0.25, num_workers=1,
-             log_every=5, ckpt_every=50, shuffle_chunk=500)
+             log_every=5, ckpt_every=50, shuffle_chunk=500, eval_every_epochs=0.5, eval_max_samples=500,
+             eval_knn_train_samples=1000)
 TRAIN_PRESETS: dict[str, TrainConfig] = {
     # `make demo`: ~3k 64-px Fashion-MNIST + 20 photos, 2 epochs ≈ 180 steps of 32, one torch thread + one
     # loader worker on 2 cores.

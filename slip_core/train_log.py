@@ -71,13 +71,14 @@ class Trackers:
             except ImportError:
                 print("wandb requested but not installed; skipping", file=sys.stderr)
 
-    def log(self, rec: dict) -> None:
+    def log(self, rec: dict, group: str = "train") -> None:
         scalars = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"}
         if self.tb:
             for k, v in scalars.items():
-                self.tb.add_scalar(f"train/{k}", v, rec["step"])
+                self.tb.add_scalar(f"{group}/{k}", v, rec["step"])
         if self.wb:
-            self.wb.log(scalars, step=rec["step"])
+            self.wb.log({f"{group}/{k}": v for k, v in scalars.items()} if group != "train" else scalars,
+                        step=rec["step"])
 
     def close(self) -> None:
         if self.tb:

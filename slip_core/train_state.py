@@ -137,6 +137,33 @@ def latest_checkpoint(out_dir: str) -> str | None:
     return storage.join(out_dir, "checkpoints", storage.read_text(pointer).strip())
 
 
+BEST_PREFIX = "best_step_"  # checkpoints/best_step_N.pt: weights of the best evaluation so far (TrainState.extra["best"])
+
+
+def best_checkpoint_url(out_dir: str, step: int) -> str:
+    return storage.join(out_dir, "checkpoints", f"{BEST_PREFIX}{step:08d}.pt")
+
+
+def save_best_checkpoint(out_dir: str, model: nn.Module, best: dict, train_config: dict) -> str:
+    """The weights at the best evaluation so far (load_checkpoint-able, no optimizer: it is for evaluation),
+    named by its step so a resume from an older checkpoint still finds the best that checkpoint recorded."""
+    url = best_checkpoint_url(out_dir, int(best["step"]))
+    ckpt.save_checkpoint(url, model, best=dict(best), train_config=train_config)
+    return url
+
+
+def prune_best_checkpoints(out_dir: str, keep_step: int | None) -> None:
+    """Remove best_step_*.pt files other than `keep_step`'s: called once the resume checkpoint that records
+    `keep_step` as the best is durable (older bests are dominated; later ones came from a lost trajectory)."""
+    fs, path = storage.url_to_fs(storage.join(out_dir, "checkpoints"))
+    keep = None if keep_step is None else best_checkpoint_url(out_dir, keep_step).rsplit("/", 1)[-1]
+    for p in fs.ls(path, detail=False):
+        name = p.rsplit("/", 1)[-1]
+        if name.startswith(BEST_PREFIX) and name != keep:
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm(p)
+
+
 def save_resume_checkpoint(out_dir: str, state: TrainState, model_config: ModelConfig, train_config: dict,
                            keep: int, main: bool = True) -> str:
     """checkpoints/step_N.pt atomically, then the `latest` pointer atomically, then prune to `keep` files."""

@@ -43,7 +43,8 @@ from slip_core.train_config import (TRAIN_PRESETS, BatchPlan, PlanError, TrainCo
                                     resolve)
 from slip_core.train_log import MetricsLog, Trackers
 from slip_core.train_spec import TrainSpec
-from slip_core.train_state import (TrainState, gather_object, latest_checkpoint, save_resume_checkpoint,
+from slip_core.train_state import (TrainState, best_checkpoint_url, gather_object, latest_checkpoint,
+                                   prune_best_checkpoints, save_best_checkpoint, save_resume_checkpoint,
                                    save_train_checkpoint, seed_everything)
 
 __all__ = ["TRAIN_PRESETS", "TrainConfig", "resolve", "train", "train_step", "main"]  # flows import these here
@@ -91,6 +92,8 @@ def train_step(model, loss_fn, optimizer, scaler, micro_batches: list[dict], *, 
 
 # ---------------------------------------------------------------------------------------------- build
 StepCallback = Callable[["TrainRun", dict], None]  # (run, this step's loss dict), after every optimizer step
+CallbackFactory = Callable[[TrainConfig], list]  # an entry module's callbacks for a config (evaluation/train_entry.py)
+BEST_FILE = "checkpoint_best.pt"  # next to checkpoint.pt when a callback offered a metric (TrainRun.offer_best)
 
 
 @dataclass
@@ -131,6 +134,27 @@ class TrainRun:
     def request_stop(self, reason: str) -> None:
         """For step callbacks: checkpoint at this step boundary and exit as if pre-empted."""
         self.stop.request(reason)
+
+    def offer_best(self, metric: str, value: float, **info) -> bool:
+        """For evaluation callbacks (every rank, the same value): if `value` beats the best so far (higher is
+        better; the first offer always does), record it in the resume state (TrainState.extra["best"]) and save
+        this step's weights as the best checkpoint. Returns whether it did."""
+        best = self.state.extra.get("best")
+        if best is not None and not value > best["value"]:
+            return False
+        self.state.extra["best"] = {"step": self.state.step, "metric": metric, "value": float(value), **info}
+        if self.main:
+            save_best_checkpoint(self.out_dir, unwrap(self.fwd_model), self.state.extra["best"],
+                                 cfgmod.to_dict(self.cfg))
+        return True
+
+    def log_record(self, rec: dict, group: str = "train", line: str | None = None) -> None:
+        """One metrics.jsonl line (rank 0), the same scalars to TensorBoard / W&B under `group/`, and `line`
+        (human text, slip_core/progress.py) on the console: raw JSON stays in metrics.jsonl."""
+        self.metrics_log.write(rec)
+        self.trackers.log(rec, group)
+        if self.main and line:
+            print(line, flush=True)
 
 
 def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
@@ -297,6 +321,8 @@ def checkpoint(run: TrainRun, loader: EpochLoader) -> None:
     run.state.loader = {"global_batch": run.plan.global_batch, **position}
     save_resume_checkpoint(run.out_dir, run.state, run.model_config, cfgmod.to_dict(run.cfg),
                            run.cfg.keep_checkpoints, main=run.main)
+    if run.main:  # the checkpoint now names the best: other best files are dominated or from a lost trajectory
+        prune_best_checkpoints(run.out_dir, (run.state.extra.get("best") or {}).get("step"))
     if dist.is_initialized():
         dist.barrier()
 
@@ -323,11 +349,9 @@ def _metrics_record(run: TrainRun, out: dict, epoch: int, loader: EpochLoader, w
     if hasattr(model, "logit_scale"):
         rec["logit_scale"] = float(model.logit_scale.detach().exp())
     rec["skipped"] = {k: int(v) for k, v in zip(sorted(counts), cvec.tolist()) if k != "ok"}
-    run.metrics_log.write(rec)
-    run.trackers.log(rec)
-    if run.main:  # the record is in metrics.jsonl; the console gets a human line (a bar, relayed on a terminal)
-        print(progress.step_line(rec["step"], run.stop_step, rec.get("loss"), rec["samples_per_s"],
-                                 (run.stop_step - rec["step"]) * step_t), flush=True)
+    # the console gets a human line (relayed into a bar on a terminal, flows/pretrain.py)
+    run.log_record(rec, line=progress.step_line(rec["step"], run.stop_step, rec.get("loss"), rec["samples_per_s"],
+                                                (run.stop_step - rec["step"]) * step_t))
     return rec
 
 
@@ -336,12 +360,12 @@ def finish(run: TrainRun, t_start: float) -> dict:
     """checkpoint.pt (the final TrainState, loadable by checkpoint.load_checkpoint) and final_metrics.json."""
     last = run.last
     if not last and run.main and storage.exists(run.metrics_log.path):  # resumed an already finished run
-        lines = storage.read_text(run.metrics_log.path).splitlines()
-        last = json.loads(lines[-1]) if lines else {}
+        recs = [json.loads(line) for line in storage.read_text(run.metrics_log.path).splitlines() if line.strip()]
+        last = next((r for r in reversed(recs) if "loss" in r), {})
     final = {**{k: v for k, v in last.items() if k not in ("samples_per_s", "data_time", "step_time")},
              "steps": run.state.step, "total_steps": run.total_steps, "world_size": run.world,
              "global_batch": run.plan.global_batch, "micro_batch": run.plan.micro, "accum_steps": run.plan.accum,
-             "train_time_s": round(time.time() - t_start, 2), "model": run.cfg.model}
+             "train_time_s": round(time.time() - t_start, 2), "model": run.cfg.model, **publish_best(run)}
     save_train_checkpoint(storage.join(run.out_dir, "checkpoint.pt"), run.state, run.model_config,
                           cfgmod.to_dict(run.cfg), main=run.main, metrics=final)
     if run.main:
@@ -350,6 +374,22 @@ def finish(run: TrainRun, t_start: float) -> dict:
     if dist.is_initialized():
         dist.barrier()
     return final
+
+
+def publish_best(run: TrainRun) -> dict:
+    """checkpoint_best.pt next to checkpoint.pt (a copy of the best step's weights) and its final-metrics keys:
+    best_step, best_metric, best_value (plus what the evaluation recorded). {} when nothing was offered."""
+    best = run.state.extra.get("best")
+    if not best:
+        return {}
+    out = {f"best_{k}": v for k, v in best.items()}
+    src = best_checkpoint_url(run.out_dir, int(best["step"]))
+    if run.main and not storage.exists(src):  # e.g. continued (--resume-from) from another run's checkpoint
+        print(f"warning: best checkpoint {src} is missing: {BEST_FILE} not written", file=sys.stderr, flush=True)
+        return {**out, "best_missing": True}
+    if run.main:
+        storage.put_file_atomic(src, storage.join(run.out_dir, BEST_FILE))
+    return out
 
 
 def close_logs(run: TrainRun) -> None:
@@ -383,7 +423,9 @@ def config_from_args(preset: str, config_json: str | None, sets: list[str]) -> T
         raise SystemExit(str(e)) from None
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, callback_factories: tuple[CallbackFactory, ...] = ()) -> int:
+    """The trainer's CLI; `callback_factories` (from an entry module above slip_core, e.g.
+    evaluation/train_entry.py) add step callbacks built from the resolved config."""
     p = argparse.ArgumentParser(prog="python -m slip_core.trainer", description=__doc__.split("\n")[0])
     p.add_argument("--dataset", required=True, help="dataset manifest URL")
     p.add_argument("--out", required=True, help="run directory (checkpoints/, metrics.jsonl, checkpoint.pt)")
@@ -396,10 +438,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     procs.follow_parent(graceful=True, grace_s=20.0)  # torchrun gone: checkpoint at the step boundary, exit
     cfg = config_from_args(args.preset, args.config_json, args.sets)
+    extra = [c for factory in callback_factories for c in factory(cfg)]
     try:  # one writer per run folder; each step checks the lease before the step's checkpoint is written
         with locks.rank0_writer(args.out, watch=(args.published,), wait_s=args.lease_wait, purpose="trainer"):
             train(cfg, args.dataset, args.out, resume=None if args.resume == "none" else args.resume,
-                  callbacks=[lambda run, out: locks.ensure_writer(run.out_dir)])
+                  callbacks=[lambda run, out: locks.ensure_writer(run.out_dir), *extra])
     except (NonFiniteLoss, locks.LockBusy, locks.LeaseLost) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -67,7 +67,12 @@ def test_real_stage_closures_separate_the_stages():
     assert not {"slip_core.trainer", "slip_core.models", "slip_core.losses", "slip_core.optim"} & dataset
     assert {"slip_core.trainer", "slip_core.models", "slip_core.losses", "slip_core.launch"} <= train
     zeroshot = evaluate.run_task.__module__.rsplit(".", 1)[0] + ".zeroshot"
-    assert zeroshot in evaluation and zeroshot not in train | dataset
+    probe = evaluate.run_task.__module__.rsplit(".", 1)[0] + ".linear_probe"
+    assert zeroshot in evaluation and zeroshot not in dataset
+    # training evaluates zero-shot as it goes (evaluation.train_entry -> in_training): that code is the train
+    # stage's too; the probes are not
+    assert {zeroshot, "evaluation.in_training", "evaluation.train_entry"} <= train
+    assert probe in evaluation and probe not in train | dataset
     assert not any(m.startswith("flows") for m in table | dataset | train | evaluation)
     assert "slip_core.identity" not in dataset | train | evaluation  # infrastructure, not stage code
     # the CLIP-score filter loads a model: with it on, model code is part of the dataset's identity
@@ -90,8 +95,8 @@ def test_identity_of_an_edited_copy_changes_only_where_the_module_is_used(tmp_pa
 
     before = shas(tmp_path / "same")
     assert before == shas(REPO)  # where the tree lives does not matter
-    zs = Path(*evaluate.run_task.__module__.split(".")[:-1], "zeroshot.py")
-    with open(tmp_path / "edited" / zs, "a") as f:
+    probe = Path(*evaluate.run_task.__module__.split(".")[:-1], "linear_probe.py")  # eval-only code
+    with open(tmp_path / "edited" / probe, "a") as f:
         f.write("\nEDITED = 1\n")
     after = shas(tmp_path / "edited")  # identities are memoised per (process, tree): a second tree
     assert after["eval"] != before["eval"] and after["train"] == before["train"] and after["dataset"] == before["dataset"]

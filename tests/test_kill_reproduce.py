@@ -226,8 +226,9 @@ def _weights(url: str) -> dict:
 
 
 def _metric_steps(url: str) -> list[int]:
+    """The training steps metrics.jsonl records (in-training evaluation records aside)."""
     with open(os.path.join(artifacts.artifact_root(url), "metrics.jsonl")) as f:
-        return [json.loads(line)["step"] for line in f if line.strip()]
+        return [r["step"] for r in (json.loads(line) for line in f if line.strip()) if "loss" in r]
 
 
 @pytest.fixture(scope="module")

@@ -330,7 +330,8 @@ def test_prefect_cancellation_of_a_flow_run_stops_its_trainer(prefect_server, da
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(1)
-        _wait_for(lambda: any("slip_core.trainer" in cmd for _, cmd in tagged(tag)), 240, "the trainer", log)
+        # the flow runs the trainer as evaluation.train_entry (slip_core.trainer + in-training evaluation)
+        _wait_for(lambda: any("evaluation.train_entry" in cmd for _, cmd in tagged(tag)), 240, "the trainer", log)
         _wait_for(lambda: "training SLIP_VIT_TINY" in open(log).read(), 120, "training", log)
         time.sleep(3.0)
         with get_client(sync_client=True) as client:

@@ -37,13 +37,21 @@ def test_pretrain_flow_publishes_and_caches(prefect_server, ds, tmp_path):
     first = time.time() - t0
     m = artifacts.load_verified(url)
     assert m.kind == "checkpoint" and {f.path for f in m.files} == {
-        "checkpoint.pt", "metrics.jsonl", "loss_curve.png", "config.json", "final_metrics.json"}
+        "checkpoint.pt", "checkpoint_best.pt", "metrics.jsonl", "loss_curve.png", "config.json", "final_metrics.json"}
     assert m.upstream["dataset"].sha256 == artifacts.load_manifest(ds).sha256
     assert m.config["model_overrides"]["image_size"] == 32 and m.config["nproc"] == 1
     assert m.metrics["steps"] == 6 and m.metrics["world_size"] == 1
     root = artifacts.artifact_root(url)
-    steps = [json.loads(line)["step"] for line in open(os.path.join(root, "metrics.jsonl"))]
-    assert steps == [1, 2, 3, 4, 5, 6]
+    recs = [json.loads(line) for line in open(os.path.join(root, "metrics.jsonl"))]
+    assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    # the tiny preset evaluates zero-shot every half epoch (evaluation.train_entry): steps 3 and 6; the
+    # artifact publishes the best step's weights with its step and value
+    evals = [r for r in recs if "eval_metric" in r]
+    assert [(r["step"], r["eval_metric"], r["eval_dataset"]) for r in evals] == [
+        (3, "zeroshot_top1", "fashion_mnist"), (6, "zeroshot_top1", "fashion_mnist")]
+    best = max(evals, key=lambda r: (r["zeroshot_top1"], -r["step"]))
+    assert (m.metrics["best_step"], m.metrics["best_value"]) == (best["step"], best["zeroshot_top1"])
+    assert load_checkpoint(os.path.join(root, "checkpoint_best.pt")).config.kind == "slip"
     with open(os.path.join(root, "loss_curve.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert load_checkpoint(os.path.join(root, "checkpoint.pt")).config.kind == "slip"

@@ -44,6 +44,22 @@ def test_pipeline_produces_verified_artifacts_and_report(first_run):
     assert {(x["task"], x["dataset"]) for x in results} == {("zeroshot", "fashion_mnist"), ("linear", "fashion_mnist")}
     html = open(artifacts.local_path(r["report"])).read()
     assert "loss curve" in html and "fashion_mnist" in html and "Lineage" in html
+    # issue 20: the in-training zero-shot curve and its best step; the demo evaluates the final checkpoint
+    ck = artifacts.load_manifest(r["checkpoint"])
+    assert "Evaluation during training" in html
+    assert f"best step {ck.metrics['best_step']}, zero-shot {ck.metrics['best_value']:.1f}%" in html
+    assert artifacts.load_manifest(r["eval"]).config["checkpoint_file"] == "checkpoint.pt"
+
+
+def test_which_best_evaluates_the_best_checkpoint_and_reruns_only_eval(first_run):
+    store, r = first_run
+    before = _mtime(artifacts.manifest_url(r["checkpoint"]))
+    r2 = _again(store, eval_config={**EVAL, "linear": [], "which": "best"})
+    m = artifacts.load_manifest(r2["eval"])
+    assert r2["checkpoint"] == r["checkpoint"] and _mtime(artifacts.manifest_url(r2["checkpoint"])) == before
+    assert m.config["which"] == "best" and m.config["checkpoint_file"] == "checkpoint_best.pt"
+    best = storage.join(artifacts.artifact_root(r["checkpoint"]), "checkpoint_best.pt")
+    assert m.config["checkpoint_sha256"] == storage.sha256_file(best)
 
 
 def test_clip_baseline_is_trained_on_the_same_dataset_at_equal_steps_and_reported_beside_slip(first_run):

@@ -115,11 +115,11 @@ def test_non_finite_loss_stops_training(ds, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- resume
-def _launch(cfg_path: str, ds: str, out: str, extra: list[str] | None = None, nproc: int = 1) -> subprocess.Popen:
+def _launch(cfg_path: str, ds: str, out: str, extra: list[str] | None = None, nproc: int = 1,
+            module: str = "slip_core.trainer") -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    cmd = [sys.executable, "-m", "slip_core.trainer"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        "-m", "slip_core.trainer"]
+    cmd = [sys.executable, "-m", module] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module]
     cmd += ["--dataset", ds, "--out", out, "--config-json", cfg_path, *(extra or [])]
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
@@ -144,17 +144,19 @@ def _kill_at_step(proc: subprocess.Popen, out: str, step: int, timeout: float = 
 
 
 def test_sigkill_at_three_steps_then_resume_is_bit_identical(ds, tmp_path, fault_log):
-    # 3 epochs of 8 steps (epoch boundaries are crossed), checkpoints every 3 steps, 2 loader workers.
-    cfg = small_cfg(epochs=3, samples_per_epoch=128, num_workers=2, ckpt_every=3, warmup_epochs=0.5)
+    # 3 epochs of 8 steps (epoch boundaries are crossed), checkpoints every 3 steps, 2 loader workers, and
+    # evaluation during training (evaluation.train_entry: zero-shot on 40 Fashion-MNIST test images every 4 steps).
+    cfg = small_cfg(epochs=3, samples_per_epoch=128, num_workers=2, ckpt_every=3, warmup_epochs=0.5,
+                    eval_every_steps=4, eval_dataset="fashion_mnist", eval_max_samples=40)
     cfg_path = str(tmp_path / "cfg.json")
     with open(cfg_path, "w") as f:
         json.dump(cfgmod.to_dict(cfg), f)
-    ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "run")
-    ref = _launch(cfg_path, ds, ref_dir)  # uninterrupted reference, same launcher
+    ref_dir, run_dir, entry = str(tmp_path / "ref"), str(tmp_path / "run"), "evaluation.train_entry"
+    ref = _launch(cfg_path, ds, ref_dir, module=entry)  # uninterrupted reference, same launcher
     killed_at = []
     for target in (5, 11, 17):  # between checkpoints (3, 6, 9, ...): work after the checkpoint is lost
-        killed_at.append(_kill_at_step(_launch(cfg_path, ds, run_dir), run_dir, target))
-    last = _launch(cfg_path, ds, run_dir)
+        killed_at.append(_kill_at_step(_launch(cfg_path, ds, run_dir, module=entry), run_dir, target))
+    last = _launch(cfg_path, ds, run_dir, module=entry)
     out_last, _ = last.communicate(timeout=300)
     out_ref, _ = ref.communicate(timeout=300)
     assert ref.returncode == 0, out_ref
@@ -165,18 +167,30 @@ def test_sigkill_at_three_steps_then_resume_is_bit_identical(ds, tmp_path, fault
     assert a.keys() == b.keys()
     diff = [k for k in a if not torch.equal(a[k], b[k])]
     assert not diff, f"parameters differ after resume: {diff[:5]}"
-    ref_m, run_m = read_metrics(ref_dir), read_metrics(run_dir)
+    ref_all, run_all = read_metrics(ref_dir), read_metrics(run_dir)
+    ref_m, run_m = ([r for r in m if "loss" in r] for m in (ref_all, run_all))
     assert [r["step"] for r in run_m] == list(range(1, 25))  # no gap, no duplicate
     for x, y in zip(ref_m, run_m):
         assert (x["loss"], x["clip_acc"], x["ssl_loss"], x["lr"]) == (y["loss"], y["clip_acc"], y["ssl_loss"], y["lr"])
+    # the evaluations and the best-so-far resume exactly too (eval_seconds aside)
+    ref_e, run_e = ([{k: v for k, v in r.items() if k != "eval_seconds"} for r in m if "eval_metric" in r]
+                    for m in (ref_all, run_all))
+    assert [r["step"] for r in run_e] == [4, 8, 12, 16, 20, 24] and run_e == ref_e
+    best = load_state(os.path.join(run_dir, "checkpoint.pt"))["train_state"]["extra"]["best"]
+    assert best == load_state(os.path.join(ref_dir, "checkpoint.pt"))["train_state"]["extra"]["best"]
+    a_best, b_best = (load_state(os.path.join(d, "checkpoint_best.pt")) for d in (ref_dir, run_dir))
+    assert a_best["best"] == b_best["best"] == best
+    assert [k for k in a_best["state_dict"] if not torch.equal(a_best["state_dict"][k], b_best["state_dict"][k])] == []
     ck = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
-    assert ck == ["latest", "step_00000021.pt", "step_00000024.pt"]  # keep_checkpoints=2, pointer last
+    # keep_checkpoints=2, pointer last, and the best step's weights
+    assert ck == sorted(["latest", "step_00000021.pt", "step_00000024.pt", f"best_step_{best['step']:08d}.pt"])
     assert not [n for n in os.listdir(run_dir) if n.endswith(".tmp")]
     for target in (5, 11, 17):
         fault_log.record("kill", "train", f"SIGKILL of the trainer (2 loader workers) at step >= {target}, between "
-                         "checkpoints", f"resumed from the last checkpoint; after 3 kills final parameters bit-identical "
-                         f"to an uninterrupted run ({len(a)} tensors), metrics steps 1..{len(run_m)} with no gap or "
-                         "duplicate and equal losses, no temp files", bound="< 300 s")
+                         "checkpoints, evaluation during training on", f"resumed from the last checkpoint; after 3 kills "
+                         f"final parameters bit-identical to an uninterrupted run ({len(a)} tensors), metrics steps "
+                         f"1..{len(run_m)} with no gap or duplicate and equal losses, the same {len(run_e)} zero-shot "
+                         "evaluations, best step and checkpoint_best.pt, no temp files", bound="< 300 s")
 
 
 def test_resampled_shards_resume_exactly_across_an_epoch_boundary(ds, tmp_path, capsys):
@@ -262,7 +276,7 @@ def test_launch_templates_are_valid():
     for name in ("torchrun_multinode.sh", "slurm_train.sbatch"):
         path = os.path.join(infra, name)
         subprocess.run(["bash", "-n", path], check=True)  # syntax
-        assert "slip_core.trainer" in open(path).read()
+        assert "-m evaluation.train_entry" in open(path).read()  # the trainer with in-training evaluation
     # SLURM's warning goes to the job step's tasks (the trainer ranks), not only to the batch shell ("B:")
     sbatch = open(os.path.join(infra, "slurm_train.sbatch")).read()
     assert "#SBATCH --signal=USR1@120" in sbatch and "B:USR1" not in sbatch and "exec " in sbatch
