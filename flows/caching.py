@@ -49,19 +49,20 @@ class ContentInputs(CachePolicy):
 
     code: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    stop: tuple[str, ...] = ()
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str | None:
         kept = {k: content_key(v) for k, v in sorted(inputs.items()) if k not in self.exclude}
-        return hash_objects(kept, identity.code(self.code).sha256, raise_on_failure=True)
+        return hash_objects(kept, identity.code(self.code, stop=self.stop).sha256, raise_on_failure=True)
 
 
-def stage_cache(code: Iterable[str], *exclude: str) -> ContentInputs:
+def stage_cache(code: Iterable[str], *exclude: str, stop: Iterable[str] = ()) -> ContentInputs:
     """The policy of a stage task: its inputs by content (minus `exclude`, e.g. a progress flag or a timeout)
-    plus the code identity of the stage's entry modules `code`."""
+    plus the code identity of the stage's entry modules `code` (not entering `stop`, as the stage's identity)."""
     codes = tuple(code)
     if not codes or isinstance(code, str):
         raise ValueError("stage_cache needs the stage's entry modules, e.g. stage_cache(TRAIN_CODE, 'timeout_s')")
-    return ContentInputs(code=codes, exclude=tuple(exclude))
+    return ContentInputs(code=codes, exclude=tuple(exclude), stop=tuple(stop))
 
 
 def refreshing() -> bool:

@@ -41,6 +41,10 @@ DEFAULT_TIMEOUT_S = {"tiny": 3600.0}  # presets not listed: 14 days
 # launcher only names it in a string): the trainer with in-training evaluation, with everything they import.
 TRAIN_ENTRY = "evaluation.train_entry"
 TRAIN_CODE = (torchrun_command.__module__, "slip_core.trainer", TRAIN_ENTRY)
+# Not entered: in-training evaluation only watches the run (weights are bit-identical with it on or off,
+# tests/test_in_training_eval.py), so a fix in evaluation code reruns the eval stage, never a pretraining
+# (issue 16). The checkpoint's manifest still records the whole repo's code_version for lineage.
+TRAIN_MONITORS = ("evaluation.in_training",)
 RESUMED_FROM = "resumed_from.json"  # in the run folder: which checkpoint of another run this one started from
 
 
@@ -51,7 +55,7 @@ def make_config(preset: str, config: dict | None = None) -> TrainConfig:
 def train_identity(dataset_sha256: str, config: dict, nproc: int) -> identity.StageIdentity:
     """Identity of a pretraining run: dataset manifest sha256, resolved TrainConfig (dict) and world size."""
     return identity.stage("checkpoint", str(config["model"]).lower(), {"dataset": dataset_sha256},
-                          {**config, "nproc": nproc}, TRAIN_CODE)
+                          {**config, "nproc": nproc}, TRAIN_CODE, stop=TRAIN_MONITORS)
 
 
 def _check_dataset(url: str, store: Store) -> artifacts.Manifest:
@@ -109,7 +113,8 @@ def _copy(url: str, local: str) -> None:
         shutil.copyfileobj(src, dst, storage.CHUNK)
 
 
-@task(name="pretrain", cache_policy=stage_cache(TRAIN_CODE, "timeout_s", "resume", "resume_from", "launcher"),
+@task(name="pretrain", cache_policy=stage_cache(TRAIN_CODE, "timeout_s", "resume", "resume_from", "launcher",
+                                                         stop=TRAIN_MONITORS),
       persist_result=True)
 def train_task(dataset: str, store: str, config: dict, nproc: int, timeout_s: float, resume: str = "latest",
                resume_from: str | None = None, launcher: dict | None = None) -> str:
