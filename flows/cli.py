@@ -3,7 +3,8 @@
 Each stage's arguments live next to its flow (flows/cli_<stage>.py, function `register(subparsers)`),
 and are imported only when that stage is asked for, so `slip --help` stays fast. Every command that
 reads or writes artifacts takes the same `--store` (default $SLIP_STORE or ./out/store), and uses a
-running `slip server start` Prefect server when it finds one (flows/prefect_server.py).
+running `slip server start` Prefect server when it finds one, else a temporary one that dies with the command
+(flows/prefect_server.py).
 """
 from __future__ import annotations
 
@@ -86,10 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if hasattr(args, "store_default"):
         args.store = store_of(args)
+    no_server: tuple[type[Exception], ...] = ()
     if stage not in NO_PREFECT:
         from flows import prefect_server
 
         prefect_server.connect(getattr(args, "store", None))
+        no_server = (prefect_server.ServerUnavailable,)
     from slip_core.config import ConfigError
 
     try:
@@ -97,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # a typo in --set or a config file: say so, no traceback
         print(f"slip {stage}: invalid configuration: {e}", file=sys.stderr)
         return 2
+    except no_server as e:  # the temporary Prefect server did not come up: say where its log is
+        print(f"slip {stage}: {e}", file=sys.stderr)
+        return 1
     return int(result or 0)
 
 
