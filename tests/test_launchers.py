@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from slip_core import artifacts, launchers, procs
+from slip_core import artifacts, launchers, procs, progress
 from slip_core.checkpoint import load_state
 from tests._stage_runs import TRAIN_SETS
 from tests._train_util import fashion_samples, write_dataset
@@ -85,7 +85,7 @@ def test_submitit_job_publishes_the_same_artifact_as_a_local_run(ds, local_run, 
     assert_same_artifact(url, local_run[0])
     assert any(re.match(r"submitted local job \d+ \(2 task\(s\)/node x 1 node\(s\)\); log: .*_0_log.out", ln)
                for ln in flow_lines)
-    assert any(ln.startswith('{"step": 2,') for ln in flow_lines), flow_lines[-20:]  # the job's own log
+    assert any((progress.parse_step_line(ln) or (0,))[0] == 2 for ln in flow_lines), flow_lines[-20:]  # the job's log
     # the identity does not depend on the launcher: the local launcher finds this run's artifact complete
     assert explain(ds, store, TRAIN_SETS, "tiny", NPROC).startswith("cached")
     print(f"\nsubmit->publish: submitit local {took:.1f}s, local torchrun {local_run[1]:.1f}s")
@@ -250,7 +250,7 @@ def test_preempted_submitit_job_resumes_exactly(ds, tmp_path, monkeypatch):
         job_id = re.search(r"submitted local job (\d+)", line)
         if job_id:
             sent.append(int(job_id.group(1)))
-        if line.startswith('{"step": 1,') and len(sent) == 1:  # the warning, while step 2 runs
+        if (progress.parse_step_line(line) or (0,))[0] == 1 and len(sent) == 1:  # the warning, while step 2 runs
             tasks = open(f"/proc/{sent[0]}/task/{sent[0]}/children").read().split()
             for pid in tasks:
                 os.kill(int(pid), signal.SIGUSR1)
