@@ -16,6 +16,10 @@ os.environ["PREFECT_LOGGING_TO_API_ENABLED"] = "false"
 os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
 os.environ.pop("PREFECT_API_URL", None)
 
+# Prefect imported now, with the settings above: a test calling flows.cli.main in this process then runs its
+# flows in-process as before, instead of starting a `slip` temporary server here (flows/prefect_server.py
+# connect() leaves an embedding process that has imported Prefect alone); subprocesses still get their own.
+import prefect  # noqa: E402,F401
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
