@@ -53,12 +53,8 @@ def _healthy(url: str, timeout_s: float = 2.0) -> bool:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not procs.pid_alive(pid):
         return False
-    except PermissionError:
-        return True
     try:  # a recycled pid is not ours: only a `prefect server` process counts
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmd = f.read().replace(b"\0", b" ")
