@@ -19,7 +19,7 @@ reads only the first 77 tokens. Cleaning itself is linear in the text length (se
 hostile field costs milliseconds before it is cut.
 
 Speed: the file is read in blocks of whole lines (yfcc_blocks: memory-mapped when local and uncompressed)
-and parsed in parallel threads (yfcc_parse: numpy byte scans, Arrow copies, DuckDB regexes); per row only
+and parsed in parallel threads (yfcc_parse: numpy byte scans, Arrow copies and RE2 regexes); per row only
 the field count and the line number are looked at, the text fields are cut out, decoded and cleaned for
 subset members only (~15% of YFCC100M). Rows are written in row groups with one ParquetWriter, so memory
 stays flat whatever the input size. bench/filter_yfcc.py measures it against the reference loop.
@@ -42,7 +42,6 @@ import pyarrow.parquet as pq
 from slip_core import storage
 from slip_core.failpoints import failpoint
 
-from datasets import engine
 from datasets.sources import BadInput
 from datasets.sources import yfcc_parse as yparse
 from datasets.sources import yfcc_blocks
@@ -316,12 +315,14 @@ def filter_yfcc(
     bad = malformed_recorder(report, bad_rows)
     phys0 = 0
     try:
-        with storage.atomic_open(output, "wb") as out, open_binary(metadata) as f, engine.connect() as con:
+        with storage.atomic_open(output, "wb") as out, open_binary(metadata) as f:
             # text columns are nearly all distinct: dictionary pages would only cost time and bytes
-            writer = pq.ParquetWriter(out, SCHEMA, compression="zstd", use_dictionary=False)
+            # and min/max statistics only help on the key and number columns
+            writer = pq.ParquetWriter(out, SCHEMA, compression="zstd", use_dictionary=False,
+                                      write_statistics=["key", "line_number", "photo_id"])
             try:
                 rows = RowGroups(writer, batch_rows)
-                for block, first, last, parsed in parsed_blocks(metadata, f, layout, bitmap, line_offset, con, vectorized):
+                for block, first, last, parsed in parsed_blocks(metadata, f, layout, bitmap, line_offset, vectorized):
                     table, n = _filter_block(block, first, last, layout, bitmap, line_offset, strict, report, bad, parsed)
                     phys0 = first + n
                     rows.add(table.cast(SCHEMA))

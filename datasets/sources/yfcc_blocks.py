@@ -3,8 +3,8 @@
 A local uncompressed file is memory-mapped: a block is a zero-copy view of the page cache, cut after the
 last newline before BLOCK_BYTES (the numpy parser and Arrow read it in place). Anything else (any fsspec
 URL, .bz2 / .gz / ...) is streamed with readinto into blocks of whole lines. Blocks are parsed by
-datasets.sources.yfcc_parse.parse_block, `workers` at a time in threads (numpy, Arrow and DuckDB release
-the GIL), each with its own DuckDB cursor; a block's first physical line is counted (numpy) before it is
+datasets.sources.yfcc_parse.parse_block, `workers` at a time in threads (numpy and Arrow release
+the GIL); a block's first physical line is counted (numpy) before it is
 handed out, so blocks parse independently.
 """
 from __future__ import annotations
@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import mmap
 import os
-import threading
 
 import numpy as np
 from fsspec.utils import infer_compression
@@ -26,6 +25,7 @@ from slip_core import storage
 
 BLOCK_BYTES = 16 << 20  # metadata is parsed in blocks of whole lines of about this size
 PARSE_THREADS = min(os.cpu_count() or 1, 4)
+AHEAD = 4  # blocks in flight per parse thread (views of the map; their parsed rows are ~1/10 of a block)
 READ_ERRORS = (EOFError, OSError, ValueError, RuntimeError)  # what a truncated / corrupt compressed stream raises
 
 
@@ -106,7 +106,7 @@ def count_lines(block, last: bool) -> int:
     return int(np.count_nonzero(buf == 10)) + (1 if last and len(buf) and buf[-1] != 10 else 0)
 
 
-def parsed_blocks(metadata, f, layout, bitmap, line_offset, con, vectorized, workers: int = PARSE_THREADS):
+def parsed_blocks(metadata, f, layout, bitmap, line_offset, vectorized, workers: int = PARSE_THREADS):
     """(block, first physical line, last, parse_block result or None) in file order.
 
     23-column rows are numbered by position, so each block's first line is counted before it is parsed.
@@ -118,12 +118,9 @@ def parsed_blocks(metadata, f, layout, bitmap, line_offset, con, vectorized, wor
             yield block, known, last, None
             known += count_lines(block, last)
         return
-    local = threading.local()
 
     def parse(block, first, lay, last):
-        if not hasattr(local, "con"):
-            local.con = con.cursor()
-        return yparse.parse_block(block, first, lay, bitmap, line_offset, local.con, last)
+        return yparse.parse_block(block, first, lay, bitmap, line_offset, last)
 
     relative = dataclasses.replace(layout, first_good=-1)  # every line of a shifted block is past it
     counting, done = True, 0
@@ -146,7 +143,7 @@ def parsed_blocks(metadata, f, layout, bitmap, line_offset, con, vectorized, wor
                 counting = layout.pos[0] is None or known <= layout.first_good
             else:
                 pending.append((block, None, last, pool.submit(parse, block, 0, relative, last)))
-            while len(pending) > workers:
+            while len(pending) > AHEAD * workers:  # parsing goes on while the caller writes a row group
                 yield ready()
         while pending:
             yield ready()

@@ -31,7 +31,6 @@ import pyarrow.parquet as pq
 from slip_core import storage
 from slip_core.failpoints import failpoint
 
-from datasets import engine
 from datasets.sources import BadInput
 from datasets.sources import yfcc
 from datasets.sources import yfcc_parse as yparse
@@ -101,7 +100,7 @@ def _digits_column(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _clean_batch(batch: pa.RecordBatch, cols: dict, row0: int, strict: bool, report: yfcc.FilterReport, bad,
-                 con, bitmap: np.ndarray | None) -> pa.Table:
+                 bitmap: np.ndarray | None) -> pa.Table:
     t = pa.Table.from_batches([batch])
     pid_ok, pid = _digits_column(t[cols["photo_id"]])
     url = _text(t[cols["download_url"]])
@@ -121,7 +120,7 @@ def _clean_batch(batch: pa.RecordBatch, cols: dict, row0: int, strict: bool, rep
                     for a in (title_raw, desc_raw))
     fast = yparse.valid_utf8(t_dec) & yparse.valid_utf8(d_dec)
     sel = pa.array(np.flatnonzero(fast))
-    title, desc = yparse.clean_in_engine(con, t_dec.take(sel).cast(pa.large_string()), d_dec.take(sel).cast(pa.large_string()))
+    title, desc = (yparse.slip_regexes(a.take(sel).cast(pa.large_string())) for a in (t_dec, d_dec))
     title, desc = title.to_pylist(), desc.to_pylist()
     slow_t, slow_d = title_raw.filter(pa.array(~fast)).to_pylist(), desc_raw.filter(pa.array(~fast)).to_pylist()
     clean = yfcc.clean_strict if strict else yfcc.clean_slip
@@ -170,7 +169,7 @@ def filter_yfcc_parquet(source: str, output: str, subset: str | None = None, mod
 
     row0 = 0
     try:
-        with storage.atomic_open(output, "wb") as out, engine.connect() as con:
+        with storage.atomic_open(output, "wb") as out:
             writer = pq.ParquetWriter(out, yfcc.SCHEMA, compression="zstd")
             try:
                 for url in fl:
@@ -181,7 +180,7 @@ def filter_yfcc_parquet(source: str, output: str, subset: str | None = None, mod
                         if cols is None:
                             raise BadInput(f"{url}: not a YFCC100M-named parquet (need {', '.join(REQUIRED)})")
                         for batch in pf.iter_batches(batch_size=batch_rows, columns=[c for c in cols.values() if c]):
-                            table = _clean_batch(batch, cols, row0, strict, report, bad, con, bitmap)
+                            table = _clean_batch(batch, cols, row0, strict, report, bad, bitmap)
                             row0 += batch.num_rows
                             writer.write_table(table.cast(yfcc.SCHEMA))
                             failpoint("filter.batch_written")

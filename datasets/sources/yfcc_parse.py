@@ -12,15 +12,20 @@ same result byte for byte (tests/test_yfcc.py runs both on hostile input):
   runs of ASCII between non-ASCII characters, and a complete character never merges with its neighbours);
   every other row — invalid UTF-8 anywhere, a field over MAX_TEXT_CHARS, a number too long for int64 — is
   handed to the reference code, so rare cases cost Python time and nothing else does;
-* SLIP's regexes run in DuckDB (RE2): `<a.*?>|</a>|<b>|</b>|<i>|</i>` has the same leftmost-first matches
-  in RE2 and Python (`.` excludes only "\\n" in both), and `\\S` is spelled as the complement of exactly the
-  characters Python's str `\\s` matches (str.isspace), since RE2's `\\S` is ASCII-only.
+* SLIP's regexes run in Arrow's compute kernels (RE2), on only the rows that contain '<' (tags) or
+  'http' / 'www' (URLs), as clean_slip skips them: `<a.*?>|</a>|<b>|</b>|<i>|</i>` has the same
+  leftmost-first matches in RE2 and Python (`.` excludes only "\\n" in both), and `\\S` is spelled as the
+  complement of exactly the characters Python's str `\\s` matches (str.isspace), since RE2's `\\S` is
+  ASCII-only.
+
+Speed (bench/filter_yfcc.py): every byte is looked at once, by one `buf <= 10` scan whose hits are the tabs
+and newlines (and, rarely, other control bytes, dropped); field boundaries of a line are then plain index
+arithmetic into that one array. Everything after the subset test touches member rows only.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -62,21 +67,19 @@ class Block:
 
 
 def _digits(buf: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(is all ASCII digits and non-empty, value, too long) of the byte ranges [a, b)."""
+    """(is all ASCII digits and non-empty, value, too long) of the byte ranges [a, b): one digit position of
+    every range at a time (a few vector ops per position, on uint8 digits)."""
     n = b - a
     ok = n > 0
-    long = n > MAX_DIGITS
-    width = int(min(n.max(initial=0), MAX_DIGITS))
+    m = np.minimum(n, MAX_DIGITS)
     val = np.zeros(len(a), np.int64)
-    if width:  # all ranges at once, as a [rows, width] digit matrix (positions past a range's end are masked)
-        k = np.arange(width)
-        live = k[None, :] < np.minimum(n, MAX_DIGITS)[:, None]
-        d = buf[np.minimum(a[:, None] + k[None, :], len(buf) - 1)].astype(np.int64) - 48
-        ok &= ~(live & ((d < 0) | (d > 9))).any(axis=1)
-        d = np.where(live, d, 0)
-        shift = np.maximum(np.minimum(n, MAX_DIGITS)[:, None] - 1 - k[None, :], 0)  # digit j of an m-digit number: 10**(m-1-j)
-        val = (d * (10 ** shift)).sum(axis=1)
-    long &= ok
+    end = len(buf) - 1
+    for k in range(int(m.max(initial=0))):
+        live = k < m
+        d = buf[np.minimum(a + k, end)] - np.uint8(48)  # non-digits wrap around above 9
+        ok &= ~live | (d <= 9)
+        val = np.where(live, val * 10 + d, val)
+    long = ok & (n > MAX_DIGITS)
     if long.any():  # digits beyond MAX_DIGITS: the value is left to the reference code
         for i in np.flatnonzero(long):
             ok[i] = bytes(buf[a[i]:b[i]]).isdigit()
@@ -136,17 +139,35 @@ def valid_utf8(arr: pa.Array) -> np.ndarray:
     return out
 
 
-def clean_in_engine(con: duckdb.DuckDBPyConnection, title: pa.Array, desc: pa.Array) -> tuple[pa.Array, pa.Array]:
-    """SLIP's tag then URL removal on already unquoted text, in DuckDB (RE2)."""
-    con.register("yfcc_text", pa.table({"i": np.arange(len(title)), "t": title, "d": desc}))
-    tags, urls = f"'{TAGS_RE2}'", f"'{URLS_RE2}'"  # no quote inside either pattern
-    inner = ", ".join(f"CASE WHEN contains({c}, '<') THEN regexp_replace({c}, {tags}, '', 'g') ELSE {c} END AS {c}"
-                      for c in ("t", "d"))
-    outer = ", ".join(f"CASE WHEN contains({c}, 'http') OR contains({c}, 'www') THEN regexp_replace({c}, {urls}, '', 'g') "
-                      f"ELSE {c} END AS {c}" for c in ("t", "d"))
-    out = con.sql(f"SELECT {outer} FROM (SELECT i, {inner} FROM yfcc_text) ORDER BY i").to_arrow_table()
-    con.unregister("yfcc_text")
-    return out["t"].combine_chunks(), out["d"].combine_chunks()
+def rows_containing(arr: pa.Array, needle: bytes) -> np.ndarray:
+    """Per row of a compact large string/binary array: does it contain the ASCII `needle`? A numpy scan for
+    its first byte, then its other bytes, within the row (an ASCII byte never occurs inside a multi-byte
+    UTF-8 character, so this is the substring test on the text)."""
+    if not len(arr):
+        return np.zeros(0, bool)
+    offs, data = offsets_data(arr)
+    at = np.flatnonzero(data[:max(len(data) - len(needle) + 1, 0)] == needle[0])
+    for k, c in enumerate(needle[1:], 1):
+        at = at[data[at + k] == c]
+    row = np.searchsorted(offs, at, side="right") - 1
+    out = np.zeros(len(arr), bool)
+    out[row[at + len(needle) <= offs[row + 1]]] = True
+    return out
+
+
+def _replace_where(arr: pa.Array, hit: np.ndarray, pattern: str) -> pa.Array:
+    """`arr` with every match of RE2 `pattern` deleted in the rows `hit` (the others cannot match it)."""
+    if not hit.any():
+        return arr
+    mask = pa.array(hit)
+    return pc.replace_with_mask(arr, mask, pc.replace_substring_regex(arr.filter(mask), pattern, ""))
+
+
+def slip_regexes(text: pa.Array) -> pa.Array:
+    """SLIP's tag then URL removal on already unquoted text (compact large_string), in Arrow (RE2), on the
+    rows that contain '<', resp. 'http' or 'www'."""
+    text = _replace_where(text, rows_containing(text, b"<"), TAGS_RE2)
+    return _replace_where(text, rows_containing(text, b"http") | rows_containing(text, b"www"), URLS_RE2)
 
 
 def line_keys(lines: np.ndarray) -> pa.Array:
@@ -175,16 +196,21 @@ def offsets_data(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return offs - offs[0], data[offs[0]:offs[-1]]
 
 
-def _lines(buf: np.ndarray, last: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(line starts, line ends (the newline), tab positions, tabs before each line, tabs in each line) of a
-    block of whole lines."""
-    nl = np.flatnonzero(buf == 10)
-    ends = nl if (not last or (len(buf) and buf[-1] == 10)) else np.r_[nl, len(buf)]
-    starts = np.r_[0, ends[:-1] + 1] if len(ends) else np.zeros(0, np.int64)
-    tabs = np.flatnonzero(buf == 9)
-    t_hi = np.searchsorted(tabs, ends)
-    t_lo = np.r_[0, t_hi[:-1]] if len(ends) else t_hi  # no tab sits on a newline: tabs before line i = up to line i-1's end
-    return starts, ends, tabs, t_lo, t_hi - t_lo
+def _lines(buf: np.ndarray, last: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(line starts, separator positions, index in them of each line's first separator, tabs in each line)
+    of a block of whole lines. Separators are the tabs and newlines, found by one scan; a line's separators
+    are consecutive in the array and its newline ends them, so field j ends at seps[first + j]."""
+    seps = np.flatnonzero(buf <= 10)
+    kind = buf[seps]
+    if len(kind) and kind.min() < 9:  # other control bytes are field content, not separators
+        keep = kind >= 9
+        seps, kind = seps[keep], kind[keep]
+    nl = np.flatnonzero(kind == 10)
+    if last and len(buf) and buf[-1] != 10:  # a final line without its newline ends at the end of the block
+        seps, nl = np.r_[seps, len(buf)], np.r_[nl, len(seps)]
+    first = np.r_[0, nl[:-1] + 1] if len(nl) else nl
+    starts = np.r_[0, seps[nl[:-1]] + 1] if len(nl) else nl
+    return starts, seps, first, nl - first
 
 
 def first_numbers(block, last: bool) -> tuple[np.ndarray, list[bytes]]:
@@ -203,25 +229,24 @@ def first_numbers(block, last: bool) -> tuple[np.ndarray, list[bytes]]:
     return val[plain], [bytes(buf[starts[i]:ends[i] + 1]) for i in np.flatnonzero(~plain)]
 
 
-def parse_block(block, phys0: int, layout: Layout, bitmap: np.ndarray | None, line_offset: int,
-                con: duckdb.DuckDBPyConnection, last: bool) -> Block:
+def parse_block(block, phys0: int, layout: Layout, bitmap: np.ndarray | None, line_offset: int, last: bool) -> Block:
     """Parse the whole lines of `block` (bytes-like; its first line is physical line `phys0`; `last`: the
     file's end, where a final line may lack its newline)."""
     buf = np.frombuffer(block, np.uint8)
     whole = pa.py_buffer(block)
-    starts, ends, tabs, t_lo, ntab = _lines(buf, last)
-    phys = phys0 + np.arange(len(ends))
+    starts, seps, first, ntab = _lines(buf, last)
+    phys = phys0 + np.arange(len(starts))
     want = layout.columns - 1
     malformed = [(int(p), f"{int(k) + 1} tab-separated fields, want {'25 or 23' if p < layout.first_good else layout.columns}")
                  for p, k in zip(phys[ntab != want], ntab[ntab != want])]
     good = np.flatnonzero(ntab == want)
     pos_ln, pos_id, pos_hash, pos_t, pos_d, pos_u = layout.pos
     if not len(good):
-        return Block(None, len(ends), 0, malformed, [])
+        return Block(None, len(starts), 0, malformed, [])
 
     def field(idx: np.ndarray, j: int) -> tuple[np.ndarray, np.ndarray]:
-        a = starts[idx] if j == 0 else tabs[t_lo[idx] + j - 1] + 1
-        return a, tabs[t_lo[idx] + j]
+        a = starts[idx] if j == 0 else seps[first[idx] + j - 1] + 1
+        return a, seps[first[idx] + j]
 
     slow_lines = []
     if pos_ln is None:
@@ -243,20 +268,20 @@ def parse_block(block, phys0: int, layout: Layout, bitmap: np.ndarray | None, li
     slow_lines += [int(i) for i in good[pid_ok & pid_long]]
     keep = pid_ok & ~pid_long
     good, ln, pid = good[keep], ln[keep], pid[keep]
-    rows, fast = _clean_rows(whole, field, good, layout, con)
+    rows, fast = _clean_rows(whole, field, good, layout)
     idx = np.flatnonzero(fast)
     slow_lines += [int(i) for i in good[~fast]]
     lines = ln[idx]
     table = pa.table({"_phys": pa.array(phys[good[idx]], pa.int64()), "key": line_keys(lines),
                       "line_number": pa.array(lines, pa.int64()), "photo_id": pa.array(pid[idx], pa.int64()), **rows})
-    slow = sorted((int(phys[i]), bytes(buf[starts[i]:ends[i] + 1])) for i in set(slow_lines))
-    return Block(table, len(ends), len(table), malformed, slow)
+    slow = sorted((int(phys[i]), bytes(buf[starts[i]:seps[first[i] + ntab[i]] + 1])) for i in set(slow_lines))
+    return Block(table, len(starts), len(table), malformed, slow)
 
 
-def _clean_rows(whole: pa.Buffer, field, good: np.ndarray, layout: Layout, con) -> tuple[dict, np.ndarray]:
+def _clean_rows(whole: pa.Buffer, field, good: np.ndarray, layout: Layout) -> tuple[dict, np.ndarray]:
     """The text columns of lines `good`, cleaned, for the rows the vectorised path takes, and that mask:
     raw and decoded text valid UTF-8, an ASCII hash, cleaned fields within MAX_TEXT (the rest go to the
-    reference code)."""
+    reference code). Nearly every row qualifies: selections are only taken when some do not."""
     _, _, pos_hash, pos_t, pos_d, pos_u = layout.pos
     raw = {j: _ranges(whole, *field(good, j)) for j in (pos_t, pos_d, pos_u)}
     fast = valid_utf8(raw[pos_t]) & valid_utf8(raw[pos_d]) & valid_utf8(raw[pos_u])
@@ -265,17 +290,18 @@ def _clean_rows(whole: pa.Buffer, field, good: np.ndarray, layout: Layout, con) 
     photo_hash = _ranges(whole, *field(good, pos_hash)) if pos_hash is not None else None
     if photo_hash is not None:
         fast &= np.asarray(pc.string_is_ascii(photo_hash.cast(pa.large_string(), safe=False)))
-    sel = pa.array(np.flatnonzero(fast))
-    title, desc = clean_in_engine(con, text[pos_t].take(sel).cast(pa.large_string()), text[pos_d].take(sel).cast(pa.large_string()))
+    title, desc = (slip_regexes(_select(text[j], fast).cast(pa.large_string())) for j in (pos_t, pos_d))
     too_long = np.asarray(pc.or_(pc.greater(pc.utf8_length(title), MAX_TEXT), pc.greater(pc.utf8_length(desc), MAX_TEXT)))
     fast[np.flatnonzero(fast)[too_long]] = False
-    short = pa.array(np.flatnonzero(~too_long))
-    title, desc = title.take(short), desc.take(short)
-    sel = pa.array(np.flatnonzero(fast))
-    n = len(sel)
-    return {"photo_hash": photo_hash.take(sel).cast(pa.large_string()) if photo_hash is not None else pa.array([""] * n, pa.large_string()),
+    title, desc = _select(title, ~too_long), _select(desc, ~too_long)
+    n = int(fast.sum())
+    return {"photo_hash": _select(photo_hash, fast).cast(pa.large_string()) if photo_hash is not None else pa.array([""] * n, pa.large_string()),
             "title": title, "description": desc, "caption": pc.if_else(pc.not_equal(title, ""), title, desc),
-            "download_url": raw[pos_u].take(sel).cast(pa.large_string())}, fast
+            "download_url": _select(raw[pos_u], fast).cast(pa.large_string())}, fast
+
+
+def _select(arr: pa.Array, mask: np.ndarray) -> pa.Array:
+    return arr if mask.all() else arr.take(pa.array(np.flatnonzero(mask)))
 
 
 MAX_TEXT = 8192  # = yfcc.MAX_TEXT_CHARS (yfcc.py asserts they agree)
