@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from slip_core.config import resolve
 
+from datasets.quality import hash_engines
 from datasets.quality.config import QUALITY_PRESETS, QualityConfig  # issue 10: dedup, decontamination, filters
 
 @dataclass
@@ -50,10 +51,17 @@ class DatasetConfig:
     # `success` rows into `filtered` + reason. Not part of the work-folder identity: nothing is re-downloaded.
     quality: QualityConfig = field(default_factory=QualityConfig)
     distributor: str = "multiprocessing"  # img2dataset distributor: multiprocessing | pyspark (datasets/img2dataset_spark.py)
+    # Where the quality pass's perceptual hashes run (datasets/quality/hash_engines.py): "processes" (local
+    # pool) | "dask://host:port" | "spark" | "spark://host:7077". Execution only: not part of any identity.
+    hash_engine: str = "processes"
 
     def __post_init__(self):
         if self.distributor not in ("multiprocessing", "pyspark"):
             raise ValueError(f"DatasetConfig.distributor must be 'multiprocessing' or 'pyspark', got {self.distributor!r}")
+        try:
+            hash_engines.parse(self.hash_engine)
+        except ValueError as e:
+            raise ValueError(f"DatasetConfig.hash_engine: {e}") from None
         if self.clean_mode not in ("slip", "strict"):
             raise ValueError(f"DatasetConfig.clean_mode must be 'slip' or 'strict', got {self.clean_mode!r}")
         if self.resize_mode not in ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"):
@@ -82,7 +90,8 @@ DATASET_PRESETS: dict[str, DatasetConfig] = {
                           processes_count=2, thread_count=16, shards_per_group=64, max_image_area=4.0e7),
 }
 PLANNING_FIELDS = {"shuffle_seed"}  # decide the grouping of new attempts only
-PARALLEL_FIELDS = {"processes_count", "thread_count", "shards_per_group", "parallel_groups", "subprocess_timeout_s", "name", "distributor"}
+PARALLEL_FIELDS = {"processes_count", "thread_count", "shards_per_group", "parallel_groups", "subprocess_timeout_s", "name", "distributor",
+                   "hash_engine"}
 
 
 def make_config(config: dict | None = None, preset: str | None = None) -> DatasetConfig:

@@ -99,15 +99,19 @@ class _ThreadStreams(io.TextIOBase):
         (getattr(self.local, "file", None) or self.original).flush()
 
 
-def _session(argv: list[str]):
-    """The one SparkSession of this process, built from the environment."""
+def session(argv: list[str], environ: dict | None = None, app_name: str | None = None):
+    """The one SparkSession of this process, built from the environment (`environ`, default os.environ);
+    the quality pass's Spark hash engine builds its session here too (datasets/quality/hash_engines.py)."""
     # Spark's Python workers must be this interpreter (the one with img2dataset), not `python3` on PATH.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     from pyspark.sql import SparkSession
 
     builder = SparkSession.builder
-    for k, v in spark_conf(argv).items():
+    conf = spark_conf(argv, environ)
+    if app_name:
+        conf["spark.app.name"] = app_name
+    for k, v in conf.items():
         builder = builder.config(k, v)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
@@ -185,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     from slip_core import procs
 
     procs.follow_parent(graceful=False)
-    spark = _session(jobs[0]["argv"] if jobs else [])
+    spark = session(jobs[0]["argv"] if jobs else [])
     print(f"img2dataset_spark: application {spark.sparkContext.applicationId}, {len(jobs)} group(s)", flush=True)
     try:
         errors = run_jobs(jobs, spark)

@@ -210,7 +210,7 @@ def apply_quality(con: duckdb.DuckDBPyConnection, cfg: DatasetConfig):
     """The quality pass on the engine's ledger: its decisions are written back into `ledger`.
     Returns (fingerprints, report) for the ledger columns and quality.json."""
     led = con.sql(ledger_sql()).to_arrow_table().cast(LEDGER_SCHEMA)
-    out, fps, report = quality_pass.run_quality(led, cfg.quality)
+    out, fps, report = quality_pass.run_quality(led, cfg.quality, cfg.hash_engine)
     con.register("quality_out", out.select(["key", "status", "reason"]).filter(pc.not_equal(out["status"], "success")))
     con.execute("""CREATE OR REPLACE TEMP TABLE ledger AS
         SELECT l.* REPLACE (CASE WHEN q.key IS NOT NULL AND l.status = 'success' THEN q.status ELSE l.status END AS status,

@@ -66,7 +66,7 @@ def verify_task(table_manifest: str, store: str, config: dict) -> dict:
         summary["fingerprint"] = ledger.ledger_fingerprint(con)
         if cfg.quality.enabled:  # issue 10: hash every image once, here (cached per shard; publish's quality pass reuses it)
             fates = con.sql(ledger.ledger_sql()).to_arrow_table()
-            summary["images_fingerprinted"] = len(fingerprint_ledger(fates))
+            summary["images_fingerprinted"] = len(fingerprint_ledger(fates, engine=cfg.hash_engine))
     return summary
 
 

@@ -144,5 +144,5 @@ def test_shards_are_hashed_in_parallel_with_the_same_result(tmp_path, monkeypatc
     seq = [fp.shard_fingerprints(t, cache=False) for t in tars]
     par = fp.map_shards(tars, cache=True, workers=2)
     assert all(a.equals(b) for a, b in zip(seq, par))
-    assert all(os.path.exists(fp._cache_url(t)) for t in tars)
+    assert all(os.path.exists(fp.cache_url(t)) for t in tars)
     assert all(a.equals(b) for a, b in zip(seq, fp.map_shards(tars, workers=2)))  # from the cache now

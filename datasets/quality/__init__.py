@@ -2,6 +2,7 @@
 decontamination and dedup, applied to a download ledger when a dataset is published.
 
     fingerprint.py     pHash + byte hashes per image, cached per img2dataset shard
+    hash_engines.py    where the per-shard hashing runs: processes | dask://host:port | spark
     filters.py         caption / image-size / CLIP-score rules
     decontaminate.py   eval-set overlap (the eval catalog's test splits)
     dedup.py           exact + near-duplicate collapse, stable across versions

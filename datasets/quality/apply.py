@@ -40,10 +40,11 @@ def load_previous(dataset_manifest: str) -> pa.Table:
     return dedup.previous_table(ledger)
 
 
-def run_quality(ledger: pa.Table, cfg: QualityConfig) -> tuple[pa.Table, pa.Table, dict]:
-    """The whole pass for the dataset stage: fingerprints (cached per shard), CLIP scores if configured,
-    the previous version if configured, apply_quality_report. Returns (ledger, fingerprints, report)."""
-    fps = fingerprint.fingerprint_ledger(ledger)
+def run_quality(ledger: pa.Table, cfg: QualityConfig, hash_engine: str = "processes") -> tuple[pa.Table, pa.Table, dict]:
+    """The whole pass for the dataset stage: fingerprints (cached per shard, hashed on `hash_engine`), CLIP
+    scores if configured, the previous version if configured, apply_quality_report. Returns (ledger,
+    fingerprints, report)."""
+    fps = fingerprint.fingerprint_ledger(ledger, engine=hash_engine)
     scores = clip_scores_for_ledger(ledger, cfg.clip_score_checkpoint) if cfg.clip_score_checkpoint else None
     previous = load_previous(cfg.previous_dataset) if cfg.previous_dataset else None
     out, report = apply_quality_report(ledger, fps, cfg, previous, scores=scores)

@@ -14,18 +14,23 @@ Shard tars are read as a stream (datasets.tarshards) and are untrusted input: li
 whose names are absolute, have `..` or control characters are skipped and counted; truncated tars raise;
 images above the loader's pixel cap are never decoded (error 'too_large'). JPEGs are decoded in draft mode
 (libjpeg DCT scaling to >= 128 px, twice the hash's input size): bench/fingerprint.py measures the speed-up.
+
+Shards are hashed in parallel (`map_shards`, `fingerprint_ledger`) on a hash engine (hash_engines.py,
+`DatasetConfig.hash_engine`): `processes` (a local fork pool, default), `dask://host:port` (a running
+Dask scheduler's workers) or `spark` / `spark://host:7077` (the active SparkSession, else one built like
+the pyspark distributor's, datasets/img2dataset_spark.session; tables come back as Arrow IPC bytes). The
+same function (`shard_fingerprints`) runs everywhere, results come back in shard order, and each worker
+writes its shard's cache atomically next to the group's out/ folder, so on a cluster the store must be
+shared. Shards already cached are read on the caller and never sent. SLIP_DASK_SCHEDULER=host:port
+overrides the configured engine. The engine is an execution setting (PARALLEL_FIELDS), never an identity.
 """
 from __future__ import annotations
 
 import collections
-import concurrent.futures
-import functools
 import hashlib
 import io
 import json
 import logging
-import multiprocessing
-import os
 from typing import Iterable, Iterator
 
 import imagehash
@@ -35,7 +40,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from datasets import tarshards
-from slip_core import procs, storage
+from datasets.quality import hash_engines
+from slip_core import storage
 
 log = logging.getLogger(__name__)
 HASH_SIZE = 16  # imagehash hash_size -> HASH_SIZE**2 = 256 bits
@@ -222,7 +228,7 @@ def iter_ledger_samples(ledger: pa.Table) -> Iterator[tuple[str, dict[str, bytes
 CACHE_DIR = f"fingerprints-v1-h{HASH_SIZE}-d{DRAFT_SIDE}"  # a different hash/decode never reuses a cache
 
 
-def _cache_url(tar_url: str) -> str | None:
+def cache_url(tar_url: str) -> str | None:
     gpath, name = tar_url.rsplit("/out/", 1) if "/out/" in tar_url else (None, None)
     return storage.join(gpath, CACHE_DIR, name.replace(".tar", ".parquet")) if gpath else None
 
@@ -231,20 +237,16 @@ def shard_fingerprints(tar_url: str, cache: bool = True, draft: bool = True) -> 
     """Fingerprints of one img2dataset shard (keyed by img2dataset key), cached next to the group's out/
     folder: a complete shard never changes, so each image is decoded and hashed once, however often the
     dataset is re-published (new quality settings, retries of other rows)."""
-    cache_url = _cache_url(tar_url) if cache else None
-    if cache_url and storage.exists(cache_url):
-        fs, p = storage.url_to_fs(cache_url)
+    target = cache_url(tar_url) if cache else None
+    if target and storage.exists(target):
+        fs, p = storage.url_to_fs(target)
         with fs.open(p, "rb") as f:
             return pq.read_table(f)
     table = fingerprint_tars([tar_url], draft=draft)
-    if cache_url:
-        with storage.atomic_open(cache_url, "wb") as f:
+    if target:
+        with storage.atomic_open(target, "wb") as f:
             pq.write_table(table, f)
     return table
-
-
-HASH_WORKERS_ENV = "SLIP_HASH_WORKERS"  # processes for the perceptual hashing (default: one per core)
-DASK_SCHEDULER_ENV = "SLIP_DASK_SCHEDULER"  # host:port: hash the shards on that Dask cluster instead
 
 
 def _shard_task(args: tuple) -> pa.Table:
@@ -252,47 +254,33 @@ def _shard_task(args: tuple) -> pa.Table:
     return shard_fingerprints(url, cache, draft)
 
 
-def map_shards(tars: list[str], cache: bool = True, draft: bool = True, workers: int | None = None) -> list[pa.Table]:
-    """shard_fingerprints over `tars`, in order, in parallel: a local process pool (`workers`, env
-    SLIP_HASH_WORKERS, default one per core), or a Dask cluster when SLIP_DASK_SCHEDULER names one (the same
-    function runs there; the per-shard cache is written next to the shards, so the store must be shared).
-    Shards whose cache exists are read here, not sent anywhere."""
+def map_shards(tars: list[str], cache: bool = True, draft: bool = True, workers: int | None = None,
+               engine: str = "processes") -> list[pa.Table]:
+    """shard_fingerprints over `tars`, in order, on the hash engine `engine` names (hash_engines: a local
+    process pool of `workers`, a Dask scheduler, Spark; SLIP_DASK_SCHEDULER overrides). The same function
+    runs everywhere and writes each shard's cache where it ran, so a cluster needs a shared store. Shards
+    whose cache exists are read here and never sent anywhere."""
     out: list[pa.Table | None] = [None] * len(tars)
     todo = []
     for i, url in enumerate(tars):
-        cached = _cache_url(url) if cache else None
+        cached = cache_url(url) if cache else None
         if cached and storage.exists(cached):
             out[i] = shard_fingerprints(url, cache, draft)
         else:
             todo.append(i)
-    scheduler = os.environ.get(DASK_SCHEDULER_ENV)
-    workers = workers or int(os.environ.get(HASH_WORKERS_ENV, "0") or 0) or (os.cpu_count() or 1)
-    args = [(tars[i], cache, draft) for i in todo]
-    if scheduler and todo:
-        from distributed import Client
-
-        with Client(scheduler) as client:
-            results = client.gather(client.map(_shard_task, args, pure=False))
-    elif workers > 1 and len(todo) > 1:
-        ctx = multiprocessing.get_context("fork")
-        # Forked workers hold their own queue's write end, so they would wait forever once we are gone:
-        # each follows our pid (slip_core.procs) and ends with us.
-        follow = functools.partial(procs.follow_parent, graceful=False, parent=os.getpid())
-        with concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=follow) as pool:
-            results = list(pool.map(_shard_task, args))
-    else:
-        results = [_shard_task(a) for a in args]
+    results = hash_engines.map_ordered(_shard_task, [(tars[i], cache, draft) for i in todo], engine, workers)
     for i, t in zip(todo, results):
         out[i] = t
     return out
 
 
-def fingerprint_ledger(ledger: pa.Table, cache: bool = True, draft: bool = True, workers: int | None = None) -> pa.Table:
+def fingerprint_ledger(ledger: pa.Table, cache: bool = True, draft: bool = True, workers: int | None = None,
+                       engine: str = "processes") -> pa.Table:
     """Fingerprints of the ledger's `success` rows, keyed by dataset key (per-shard cached, see above;
-    shards hashed in parallel, map_shards)."""
+    shards hashed in parallel on `engine`, map_shards)."""
     tars, key_map = ledger_sources(ledger)
     parts = []
-    for url, t in zip(tars, map_shards(tars, cache, draft, workers)):
+    for url, t in zip(tars, map_shards(tars, cache, draft, workers, engine)):
         keys = [key_map.get((url, k)) for k in t["key"].to_pylist()]
         mask = pa.array([k is not None for k in keys])
         t = t.set_column(0, "key", pa.array(keys, pa.string())).filter(mask)
