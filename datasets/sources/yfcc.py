@@ -148,8 +148,7 @@ def read_subset(url: str) -> bytearray:
         raise BadInput(f"{url}: no such subset file")
     numbers = []
     with open_binary(url) as f:
-        for block, last in yfcc_blocks.blocks(url, f):
-            plain, rare = yparse.first_numbers(block, last)
+        for plain, rare in yfcc_blocks.bounded_map(lambda b: yparse.first_numbers(*b), yfcc_blocks.blocks(url, f)):
             numbers.append(plain)
             for raw in rare:
                 head = raw.split(b"\t", 1)[0].strip()

@@ -106,6 +106,19 @@ def count_lines(block, last: bool) -> int:
     return int(np.count_nonzero(buf == 10)) + (1 if last and len(buf) and buf[-1] != 10 else 0)
 
 
+def bounded_map(fn, items, workers: int = PARSE_THREADS):
+    """fn over items in `workers` threads, results in order, at most AHEAD * workers items in flight (a
+    streamed file is never read far ahead of its consumer)."""
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        pending: collections.deque = collections.deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            while len(pending) > AHEAD * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def parsed_blocks(metadata, f, layout, bitmap, line_offset, vectorized, workers: int = PARSE_THREADS):
     """(block, first physical line, last, parse_block result or None) in file order.
 
@@ -139,7 +152,8 @@ def parsed_blocks(metadata, f, layout, bitmap, line_offset, vectorized, workers:
         for block, last in blocks(metadata, f):
             if counting:
                 pending.append((block, known, last, pool.submit(parse, block, known, layout, last)))
-                known += count_lines(block, last)
+                # a block holds at least one line: past a first good line 0 no count is needed
+                known += count_lines(block, last) if layout.pos[0] is None or layout.first_good > 0 else 1
                 counting = layout.pos[0] is None or known <= layout.first_good
             else:
                 pending.append((block, None, last, pool.submit(parse, block, 0, relative, last)))

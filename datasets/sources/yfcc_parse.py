@@ -108,9 +108,7 @@ def unquote_plus(offs: np.ndarray, data: np.ndarray) -> tuple[np.ndarray, np.nda
         keep[pct + 1] = False
         keep[pct + 2] = False
         data = data[keep]
-        removed = np.zeros(len(offs), np.int64)
-        np.add.at(removed, row + 1, 2)
-        offs = offs - np.cumsum(removed)
+        offs = offs - np.cumsum(2 * np.bincount(row + 1, minlength=len(offs)))
     else:
         data = data.copy()
     data[data == 43] = 32
@@ -166,8 +164,10 @@ def _replace_where(arr: pa.Array, hit: np.ndarray, pattern: str) -> pa.Array:
 def slip_regexes(text: pa.Array) -> pa.Array:
     """SLIP's tag then URL removal on already unquoted text (compact large_string), in Arrow (RE2), on the
     rows that contain '<', resp. 'http' or 'www'."""
-    text = _replace_where(text, rows_containing(text, b"<"), TAGS_RE2)
-    return _replace_where(text, rows_containing(text, b"http") | rows_containing(text, b"www"), URLS_RE2)
+    tagged = rows_containing(text, b"<")
+    # rows the tag pass leaves alone keep their http/www status; a tagged row may gain one ("ht<b>tp")
+    linked = tagged | rows_containing(text, b"http") | rows_containing(text, b"www")
+    return _replace_where(_replace_where(text, tagged, TAGS_RE2), linked, URLS_RE2)
 
 
 def line_keys(lines: np.ndarray) -> pa.Array:
@@ -290,14 +290,15 @@ def _clean_rows(whole: pa.Buffer, field, good: np.ndarray, layout: Layout) -> tu
     photo_hash = _ranges(whole, *field(good, pos_hash)) if pos_hash is not None else None
     if photo_hash is not None:
         fast &= np.asarray(pc.string_is_ascii(photo_hash.cast(pa.large_string(), safe=False)))
-    title, desc = (slip_regexes(_select(text[j], fast).cast(pa.large_string())) for j in (pos_t, pos_d))
+    # rows in `fast` are valid UTF-8 (checked above): the casts need not validate again
+    title, desc = (slip_regexes(_select(text[j], fast).cast(pa.large_string(), safe=False)) for j in (pos_t, pos_d))
     too_long = np.asarray(pc.or_(pc.greater(pc.utf8_length(title), MAX_TEXT), pc.greater(pc.utf8_length(desc), MAX_TEXT)))
     fast[np.flatnonzero(fast)[too_long]] = False
     title, desc = _select(title, ~too_long), _select(desc, ~too_long)
     n = int(fast.sum())
     return {"photo_hash": _select(photo_hash, fast).cast(pa.large_string()) if photo_hash is not None else pa.array([""] * n, pa.large_string()),
             "title": title, "description": desc, "caption": pc.if_else(pc.not_equal(title, ""), title, desc),
-            "download_url": _select(raw[pos_u], fast).cast(pa.large_string())}, fast
+            "download_url": _select(raw[pos_u], fast).cast(pa.large_string(), safe=False)}, fast
 
 
 def _select(arr: pa.Array, mask: np.ndarray) -> pa.Array:
