@@ -18,14 +18,16 @@ same result byte for byte (tests/test_yfcc.py runs both on hostile input):
   complement of exactly the characters Python's str `\\s` matches (str.isspace), since RE2's `\\S` is
   ASCII-only.
 
-Speed (bench/filter_yfcc.py): every byte is looked at once, by one `buf <= 10` scan whose hits are the tabs
-and newlines (and, rarely, other control bytes, dropped); field boundaries of a line are then plain index
-arithmetic into that one array. Everything after the subset test touches member rows only.
+Speed (bench/filter_yfcc.py): every byte is looked at once, by one compiled pass (numba, GIL released)
+that lists the tabs and newlines; field boundaries of a line are then plain index arithmetic into that one
+array, and digit fields are read by a second small kernel. Everything after the subset test touches member
+rows only (numpy and Arrow).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -66,23 +68,30 @@ class Block:
                      [(p + lines, raw) for p, raw in self.slow])
 
 
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _digits_kernel(buf, a, b, ok, val, long):  # pragma: no cover  (compiled; tested through _digits)
+    for r in range(a.shape[0]):
+        n = b[r] - a[r]
+        good = n > 0
+        v = 0
+        for k in range(n):
+            d = np.int64(buf[a[r] + k]) - 48
+            if d < 0 or d > 9:
+                good = False
+                break
+            if k < MAX_DIGITS:
+                v = v * 10 + d
+        ok[r] = good
+        val[r] = v if good else 0
+        long[r] = good and n > MAX_DIGITS
+
+
 def _digits(buf: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(is all ASCII digits and non-empty, value, too long) of the byte ranges [a, b): one digit position of
-    every range at a time (a few vector ops per position, on uint8 digits)."""
-    n = b - a
-    ok = n > 0
-    m = np.minimum(n, MAX_DIGITS)
-    val = np.zeros(len(a), np.int64)
-    end = len(buf) - 1
-    for k in range(int(m.max(initial=0))):
-        live = k < m
-        d = buf[np.minimum(a + k, end)] - np.uint8(48)  # non-digits wrap around above 9
-        ok &= ~live | (d <= 9)
-        val = np.where(live, val * 10 + d, val)
-    long = ok & (n > MAX_DIGITS)
-    if long.any():  # digits beyond MAX_DIGITS: the value is left to the reference code
-        for i in np.flatnonzero(long):
-            ok[i] = bytes(buf[a[i]:b[i]]).isdigit()
+    """(is all ASCII digits and non-empty, value, too long: more than MAX_DIGITS, value left to the reference
+    code) of the byte ranges [a, b), in one compiled loop."""
+    ok, long = np.empty(len(a), bool), np.empty(len(a), bool)
+    val = np.empty(len(a), np.int64)
+    _digits_kernel(buf, np.ascontiguousarray(a, np.int64), np.ascontiguousarray(b, np.int64), ok, val, long)
     return ok, val, long
 
 
@@ -91,28 +100,32 @@ def binary_array(offs: np.ndarray, data: np.ndarray) -> pa.Array:
                                             [None, pa.py_buffer(offs), pa.py_buffer(np.ascontiguousarray(data))])
 
 
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _unquote_kernel(offs, data, hexval, out_offs, out):  # pragma: no cover  (compiled; tested through unquote_plus)
+    j = 0
+    for r in range(offs.shape[0] - 1):
+        out_offs[r] = j
+        i, end = offs[r], offs[r + 1]
+        while i < end:
+            c = np.int64(data[i])
+            if c == 37 and i + 2 < end:  # '%' and two hex digits inside the field
+                hi, lo = hexval[data[i + 1]], hexval[data[i + 2]]
+                if hi >= 0 and lo >= 0:
+                    c = hi * 16 + lo
+                    i += 2
+            out[j] = 32 if c == 43 else c
+            j += 1
+            i += 1
+    out_offs[offs.shape[0] - 1] = j
+    return j
+
+
 def unquote_plus(offs: np.ndarray, data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Percent-decode every field (bytes), then '+' -> ' '."""
-    pct = np.flatnonzero(data == 37)
-    if len(pct):
-        row = np.searchsorted(offs, pct, side="right") - 1
-        inside = pct + 2 < offs[row + 1]
-        pct, row = pct[inside], row[inside]
-        hi, lo = _HEX[data[pct + 1]], _HEX[data[pct + 2]]
-        good = (hi >= 0) & (lo >= 0)
-        pct, row, hi, lo = pct[good], row[good], hi[good], lo[good]
-    if len(pct):
-        data = data.copy()
-        data[pct] = (hi * 16 + lo).astype(np.uint8)
-        keep = np.ones(len(data), bool)
-        keep[pct + 1] = False
-        keep[pct + 2] = False
-        data = data[keep]
-        offs = offs - np.cumsum(2 * np.bincount(row + 1, minlength=len(offs)))
-    else:
-        data = data.copy()
-    data[data == 43] = 32
-    return offs, data
+    """Percent-decode every field (bytes: '%' + two hex digits inside the field become that byte, as
+    urllib.parse.unquote_to_bytes does), then '+' -> ' ' (decoded ones too), in one compiled pass."""
+    out_offs, out = np.empty(len(offs), np.int64), np.empty(len(data), np.uint8)
+    n = _unquote_kernel(np.ascontiguousarray(offs, np.int64), data, _HEX, out_offs, out)
+    return out_offs, out[:n]
 
 
 def valid_utf8(arr: pa.Array) -> np.ndarray:
@@ -196,16 +209,33 @@ def offsets_data(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return offs - offs[0], data[offs[0]:offs[-1]]
 
 
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _separators(buf, seps, newlines):  # pragma: no cover  (compiled; tested through _lines)
+    """Positions of the tabs and newlines of buf in seps, and which of them are newlines (their index in
+    seps) in newlines; returns both counts. Other control bytes are field content."""
+    k = j = 0
+    for i in range(buf.shape[0]):
+        c = buf[i]
+        if c <= 10:
+            if c == 10:
+                seps[k] = i
+                newlines[j] = k
+                j += 1
+                k += 1
+            elif c == 9:
+                seps[k] = i
+                k += 1
+    return k, j
+
+
 def _lines(buf: np.ndarray, last: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(line starts, separator positions, index in them of each line's first separator, tabs in each line)
-    of a block of whole lines. Separators are the tabs and newlines, found by one scan; a line's separators
-    are consecutive in the array and its newline ends them, so field j ends at seps[first + j]."""
-    seps = np.flatnonzero(buf <= 10)
-    kind = buf[seps]
-    if len(kind) and kind.min() < 9:  # other control bytes are field content, not separators
-        keep = kind >= 9
-        seps, kind = seps[keep], kind[keep]
-    nl = np.flatnonzero(kind == 10)
+    of a block of whole lines. Separators are the tabs and newlines, found by one pass over the bytes; a
+    line's separators are consecutive in the array and its newline ends them, so field j ends at
+    seps[first + j]. The output arrays are sized for the worst case but only the used part is touched."""
+    seps, nl = np.empty(len(buf) + 1, np.int64), np.empty(len(buf) + 1, np.int64)
+    k, j = _separators(buf, seps, nl)
+    seps, nl = seps[:k], nl[:j]
     if last and len(buf) and buf[-1] != 10:  # a final line without its newline ends at the end of the block
         seps, nl = np.r_[seps, len(buf)], np.r_[nl, len(seps)]
     first = np.r_[0, nl[:-1] + 1] if len(nl) else nl
