@@ -247,14 +247,9 @@ def first_numbers(block, last: bool) -> tuple[np.ndarray, list[bytes]]:
     """(values of the lines whose first tab-separated field is 1..MAX_DIGITS ASCII digits, the other lines
     raw) of a block of whole lines: how a subset list is read."""
     buf = np.frombuffer(block, np.uint8)
-    nl = np.flatnonzero(buf == 10)
-    ends = nl if (not last or (len(buf) and buf[-1] == 10)) else np.r_[nl, len(buf)]
-    starts = np.r_[0, ends[:-1] + 1] if len(ends) else np.zeros(0, np.int64)
-    tabs = np.flatnonzero(buf == 9)
-    first = np.searchsorted(tabs, starts)
-    tab = tabs[np.minimum(first, len(tabs) - 1)] if len(tabs) else np.full(len(starts), len(buf))
-    stop = np.where((first < len(tabs)) & (tab < ends), tab, ends)
-    ok, val, long = _digits(buf, starts, stop)
+    starts, seps, first, ntab = _lines(buf, last)
+    ends = seps[first + ntab]  # each line's newline (or the block's end)
+    ok, val, long = _digits(buf, starts, seps[first])  # up to the first tab, or the whole line
     plain = ok & ~long
     return val[plain], [bytes(buf[starts[i]:ends[i] + 1]) for i in np.flatnonzero(~plain)]
 
