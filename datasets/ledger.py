@@ -16,9 +16,12 @@ metadata when the source has one (YFCC, and every malformed row: those have no k
 from __future__ import annotations
 
 import hashlib
+from typing import Iterator
 
 import duckdb
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from slip_core import storage
 
@@ -204,6 +207,40 @@ def final_ledger(table_path: str, work: str, malformed_path: str | None = None) 
     with engine.connect() as con:
         build_ledger(con, table_path, work, malformed_path)
         return con.sql(ledger_sql()).to_arrow_table().cast(LEDGER_SCHEMA)
+
+
+SOURCE_ORDER = "gpath, src_shard, i2d_key"  # the order successes are read from img2dataset's shards
+
+
+def success_shards(con: duckdb.DuckDBPyConnection) -> list[tuple[str, int]]:
+    """(group path, shard id) of every img2dataset shard that holds a success of the ledger, in order."""
+    return con.execute("SELECT DISTINCT gpath, src_shard FROM ledger_v WHERE status = 'success' ORDER BY 1, 2").fetchall()
+
+
+def success_by_shard(con: duckdb.DuckDBPyConnection, columns: str = "i2d_key, key",
+                     where: str = "") -> Iterator[tuple[str, int, pa.Table]]:
+    """(group path, shard id, its successes' `columns`) per img2dataset shard, in SOURCE_ORDER, streamed from
+    the engine: one shard's rows in memory at a time. `where`: an extra SQL condition on ledger_v. The
+    connection must not run other queries until the iteration ends."""
+    sql = (f"SELECT gpath, src_shard, {columns} FROM ledger_v WHERE status = 'success'"
+           f"{' AND ' + where if where else ''} ORDER BY {SOURCE_ORDER}")
+    cur, parts = None, []
+    for batch in engine.batches(con, sql):
+        g, s, n = batch.column(0), batch.column(1), len(batch)
+        change = np.ones(n, bool)
+        if n > 1:
+            change[1:] = pc.or_(pc.not_equal(g.slice(1), g.slice(0, n - 1)),
+                                pc.not_equal(s.slice(1), s.slice(0, n - 1))).to_numpy(zero_copy_only=False)
+        starts = np.r_[np.flatnonzero(change), n]
+        for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()):
+            here = (g[a].as_py(), s[a].as_py())
+            if here != cur:
+                if cur is not None:
+                    yield cur[0], cur[1], pa.Table.from_batches(parts).drop_columns(["gpath", "src_shard"])
+                cur, parts = here, []
+            parts.append(batch.slice(a, b - a))
+    if cur is not None:
+        yield cur[0], cur[1], pa.Table.from_batches(parts).drop_columns(["gpath", "src_shard"])
 
 
 def status_summary(con: duckdb.DuckDBPyConnection, table: str = "ledger") -> dict:

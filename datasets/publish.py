@@ -20,7 +20,7 @@ import json
 
 import duckdb
 import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from slip_core import artifacts, identity, storage
 from slip_core.config import to_dict
@@ -30,10 +30,12 @@ from slip_core.store import Store
 from datasets import engine, tarshards
 from datasets import quality as quality_pass  # issue 10: dedup, decontamination, filters
 from datasets.config import PARALLEL_FIELDS, DatasetConfig
-from datasets.ledger import LEDGER_SCHEMA, build_ledger, ledger_fingerprint, ledger_sql, status_summary
+from datasets.ledger import (LEDGER_SCHEMA, SOURCE_ORDER, build_ledger, ledger_fingerprint, ledger_sql, status_summary, success_by_shard,
+                             success_shards)
+from datasets.quality import fingerprint
 
 VERSIONS_FILE = "versions.json"  # in the work folder: {settings hash: [artifact folder names, oldest first]}
-SHARD_ORDER = "gpath, src_shard, i2d_key"  # the repack order (deterministic)
+SHARD_ORDER = SOURCE_ORDER  # the repack order (deterministic)
 
 
 def iter_shard_samples(tar_url: str):
@@ -155,19 +157,8 @@ class _ShardWriter:
 
 def _source_shards(con: duckdb.DuckDBPyConnection):
     """(gpath, shard, {i2d key: (dataset key, output shard)}) per source shard, in repack order, streamed."""
-    cur, wanted = None, {}
-    sql = (f"SELECT gpath, src_shard, i2d_key, key, shard FROM ledger_v WHERE status = 'success' "
-           f"AND NOT starts_with(shard, '../') ORDER BY {SHARD_ORDER}")
-    for batch in engine.batches(con, sql):
-        cols = [batch.column(i).to_pylist() for i in range(5)]  # one batch of rows at a time
-        for g, s, ik, k, out in zip(*cols):
-            if (g, s) != cur:
-                if cur is not None:
-                    yield cur[0], cur[1], wanted
-                cur, wanted = (g, s), {}
-            wanted[ik] = (k, out)
-    if cur is not None:
-        yield cur[0], cur[1], wanted
+    for gpath, s, t in success_by_shard(con, "i2d_key, key, shard", "NOT starts_with(shard, '../')"):
+        yield gpath, s, {ik: (k, out) for ik, k, out in zip(*(t[c].to_pylist() for c in ("i2d_key", "key", "shard")))}
 
 
 def repack_from_engine(con: duckdb.DuckDBPyConnection, root: str) -> dict[str, int]:
@@ -176,7 +167,7 @@ def repack_from_engine(con: duckdb.DuckDBPyConnection, root: str) -> dict[str, i
     writer = _ShardWriter(root)
     try:
         for gpath, s, wanted in _source_shards(con):
-            for ik, sample in iter_shard_samples(storage.join(gpath, "out", f"{int(s):05d}.tar")):
+            for ik, sample in iter_shard_samples(fingerprint.shard_url(gpath, s)):
                 hit = wanted.pop(ik, None)
                 if hit is not None:
                     writer.add(hit[1], hit[0], sample)
@@ -206,27 +197,64 @@ def repack(ledger: pa.Table, root: str, samples_per_shard: int) -> tuple[pa.Tabl
 
 # ------------------------------------------------------------------------------------------ quality
 
-def apply_quality(con: duckdb.DuckDBPyConnection, cfg: DatasetConfig):
-    """The quality pass on the engine's ledger: its decisions are written back into `ledger`.
-    Returns (fingerprints, report) for the ledger columns and quality.json."""
-    led = con.sql(ledger_sql()).to_arrow_table().cast(LEDGER_SCHEMA)
-    out, fps, report = quality_pass.run_quality(led, cfg.quality, cfg.hash_engine)
-    con.register("quality_out", out.select(["key", "status", "reason"]).filter(pc.not_equal(out["status"], "success")))
+def _success_sources(con: duckdb.DuckDBPyConnection):
+    """(tar url, i2d keys, dataset keys) per img2dataset shard holding successes (streamed)."""
+    for gpath, s, t in success_by_shard(con):
+        yield fingerprint.shard_url(gpath, s), t["i2d_key"], t["key"]
+
+
+def fingerprint_shards(con: duckdb.DuckDBPyConnection, cfg: DatasetConfig) -> int:
+    """Fingerprint caches for every img2dataset shard holding a success, the missing ones hashed on
+    cfg.hash_engine (fingerprint.ensure_cached). Returns the number of images hashed now."""
+    return fingerprint.ensure_cached([fingerprint.shard_url(g, s) for g, s in success_shards(con)], engine=cfg.hash_engine)
+
+
+QUALITY_RULES = "quality_rules.parquet"  # in the engine's temp folder: the pass's per-sample rows
+
+
+def apply_quality(con: duckdb.DuckDBPyConnection, cfg: DatasetConfig) -> dict:
+    """The quality pass on the engine's ledger, shard by shard: missing fingerprint caches are computed on
+    the hash engine, then each shard's fingerprints become rule rows (key, hashes, per-sample reason;
+    quality.rule_table) streamed to parquet in the engine's temp folder (view `quality_fp`, read again
+    for the published ledger's fingerprint columns). The CLIP score, eval-overlap and dedup decisions
+    (quality.decide) need only key, exact id and pHash of the success rows; they are written back into
+    `ledger`. Returns the report."""
+    q = cfg.quality
+    fingerprint_shards(con, cfg)
+    path = storage.join(engine.scalar(con, "SELECT current_setting('temp_directory')"), QUALITY_RULES)
+    with pq.ParquetWriter(path, quality_pass.RULE_SCHEMA) as w:
+        for fps in fingerprint.iter_fingerprints(_success_sources(con)):
+            w.write_table(quality_pass.rule_table(fps, q))
+    con.execute(f"CREATE OR REPLACE TEMP VIEW quality_fp AS SELECT * FROM read_parquet({engine.lit(path)})")
+    scores = quality_pass.clip_score_table(quality_pass.ledger_samples(fingerprint.iter_source_samples(_success_sources(con))),
+                                           q.clip_score_checkpoint) if q.clip_score_checkpoint else None
+    previous = quality_pass.load_previous(q.previous_dataset) if q.previous_dataset else None
+    ledger_keys = con.sql("SELECT key FROM ledger WHERE key IS NOT NULL").to_arrow_table()["key"] if previous is not None else None
+    # the exact id (orig_sha256 or sha256) is all dedup reads of the two hashes
+    filtered, report = quality_pass.decide(_rule_rows(con), q, previous, None, scores, ledger_keys)
+    con.register("quality_out", filtered)
     con.execute("""CREATE OR REPLACE TEMP TABLE ledger AS
-        SELECT l.* REPLACE (CASE WHEN q.key IS NOT NULL AND l.status = 'success' THEN q.status ELSE l.status END AS status,
+        SELECT l.* REPLACE (CASE WHEN q.key IS NOT NULL AND l.status = 'success' THEN 'filtered' ELSE l.status END AS status,
                             CASE WHEN q.key IS NOT NULL AND l.status = 'success' THEN q.reason ELSE l.reason END AS reason)
         FROM ledger l LEFT JOIN quality_out q ON q.key = l.key""")
     con.unregister("quality_out")
-    return fps, report
+    return report
 
 
-def _ledger_out_sql(con: duckdb.DuckDBPyConnection, fps: pa.Table | None) -> str:
-    if fps is None:
+def _rule_rows(con: duckdb.DuckDBPyConnection) -> pa.Table:
+    """quality_fp as decide takes it: sorted by key (so dedup needs no sorted copy), the two hashes reduced
+    to the exact id (orig_sha256 or sha256) dedup compares."""
+    sql = """SELECT key, CASE WHEN orig_sha256 <> '' THEN orig_sha256 ELSE sha256 END AS sha256, '' AS orig_sha256,
+                    phash, reason FROM quality_fp ORDER BY key"""
+    return con.sql(sql).to_arrow_reader(engine.BATCH_ROWS).read_all().cast(quality_pass.RULE_SCHEMA)
+
+
+def _ledger_out_sql(quality: bool) -> str:
+    if not quality:
         return ledger_sql()
-    con.register("fps_in", fps.select(["key", "sha256", "orig_sha256", "phash"]))
     cols = ", ".join(f"l.{c}" for c in LEDGER_SCHEMA.names)
     return (f"SELECT {cols}, f.sha256 AS image_sha256, f.orig_sha256, lower(hex(f.phash)) AS phash "
-            "FROM ledger_out l LEFT JOIN fps_in f ON f.key = l.key ORDER BY l.ord")
+            "FROM ledger_out l LEFT JOIN quality_fp f ON f.key = l.key ORDER BY l.ord")
 
 
 # ------------------------------------------------------------------------------------------ publish
@@ -259,7 +287,7 @@ def publish(table_path: str, work: str, cfg: DatasetConfig, store: str, upstream
     URL; an identical earlier publication (same table, settings, ledger and history) is returned as is."""
     with engine.connect() as con:
         build_ledger(con, table_path, work, malformed_path)
-        fps, qreport = apply_quality(con, cfg) if cfg.quality.enabled else (None, None)
+        qreport = apply_quality(con, cfg) if cfg.quality.enabled else None
         table_sha = storage.sha256_file(table_path)
         ident = {k: v for k, v in to_dict(cfg).items() if k not in PARALLEL_FIELDS}
         settings = hashlib.sha256(json.dumps([cfg.name, ident], sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -277,7 +305,7 @@ def publish(table_path: str, work: str, cfg: DatasetConfig, store: str, upstream
         if qreport is not None:
             storage.atomic_write_text(storage.join(root, quality_pass.REPORT_FILE),
                                       json.dumps(qreport, indent=1, sort_keys=True, default=str))
-        engine.copy_to_parquet(con, _ledger_out_sql(con, fps), storage.join(root, "ledger.parquet"))
+        engine.copy_to_parquet(con, _ledger_out_sql(qreport is not None), storage.join(root, "ledger.parquet"))
         sizes = dict(con.execute("SELECT shard, count(*) FROM ledger WHERE status = 'success' GROUP BY shard").fetchall())
         storage.atomic_write_text(storage.join(root, "sizes.json"), json.dumps(sizes, indent=1, sort_keys=True))
         attempts = [r[0] for r in con.execute("SELECT DISTINCT attempt FROM ledger_v WHERE attempt <> '' ORDER BY 1").fetchall()]

@@ -9,6 +9,7 @@ distinct small JPEGs (PIL-encoded noise), reused cyclically, so shards are real 
 from __future__ import annotations
 
 import io
+import zlib
 import json
 
 import numpy as np
@@ -93,6 +94,50 @@ def _write_shard(out: str, shard: int, rows: pa.Table, fail_every: int, pool: li
     return n - sum(fail)
 
 
-def build_work(table: str, work: str, cfg: DatasetConfig, fail_every: int = 10) -> int:
-    """Plan `table` into `work` with the real planner and write every group's img2dataset output."""
-    return fake_download(plan.plan(table, work, cfg), fail_every)
+def fake_fingerprints(groups: list, seed: int = 0, copy_every: int = 40) -> int:
+    """Write the quality pass's per-shard fingerprint cache (quality/fingerprint.py: same file, schema and
+    place the real hashing writes) for every shard of `groups`, with seeded random 256-bit pHashes and
+    sha256s instead of hashes of the pool images (which would make every sample one of 64 exact copies).
+    Every `copy_every`-th success is an exact copy of the one before it and the next one a near copy
+    (6 bits flipped) of the one two before, so dedup has work. For the scale benchmark: hashing itself is
+    measured by bench/hash_engines.py. Returns the number of fingerprint rows written."""
+    from datasets.quality import fingerprint
+
+    total = 0
+    for g in groups:
+        for s in range(g.n_shards):
+            out = storage.join(g.path, "out")
+            t = pq.read_table(storage.join(out, f"{s:05d}.parquet"), columns=["key", "status", "caption"])
+            t = t.filter(pa.compute.equal(t["status"], "success"))
+            n = len(t)
+            rng = np.random.default_rng([seed, zlib.crc32(g.path.encode()), s])
+            ph, sha = rng.integers(0, 256, (n, 32), dtype=np.uint8), rng.integers(0, 256, (n, 32), dtype=np.uint8)
+            exact = np.arange(copy_every, n, copy_every)
+            ph[exact], sha[exact] = ph[exact - 1], sha[exact - 1]
+            near = exact[exact + 1 < n] + 1
+            ph[near] = ph[near - 2]
+            for _ in range(6):
+                ph[near, rng.integers(0, 32, len(near))] ^= (1 << rng.integers(0, 8, len(near))).astype(np.uint8)
+            side = pa.array(np.full(n, 256, np.int32))
+            rows = pa.table({"key": t["key"], "sha256": fingerprint.phash_hex(_fixed(sha)), "orig_sha256": pa.array([""] * n),
+                             "phash": _fixed(ph), "width": side, "height": side, "orig_width": side, "orig_height": side,
+                             "caption": t["caption"], "alt_captions": pa.array([[]] * n, pa.list_(pa.string())),
+                             "error": pa.array([""] * n)}, schema=fingerprint.FINGERPRINT_SCHEMA)
+            with storage.atomic_open(fingerprint.cache_url(fingerprint.shard_url(g.path, s)), "wb") as f:
+                pq.write_table(rows, f)
+            total += n
+    return total
+
+
+def _fixed(a: np.ndarray) -> pa.Array:
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(a.shape[1]), len(a), [None, pa.py_buffer(a.tobytes())])
+
+
+def build_work(table: str, work: str, cfg: DatasetConfig, fail_every: int = 10, fingerprints: bool = False) -> int:
+    """Plan `table` into `work` with the real planner and write every group's img2dataset output (and,
+    with `fingerprints`, their fingerprint caches: fake_fingerprints)."""
+    groups = plan.plan(table, work, cfg)
+    ok = fake_download(groups, fail_every)
+    if fingerprints:
+        fake_fingerprints(groups)
+    return ok

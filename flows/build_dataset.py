@@ -17,7 +17,6 @@ from prefect.cache_policies import NO_CACHE
 
 from datasets import config as dataset_config
 from datasets import download, engine, ledger, pipeline, plan, publish, work
-from datasets.quality.fingerprint import fingerprint_ledger
 from datasets.sources.detect import detect_source
 from flows.caching import stage_cache
 from slip_core import artifacts, procs
@@ -65,8 +64,8 @@ def verify_task(table_manifest: str, store: str, config: dict) -> dict:
         summary = ledger.status_summary(con)
         summary["fingerprint"] = ledger.ledger_fingerprint(con)
         if cfg.quality.enabled:  # issue 10: hash every image once, here (cached per shard; publish's quality pass reuses it)
-            fates = con.sql(ledger.ledger_sql()).to_arrow_table()
-            summary["images_fingerprinted"] = len(fingerprint_ledger(fates, engine=cfg.hash_engine))
+            publish.fingerprint_shards(con, cfg)
+            summary["images_fingerprinted"] = summary["by_status"]["success"]
     return summary
 
 

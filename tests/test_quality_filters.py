@@ -46,6 +46,32 @@ def test_caption_and_image_rules():
     assert qf.image_reason(None, None, min_side=64) == "undecodable_image"
 
 
+def test_columnar_caption_rules_equal_the_per_caption_function():
+    """caption_reasons (Arrow kernels on printable ASCII, the function itself on the rest) gives exactly
+    caption_reason's reason for every caption, under every rule combination; and apply's alternative-caption
+    reduction keeps a sample whose title or description passes."""
+    import random
+    import string
+
+    import pyarrow as pa
+
+    from datasets.quality.apply import caption_rule_reasons
+
+    rng = random.Random(0)
+    words = BOILERPLATE + REAL + ["", " ", "  IMG_1234  ", "untitled", " .Untitled! ", "12345", "-- --", "a b",
+                                  "DSC_0001.JPG", "photo.jpeg", "IMG_1234 (2)", "img 12", "no title", "x" * 30]
+    alphabet = string.printable + "é日\x1c\u2003\x00"
+    caps = [" ".join(rng.choice(words) for _ in range(rng.randint(0, 4))) if rng.random() < 0.6
+            else "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 25))) for _ in range(6000)] + [None]
+    arr = pa.array(caps, pa.string())
+    for rules in [(0, 0, 0, 0, True), (2, 0, 0, 0, True), (0, 3, 5, 20, False), (2, 10, 3, 40, True), (0, 0, 0, 0, False)]:
+        assert list(qf.caption_reasons(arr, *rules)) == [qf.caption_reason(c, *rules) for c in caps], rules
+    alts = pa.chunked_array([pa.array([[], ["IMG_0001"], ["IMG_0002", "a real title"], None], pa.list_(pa.string()))])
+    main = pa.chunked_array([pa.array(["IMG_0000"] * 4)])
+    assert list(caption_rule_reasons(main, alts, (0, 0, 0, 0, True))) == ["boilerplate_caption", "boilerplate_caption", "",
+                                                                     "boilerplate_caption"]
+
+
 def test_configured_filters_record_reasons_in_ledger(tmp_path):
     photos = offline.photo_corpus()
     fm = offline.fashion_mnist("train")[0]

@@ -7,11 +7,13 @@ decontamination and dedup, applied to a download ledger when a dataset is publis
     decontaminate.py   eval-set overlap (the eval catalog's test splits)
     dedup.py           exact + near-duplicate collapse, stable across versions
     config.py          QualityConfig and presets
-    apply.py           the pass itself (run_quality, apply_quality_report, audit)
+    apply.py           the pass itself, columnar (rule_table per shard, decide; run_quality, apply_quality_report, audit)
 """
-from datasets.quality.apply import (REPORT_FILE, apply_quality, apply_quality_report, audit, clip_scores_for_ledger,
-                                    load_previous, publish_outputs, run_quality, summary)
+from datasets.quality.apply import (REPORT_FILE, RULE_SCHEMA, apply_quality, apply_quality_report, audit,
+                                    clip_score_table, clip_scores_for_ledger, decide, ledger_samples, load_previous,
+                                    rule_table, run_quality, summary)
 from datasets.quality.config import QUALITY_PRESETS, QualityConfig, make_quality_config
 
-__all__ = ["QUALITY_PRESETS", "REPORT_FILE", "QualityConfig", "apply_quality", "apply_quality_report", "audit",
-           "clip_scores_for_ledger", "load_previous", "make_quality_config", "publish_outputs", "run_quality", "summary"]
+__all__ = ["QUALITY_PRESETS", "REPORT_FILE", "RULE_SCHEMA", "QualityConfig", "apply_quality", "apply_quality_report",
+           "audit", "clip_score_table", "clip_scores_for_ledger", "decide", "ledger_samples", "load_previous",
+           "make_quality_config", "rule_table", "run_quality", "summary"]

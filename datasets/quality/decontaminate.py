@@ -13,7 +13,6 @@ datasets checked and the ones not available locally.
 """
 from __future__ import annotations
 
-import collections
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,21 +178,49 @@ def load_eval_index(names: tuple[str, ...] | list[str] = ("*",), hamming: int = 
     return EvalIndex(table, hamming, checked, unavailable)
 
 
+QUERY_SLICE = 1 << 18  # training hashes looked up at a time: the lookup's arrays stay a few MB
+
+
+def overlap_table(fingerprints: pa.Table, index: EvalIndex) -> pa.Table:
+    """(key, dataset, eval_id, distance) for every fingerprint that matches an eval image (columnar, in
+    slices of QUERY_SLICE)."""
+    phash = fingerprints["phash"]
+    fps = fingerprints.filter(pc.is_valid(phash)) if phash.null_count else fingerprints
+    parts = [pa.table({"key": pa.array([], pa.string()), "dataset": pa.array([], pa.string()),
+                       "eval_id": pa.array([], pa.string()), "distance": pa.array([], pa.int32())})]
+    for s in range(0, len(fps), QUERY_SLICE):
+        part = fps.slice(s, QUERY_SLICE)
+        rows, dist = index.nearest(part["phash"])
+        hit = np.flatnonzero(rows >= 0)
+        if len(hit):
+            evals = index.sorted_table.take(pa.array(rows[hit]))
+            parts.append(pa.table({"key": part["key"].take(pa.array(hit)).cast(pa.string()),
+                                   "dataset": evals["dataset"].cast(pa.string()), "eval_id": evals["id"].cast(pa.string()),
+                                   "distance": pa.array(dist[hit], pa.int32())}))
+    return pa.concat_tables(parts)
+
+
 def find_overlaps(fingerprints: pa.Table, index: EvalIndex) -> dict[str, tuple[str, str, int]]:
     """{training key: (dataset, eval id, distance)} for every fingerprint that matches an eval image."""
-    fps = fingerprints.filter(pc.is_valid(fingerprints["phash"]))
-    rows, dist = index.nearest(fps["phash"])
-    hit = np.flatnonzero(rows >= 0)
-    evals = index.sorted_table.take(pa.array(rows[hit]))
-    return {k: (ds, i, int(d)) for k, ds, i, d in zip(fps["key"].take(pa.array(hit)).to_pylist(), evals["dataset"].to_pylist(),
-                                                      evals["id"].to_pylist(), dist[hit])}
+    t = overlap_table(fingerprints, index)
+    return {k: (ds, i, d) for k, ds, i, d in zip(*(t[c].to_pylist() for c in t.column_names))}
 
 
-def overlap_report(overlaps: dict[str, tuple[str, str, int]], index: EvalIndex, max_examples: int = 20) -> dict:
-    """Per eval dataset: images checked, training samples removed, and example (key, eval id, distance)."""
-    by_ds: dict[str, list] = collections.defaultdict(list)
-    for k, (ds, i, d) in sorted(overlaps.items()):
-        by_ds[ds].append({"key": k, "eval_id": i, "distance": d})
-    return {"hamming": index.hamming, "unavailable": index.unavailable,
-            "datasets": {ds: {"eval_images": n, "overlapping_samples": len(by_ds.get(ds, [])),
-                              "examples": by_ds.get(ds, [])[:max_examples]} for ds, n in sorted(index.checked.items())}}
+def overlap_report(overlaps: pa.Table | dict, index: EvalIndex, max_examples: int = 20) -> dict:
+    """Per eval dataset: images checked, training samples removed, and example (key, eval id, distance).
+    `overlaps`: overlap_table's table (or find_overlaps' dict)."""
+    if isinstance(overlaps, dict):
+        overlaps = pa.table({"key": pa.array(list(overlaps), pa.string()),
+                             "dataset": pa.array([v[0] for v in overlaps.values()], pa.string()),
+                             "eval_id": pa.array([v[1] for v in overlaps.values()], pa.string()),
+                             "distance": pa.array([v[2] for v in overlaps.values()], pa.int32())})
+    counts = dict(zip(*(overlaps.group_by("dataset").aggregate([("key", "count")])[c].to_pylist()
+                        for c in ("dataset", "key_count")))) if len(overlaps) else {}
+    datasets = {}
+    for ds, n in sorted(index.checked.items()):
+        ex = overlaps.filter(pc.equal(overlaps["dataset"], ds)) if ds in counts else overlaps.slice(0, 0)
+        ex = ex.take(pc.sort_indices(ex["key"])[:max_examples]) if len(ex) else ex
+        datasets[ds] = {"eval_images": n, "overlapping_samples": counts.get(ds, 0),
+                        "examples": [{"key": k, "eval_id": i, "distance": d} for k, i, d in
+                                     zip(ex["key"].to_pylist(), ex["eval_id"].to_pylist(), ex["distance"].to_pylist())]}
+    return {"hamming": index.hamming, "unavailable": index.unavailable, "datasets": datasets}

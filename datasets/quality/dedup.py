@@ -57,20 +57,53 @@ class DedupResult:
         return dict(zip(self.duplicates["key"].to_pylist(), self.duplicates["kind"].to_pylist()))
 
 
-def _last_per_key(t: pa.Table) -> pa.Table:
-    """Rows sorted by key, one per key (the last one given, as a dict built from the rows would keep)."""
-    order = pc.sort_indices(t["key"]).to_numpy()  # stable
-    keys = t["key"].take(pa.array(order))
-    last = np.r_[pc.not_equal(keys.slice(1), keys.slice(0, len(keys) - 1)).to_numpy(zero_copy_only=False), True] \
-        if len(keys) else np.zeros(0, bool)
-    return t.take(pa.array(order[last]))
-
-
 def _exact_ids(t: pa.Table) -> pa.ChunkedArray:
-    """`orig_sha256 or sha256` per row; null where both are empty."""
+    """`orig_sha256 or sha256` per row ('' where both are empty: no exact id). No copy when no row has an
+    orig_sha256 (the dataset stage passes the exact id as sha256)."""
     orig, sha = t["orig_sha256"], t["sha256"]
-    eid = pc.if_else(pc.fill_null(pc.not_equal(orig, ""), False), orig, sha)
-    return pc.if_else(pc.fill_null(pc.not_equal(eid, ""), False), eid, pa.scalar(None, eid.type))
+    has_orig = pc.fill_null(pc.not_equal(orig, ""), False)
+    eid = pc.if_else(has_orig, orig, sha) if pc.any(has_orig).as_py() else sha
+    return pc.fill_null(eid, "") if eid.null_count else eid
+
+
+def _exact_codes(*eids) -> tuple[np.ndarray, int]:
+    """(int64 code per exact id, the pieces in order, -1 for ''; number of codes): equal ids, equal codes."""
+    parts = [c for e in eids for c in (e.chunks if isinstance(e, pa.ChunkedArray) else [e])]
+    ids = pa.chunked_array([c.cast(pa.string()) for c in parts], pa.string())
+    has = pc.not_equal(ids, "")
+    hexes = ids if pc.all(has).as_py() is not False else ids.filter(has)
+    if pc.all(pc.match_substring_regex(hexes, "^[0-9a-f]{64}$")).as_py() is not False:
+        return _sha_codes(hexes, has.to_numpy()), len(hexes)  # n_codes: an upper bound is enough
+    uniq = pc.unique(ids)
+    codes = pc.index_in(ids, value_set=uniq).to_numpy().astype(np.int64)
+    none = pc.index_in(pa.array([""]), value_set=uniq)[0].as_py()
+    if none is not None:
+        codes[codes == none] = -1
+    return codes, len(uniq)
+
+
+def _sha_codes(hexes: pa.ChunkedArray, has: np.ndarray) -> np.ndarray:
+    """_exact_codes for lowercase sha256 hex ids, in numpy on their 32 bytes: decoded in slices into one
+    [n, 4] uint64 array, sorted, equal neighbours share a code (~64 bytes per id, against ~250 for a hash
+    table of 64-character strings)."""
+    words, pos = np.empty((len(hexes), 4), np.uint64), 0
+    for chunk in hexes.chunks:
+        for s in range(0, len(chunk), 1 << 18):
+            part = fingerprint.as_bytes_matrix(fingerprint.phash_from_hex(chunk.slice(s, 1 << 18)))
+            words[pos:pos + len(part)] = np.ascontiguousarray(part).view(np.uint64)
+            pos += len(part)
+    order = np.lexsort(words.T[::-1])
+    new = np.zeros(len(order), bool)
+    for j in range(4):
+        col = words[order, j]
+        new[1:] |= col[1:] != col[:-1]
+    if len(new):
+        new[0] = True
+    inverse = np.empty(len(order), np.int64)
+    inverse[order] = np.cumsum(new) - 1
+    codes = np.full(len(has), -1, np.int64)
+    codes[has] = inverse
+    return codes
 
 
 def _words_of(phash) -> tuple[np.ndarray, np.ndarray]:
@@ -84,7 +117,7 @@ def _previous(previous: pa.Table | None, cur_keys: pa.Array, ledger_keys) -> tup
     empty = pa.table({"key": pa.array([], pa.string())})
     if previous is None or not len(previous):
         return empty, empty
-    prev = _last_per_key(previous)
+    prev = fingerprint.last_per_key(previous)
     in_cur = pc.is_in(prev["key"], value_set=cur_keys)
     in_ledger = in_cur if ledger_keys is None else pc.is_in(prev["key"], value_set=ledger_keys)
     status = pc.fill_null(prev["status"], "")
@@ -110,7 +143,7 @@ def find_duplicates(fingerprints: pa.Table, hamming: int | None = 20, exact: boo
     """
     if isinstance(ledger_keys, (set, frozenset, list, tuple)):
         ledger_keys = pa.array(sorted(ledger_keys), pa.string())
-    cur = _last_per_key(fingerprints.select(["key", "sha256", "orig_sha256", "phash"]))
+    cur = fingerprint.last_per_key(fingerprints.select(["key", "sha256", "orig_sha256", "phash"]))
     cur_keys = cur["key"].combine_chunks().cast(pa.string())
     anchors, prev_dups = _previous(previous, cur_keys, ledger_keys)
     # every key that can be kept, in key order: its rank is the sample's id (ties -> the smallest key)
@@ -127,14 +160,14 @@ def find_duplicates(fingerprints: pa.Table, hamming: int | None = 20, exact: boo
                                 else pa.array(np.zeros(len(prev_dups), bool)))
         decided_dups = live.filter(pc.and_(pc.is_in(live["key"], value_set=cur_keys),
                                            pc.invert(pc.is_in(live["key"], value_set=anchors["key"]))))
-    todo = cur.filter(pc.and_(pc.invert(is_anchor), pc.invert(pc.is_in(cur_keys, value_set=decided_dups["key"]))))
+    undecided = pc.and_(pc.invert(is_anchor), pc.invert(pc.is_in(cur_keys, value_set=decided_dups["key"])))
+    todo = cur if pc.all(undecided).as_py() is not False else cur.filter(undecided)  # no copy without a previous version
+    del cur, is_anchor, undecided
 
-    eids = pa.concat_arrays([anchors["eid"].combine_chunks().cast(pa.string()) if len(anchors) else pa.array([], pa.string()),
-                             _exact_ids(todo).combine_chunks().cast(pa.string())])
-    encoded = pc.dictionary_encode(eids)
-    codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64) if exact \
-        else np.full(len(eids), -1, np.int64)
-    n_codes = len(encoded.dictionary)
+    if exact:  # the codes are all that is kept of the exact ids
+        codes, n_codes = _exact_codes(*([anchors["eid"]] if len(anchors) else []), _exact_ids(todo))
+    else:
+        codes, n_codes = np.full(len(anchors) + len(todo), -1, np.int64), 0
     state = _State(np.full(n_codes + 1, -1, np.int64),  # + 1: never empty (codes < 0 read slot 0, unused)
                    HammingIndex(hamming, capacity=len(anchors) + len(todo)) if hamming is not None else None)
     if len(anchors):

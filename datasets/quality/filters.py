@@ -63,6 +63,82 @@ def caption_reason(caption: str | None, min_words: int = 0, max_words: int = 0, 
     return ""
 
 
+# ------------------------------------------------------------------------- the caption rules, columnar
+
+def _re2(pattern: re.Pattern) -> str:
+    """The same regex for Arrow's RE2, case-insensitive, with VERBOSE whitespace removed (kept inside [...])."""
+    out, in_class, esc = [], False, False
+    for ch in pattern.pattern:
+        if esc:
+            out.append(ch)
+            esc = False
+        elif ch == "\\":
+            out.append(ch)
+            esc = True
+        elif in_class:
+            out.append(ch)
+            in_class = ch != "]"
+        elif ch == "[":
+            out.append(ch)
+            in_class = True
+        elif not (pattern.flags & re.VERBOSE and ch.isspace()):
+            out.append(ch)
+    return "(?i)" + "".join(out)
+
+
+_BOILERPLATE_RE2 = (_re2(_CAMERA_NAME), _re2(_FILE_NAME))
+_PLAIN = r"^[\x20-\x7e]*$"  # printable ASCII: where Python's and Arrow's whitespace, case, digits and letters agree
+
+
+def caption_reasons(captions, min_words: int = 0, max_words: int = 0, min_chars: int = 0, max_chars: int = 0,
+                    drop_boilerplate: bool = False) -> np.ndarray:
+    """caption_reason of every caption of a string array, as an object array of reasons ('' = passes).
+    Printable-ASCII captions are judged by Arrow kernels (RE2 for the boilerplate patterns); the others
+    (non-ASCII, control characters) by caption_reason itself, so the result is that function's exactly."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = captions.combine_chunks() if isinstance(captions, pa.ChunkedArray) else captions
+    arr = pc.fill_null(arr.cast(pa.string()), "")
+    n = len(arr)
+    out = np.full(n, "", object)
+    if not (min_words or max_words or min_chars or max_chars or drop_boilerplate) or not n:
+        return out
+    plain = pc.match_substring_regex(arr, _PLAIN).to_numpy(zero_copy_only=False)
+    rules = (min_words, max_words, min_chars, max_chars, drop_boilerplate)
+    other = np.flatnonzero(~plain)
+    out[other] = [caption_reason(c, *rules) for c in arr.take(pa.array(other)).to_pylist()]
+    idx = np.flatnonzero(plain)
+    c = pc.utf8_trim(arr.take(pa.array(idx)), " ")
+    why = np.full(len(idx), "", object)
+    open_ = np.ones(len(idx), bool)  # no reason yet: the checks run in caption_reason's order
+
+    def rule(mask, reason):
+        hit = open_ & mask
+        why[hit] = reason
+        open_[hit] = False
+
+    chars = pc.utf8_length(c).to_numpy(zero_copy_only=False)
+    if min_words or min_chars or drop_boilerplate:
+        rule(chars == 0, "empty_caption")
+    if drop_boilerplate:
+        boiler = pc.or_(pc.or_(*(pc.match_substring_regex(c, p) for p in _BOILERPLATE_RE2)),
+                        pc.is_in(pc.utf8_trim(pc.ascii_lower(c), " .!-_"), value_set=pa.array(sorted(_PLACEHOLDERS))))
+        boiler = pc.or_(boiler, pc.invert(pc.match_substring_regex(c, "[A-Za-z]")))
+        rule(boiler.to_numpy(zero_copy_only=False), "boilerplate_caption")
+    words = pc.count_substring_regex(c, "[^ ]+").to_numpy(zero_copy_only=False)
+    if min_words:
+        rule(words < min_words, f"caption_words<{min_words}")
+    if max_words:
+        rule(words > max_words, f"caption_words>{max_words}")
+    if min_chars:
+        rule(chars < min_chars, f"caption_chars<{min_chars}")
+    if max_chars:
+        rule(chars > max_chars, f"caption_chars>{max_chars}")
+    out[idx] = why
+    return out
+
+
 def image_reason(width: int | None, height: int | None, min_side: int = 0, max_aspect_ratio: float = 0.0) -> str:
     """Why an image's size fails ('' = passes): short side below `min_side`, or long/short side above
     `max_aspect_ratio`. Judged on the ORIGINAL size (img2dataset resizes every image to the same size)."""

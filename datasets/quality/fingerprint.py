@@ -36,6 +36,7 @@ from typing import Iterable, Iterator
 import imagehash
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -200,29 +201,53 @@ def fingerprint_tars(tar_urls: Iterable[str], key_map: dict[tuple[str, str], str
     return to_table(rows)
 
 
-def ledger_sources(ledger: pa.Table) -> tuple[list[str], dict[tuple[str, str], str]]:
-    """Tars and {(tar url, img2dataset key): dataset key} for the ledger's `success` rows, from its `source`
-    column ('<group path>|<shard id>|<img2dataset key>', datasets/ledger.py)."""
-    key_map: dict[tuple[str, str], str] = {}
-    tars: dict[str, None] = {}
-    for k, st, src in zip(ledger["key"].to_pylist(), ledger["status"].to_pylist(), ledger["source"].to_pylist()):
-        if st != "success":
-            continue
-        gpath, shard, i2d_key = src.split("|")
-        url = storage.join(gpath, "out", f"{int(shard):05d}.tar")
-        tars[url] = None
-        key_map[(url, i2d_key)] = k
-    return list(tars), key_map
+def shard_url(gpath: str, shard) -> str:
+    """The img2dataset tar of shard id `shard` of the group at `gpath` (a ledger `source`'s first two parts)."""
+    return storage.join(gpath, "out", f"{int(shard):05d}.tar")
+
+
+def ledger_sources(ledger: pa.Table) -> tuple[list[str], pa.Table]:
+    """(tars, sources) for the ledger's `success` rows, from its `source` column ('<group path>|<shard id>|
+    <img2dataset key>', datasets/ledger.py): the tars in order of first use, and a table (tar: index into
+    tars, i2d_key, key) sorted by tar (stable). Columnar: one Python string per tar, none per row."""
+    succ = ledger.filter(pc.equal(ledger["status"], "success"))
+    parts = pc.split_pattern(succ["source"], "|")
+    group = pc.dictionary_encode(pc.binary_join_element_wise(pc.list_element(parts, 0), pc.list_element(parts, 1), "|"))
+    group = group.combine_chunks() if isinstance(group, pa.ChunkedArray) else group
+    tars = [shard_url(*g.split("|")) for g in group.dictionary.to_pylist()]  # dictionary: order of first use
+    table = pa.table({"tar": group.indices.cast(pa.int32()), "i2d_key": pc.list_element(parts, 2), "key": succ["key"]})
+    return tars, table.take(pc.sort_indices(table["tar"]))
+
+
+def _by_tar(sources: pa.Table, n_tars: int) -> list[pa.Table]:
+    """ledger_sources' table cut into one slice per tar."""
+    bounds = np.searchsorted(sources["tar"].to_numpy(), np.arange(n_tars + 1))
+    return [sources.slice(a, b - a) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def keyed(table: pa.Table, i2d_keys, keys) -> pa.Table:
+    """The rows of one shard's fingerprints (keyed by img2dataset key) that `i2d_keys` lists, under the
+    matching dataset `keys`, in shard order."""
+    idx = pc.index_in(table["key"], value_set=pa.array(i2d_keys) if isinstance(i2d_keys, list) else i2d_keys)
+    hit = pc.is_valid(idx)
+    keys = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+    return table.filter(hit).set_column(0, "key", keys.take(idx.filter(hit)).cast(pa.string()))
+
+
+def iter_source_samples(shards: Iterable[tuple[str, pa.Array, pa.Array]]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(dataset key, sample) per (tar url, i2d keys, dataset keys): the listed samples of each shard."""
+    for url, i2d_keys, keys in shards:
+        key_of = dict(zip(i2d_keys.to_pylist(), keys.to_pylist()))  # one shard's worth
+        for key, sample in iter_tar_samples(url):
+            k = key_of.get(key)
+            if k is not None:
+                yield k, sample
 
 
 def iter_ledger_samples(ledger: pa.Table) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(dataset key, sample) for every success row of the ledger, read from its img2dataset shard."""
-    tars, key_map = ledger_sources(ledger)
-    for url in tars:
-        for key, sample in iter_tar_samples(url):
-            k = key_map.get((url, key))
-            if k is not None:
-                yield k, sample
+    tars, sources = ledger_sources(ledger)
+    return iter_source_samples((u, s["i2d_key"], s["key"]) for u, s in zip(tars, _by_tar(sources, len(tars))))
 
 
 CACHE_DIR = f"fingerprints-v1-h{HASH_SIZE}-d{DRAFT_SIDE}"  # a different hash/decode never reuses a cache
@@ -277,18 +302,50 @@ def map_shards(tars: list[str], cache: bool = True, draft: bool = True, workers:
 def fingerprint_ledger(ledger: pa.Table, cache: bool = True, draft: bool = True, workers: int | None = None,
                        engine: str = "processes") -> pa.Table:
     """Fingerprints of the ledger's `success` rows, keyed by dataset key (per-shard cached, see above;
-    shards hashed in parallel on `engine`, map_shards)."""
-    tars, key_map = ledger_sources(ledger)
-    parts = []
-    for url, t in zip(tars, map_shards(tars, cache, draft, workers, engine)):
-        keys = [key_map.get((url, k)) for k in t["key"].to_pylist()]
-        mask = pa.array([k is not None for k in keys])
-        t = t.set_column(0, "key", pa.array(keys, pa.string())).filter(mask)
-        parts.append(t)
+    shards hashed in parallel on `engine`, map_shards). All in memory: the dataset stage streams instead
+    (ensure_cached + iter_fingerprints)."""
+    tars, sources = ledger_sources(ledger)
+    parts = [keyed(t, src["i2d_key"], src["key"])
+             for t, src in zip(map_shards(tars, cache, draft, workers, engine), _by_tar(sources, len(tars)))]
     table = pa.concat_tables(parts) if parts else to_table([])
-    if len(table) != len(key_map):
-        raise RuntimeError(f"{len(key_map) - len(table)} success rows of the ledger are not in the shards they name")
+    if len(table) != len(sources):
+        raise RuntimeError(f"{len(sources) - len(table)} success rows of the ledger are not in the shards they name")
     return table
+
+
+def _cache_task(args: tuple) -> int:
+    url, draft = args
+    return len(shard_fingerprints(url, True, draft))
+
+
+def ensure_cached(tars: list[str], draft: bool = True, workers: int | None = None, engine: str = "processes") -> int:
+    """Hash every shard of `tars` whose fingerprint cache is missing, on `engine` (as map_shards; only row
+    counts come back, the tables stay in the caches). Returns the number of images hashed now."""
+    todo = [(u, draft) for u in tars if not storage.exists(cache_url(u) or "")]
+    return sum(hash_engines.map_ordered(_cache_task, todo, engine, workers)) if todo else 0
+
+
+def iter_fingerprints(shards: Iterable[tuple[str, pa.Array, pa.Array]], draft: bool = True) -> Iterator[pa.Table]:
+    """Per (tar url, i2d keys, dataset keys): that shard's fingerprints of the listed samples under their
+    dataset keys (from its cache, computed here if missing). One shard in memory at a time."""
+    for url, i2d_keys, keys in shards:
+        t = keyed(shard_fingerprints(url, True, draft), i2d_keys, keys)
+        if len(t) != len(keys):
+            raise RuntimeError(f"{len(keys) - len(t)} success rows of the ledger are not in {url}")
+        yield t
+
+
+def last_per_key(t: pa.Table) -> pa.Table:
+    """Rows sorted by key, one per key (the last one given, as a dict built from the rows would keep).
+    A table already sorted by unique key is returned as is (no copy)."""
+    keys = t["key"]
+    if len(keys) < 2 or pc.all(pc.less(keys.slice(0, len(keys) - 1), keys.slice(1))).as_py():
+        return t
+    order = pc.sort_indices(t["key"]).to_numpy()  # stable
+    keys = t["key"].take(pa.array(order))
+    last = np.r_[pc.not_equal(keys.slice(1), keys.slice(0, len(keys) - 1)).to_numpy(zero_copy_only=False), True] \
+        if len(keys) else np.zeros(0, bool)
+    return t.take(pa.array(order[last]))
 
 
 # The fingerprint columns a published ledger carries (issue 10: "stored in the ledger"); null for rows that
@@ -296,15 +353,61 @@ def fingerprint_ledger(ledger: pa.Table, cache: bool = True, draft: bool = True,
 LEDGER_COLUMNS = (("image_sha256", pa.string()), ("orig_sha256", pa.string()), ("phash", pa.string()))
 
 
+_HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
+_NIBBLE = np.full(256, 255, np.uint8)  # ASCII byte -> hex digit value, 255 = not a hex digit
+_NIBBLE[_HEX] = np.arange(16)
+_NIBBLE[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
+
+
+def phash_hex(phash) -> pa.ChunkedArray:
+    """64 lowercase hex digits per pHash (null stays null), in numpy: no Python string per row."""
+    arr = phash.combine_chunks() if isinstance(phash, pa.ChunkedArray) else phash
+    valid = pc.is_valid(arr)
+    raw = as_bytes_matrix(arr.fill_null(b"\0" * PHASH_BYTES) if arr.null_count else arr)
+    chunks = []
+    for s in range(0, len(raw), 1 << 20):  # int32 offsets: 64 bytes * 1M rows per chunk
+        b = raw[s:s + (1 << 20)]
+        chars = np.empty((len(b), 2 * PHASH_BYTES), np.uint8)
+        chars[:, 0::2], chars[:, 1::2] = _HEX[b >> 4], _HEX[b & 15]
+        offsets = np.arange(len(b) + 1, dtype=np.int32) * (2 * PHASH_BYTES)
+        chunks.append(pa.StringArray.from_buffers(len(b), pa.py_buffer(offsets), pa.py_buffer(chars)))
+    out = pa.chunked_array(chunks, pa.string())
+    return pc.if_else(valid, out, pa.scalar(None, pa.string())) if arr.null_count else out
+
+
+def phash_from_hex(hexes) -> pa.Array:
+    """binary(32) pHashes from 64-digit hex strings (no nulls); a malformed value raises ValueError."""
+    arr = (hexes.combine_chunks() if isinstance(hexes, pa.ChunkedArray) else hexes).cast(pa.large_string())
+    n = len(arr)
+    if not n:
+        return pa.array([], pa.binary(PHASH_BYTES))
+    if arr.null_count:
+        raise ValueError("phash_from_hex: null values")
+    offsets = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset:arr.offset + n + 1]
+    if (np.diff(offsets) != 2 * PHASH_BYTES).any():
+        raise ValueError(f"phash values must be {2 * PHASH_BYTES} hex digits")
+    nib = _NIBBLE[np.frombuffer(arr.buffers()[2], np.uint8)[offsets[0]:offsets[-1]].reshape(n, 2 * PHASH_BYTES)]
+    if (nib == 255).any():
+        raise ValueError("phash values must be hex digits")
+    raw = (nib[:, 0::2] << 4) | nib[:, 1::2]
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(PHASH_BYTES), n, [None, pa.py_buffer(raw.tobytes())])
+
+
+def as_bytes_matrix(phash: pa.Array) -> np.ndarray:
+    """[n, 32] uint8 view of a binary(32) array without nulls."""
+    if not pa.types.is_fixed_size_binary(phash.type):
+        phash = phash.cast(pa.binary(PHASH_BYTES))
+    buf = np.frombuffer(phash.buffers()[1], np.uint8)
+    return buf[phash.offset * PHASH_BYTES:(phash.offset + len(phash)) * PHASH_BYTES].reshape(-1, PHASH_BYTES)
+
+
 def attach_to_ledger(ledger: pa.Table, fingerprints: pa.Table) -> pa.Table:
-    """The ledger with LEDGER_COLUMNS appended (replaced if present), joined on key."""
-    fp = {k: (s, o, p) for k, s, o, p in zip(*(fingerprints[c].to_pylist() for c in ("key", "sha256", "orig_sha256", "phash")))}
-    rows = [fp.get(k, (None, None, None)) for k in ledger["key"].to_pylist()]
-    for i, (name, typ) in enumerate(LEDGER_COLUMNS):
-        vals = [r[i] for r in rows]
-        if name == "phash":
-            vals = [v.hex() if v is not None else None for v in vals]
-        col = pa.array(vals, typ)
+    """The ledger with LEDGER_COLUMNS appended (replaced if present), joined on key (columnar)."""
+    fp = last_per_key(fingerprints.select(["key", "sha256", "orig_sha256", "phash"]))
+    idx = pc.index_in(ledger["key"], value_set=fp["key"].combine_chunks())
+    cols = {"image_sha256": fp["sha256"], "orig_sha256": fp["orig_sha256"], "phash": phash_hex(fp["phash"])}
+    for name, typ in LEDGER_COLUMNS:
+        col = cols[name].combine_chunks().take(idx).cast(typ)
         if name in ledger.column_names:
             ledger = ledger.set_column(ledger.column_names.index(name), name, col)
         else:
@@ -317,10 +420,9 @@ def from_ledger(ledger: pa.Table) -> pa.Table:
     missing = [n for n, _ in LEDGER_COLUMNS if n not in ledger.column_names]
     if missing:
         raise KeyError(f"ledger has no fingerprint columns {missing} (published without the quality pass)")
-    keep = [i for i, p in enumerate(ledger["phash"].to_pylist()) if p]
-    t = ledger.take(pa.array(keep, pa.int64()))
+    t = ledger.filter(pc.fill_null(pc.not_equal(ledger["phash"], ""), False))
     return pa.table({"key": t["key"], "sha256": t["image_sha256"], "orig_sha256": t["orig_sha256"],
-                     "phash": pa.array([bytes.fromhex(p) for p in t["phash"].to_pylist()], pa.binary(PHASH_BYTES))})
+                     "phash": phash_from_hex(t["phash"])})
 
 
 def fingerprint_arrays(images: np.ndarray, ids: list[str] | None = None) -> pa.Table:

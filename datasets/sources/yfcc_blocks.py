@@ -3,9 +3,10 @@
 A local uncompressed file is memory-mapped: a block is a zero-copy view of the page cache, cut after the
 last newline before BLOCK_BYTES (the numpy parser and Arrow read it in place). Anything else (any fsspec
 URL, .bz2 / .gz / ...) is streamed with readinto into blocks of whole lines. Blocks are parsed by
-datasets.sources.yfcc_parse.parse_block, `workers` at a time in threads (numpy and Arrow release
-the GIL); a block's first physical line is counted (numpy) before it is
-handed out, so blocks parse independently.
+datasets.sources.yfcc_parse.parse_block, `workers` at a time in threads (the numba kernels, numpy and
+Arrow release the GIL). 23-column rows are numbered by position, so a block's first physical line is
+counted before it is handed out; 25-column rows carry their line number, so once the layout is fixed blocks
+are parsed as if they started at line 0 and shifted after (parsed_blocks).
 """
 from __future__ import annotations
 
