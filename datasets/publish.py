@@ -10,7 +10,9 @@ about 1% of the bytes. Repacking is byte-deterministic: samples in (img2dataset 
 fixed tar headers, so the same inputs and history give byte-identical shards.
 
 The ledger stays in the engine (datasets/ledger.py) and is streamed to parquet; repacking reads it in
-batches ordered by source shard and holds one source shard in memory at a time.
+batches ordered by source shard and holds one source shard in memory at a time. So does the quality pass
+(apply_quality): one shard's fingerprints at a time become rule rows on disk, and only key, exact id and
+pHash of the successes are held for the eval-overlap and dedup decisions.
 """
 from __future__ import annotations
 

@@ -68,21 +68,27 @@ def summary(report: dict) -> dict:
 
 def audit(dataset_manifest: str, cfg: QualityConfig) -> dict:
     """What the quality pass would remove from an already published dataset (its shards are read; nothing
-    is written): the report of apply_quality_report on the published ledger."""
+    is written): the report of the pass on the published ledger, its shards fingerprinted one at a time
+    into rule rows (as the dataset stage does)."""
     root = artifacts.artifact_root(dataset_manifest)
     fs, p = storage.url_to_fs(storage.join(root, "ledger.parquet"))
     with fs.open(p, "rb") as f:
-        ledger = pq.read_table(f)
+        ledger = pq.read_table(f, columns=["key", "status", "shard"])
     shards = pc.unique(ledger["shard"].filter(pc.equal(ledger["status"], "success"))).to_pylist()
     tars = [storage.join(root, s) for s in sorted(shards)]
-    fps = fingerprint.fingerprint_tars(tars)  # published keys = dataset keys
+    rules = pa.concat_tables([rule_table(fingerprint.to_table([]), cfg)]  # published keys = dataset keys
+                             + [rule_table(fingerprint.fingerprint_tars([url]), cfg) for url in tars])
     scores = None
     if cfg.clip_score_checkpoint:
         samples = ((k, _image(s), s.get("txt", b"").decode("utf-8", "replace"))
                    for url in tars for k, s in fingerprint.iter_tar_samples(url))
         scores = clip_score_table(samples, cfg.clip_score_checkpoint)
+    success = ledger["key"].filter(pc.equal(ledger["status"], "success"))
+    missing = pc.sum(pc.invert(pc.is_in(success, value_set=rules["key"].combine_chunks()))).as_py() or 0
+    if missing:
+        raise ValueError(f"{missing} success rows of {dataset_manifest} are not in the shards they name")
     previous = load_previous(cfg.previous_dataset) if cfg.previous_dataset else None
-    return apply_quality_report(ledger, fps, cfg, previous, scores=scores)[1]
+    return decide(fingerprint.last_per_key(rules), cfg, previous, None, scores, ledger["key"])[1]
 
 
 def _image(sample: dict) -> bytes:

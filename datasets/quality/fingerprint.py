@@ -190,15 +190,17 @@ def fingerprint_tars(tar_urls: Iterable[str], key_map: dict[tuple[str, str], str
                      draft: bool = True) -> pa.Table:
     """Fingerprints of every sample in `tar_urls`. With `key_map` {(tar_url, tar key): dataset key} only the
     mapped samples are kept, under their dataset key (img2dataset keys restart per attempt)."""
-    rows = []
-    for url in tar_urls:
+    parts = [to_table([])]
+    for url in tar_urls:  # one shard's rows as Python dicts at a time
+        rows = []
         for key, sample in iter_tar_samples(url):
             if key_map is not None:
                 key = key_map.get((url, key))
                 if key is None:
                     continue
             rows.append(fingerprint_sample(key, sample, draft))
-    return to_table(rows)
+        parts.append(to_table(rows))
+    return pa.concat_tables(parts)
 
 
 def shard_url(gpath: str, shard) -> str:
