@@ -217,15 +217,15 @@ def success_shards(con: duckdb.DuckDBPyConnection) -> list[tuple[str, int]]:
     return con.execute("SELECT DISTINCT gpath, src_shard FROM ledger_v WHERE status = 'success' ORDER BY 1, 2").fetchall()
 
 
-def success_by_shard(con: duckdb.DuckDBPyConnection, columns: str = "i2d_key, key",
-                     where: str = "") -> Iterator[tuple[str, int, pa.Table]]:
+def success_by_shard(con: duckdb.DuckDBPyConnection, columns: str = "i2d_key, key", where: str = "",
+                     rows: int = engine.BATCH_ROWS) -> Iterator[tuple[str, int, pa.Table]]:
     """(group path, shard id, its successes' `columns`) per img2dataset shard, in SOURCE_ORDER, streamed from
     the engine: one shard's rows in memory at a time. `where`: an extra SQL condition on ledger_v. The
     connection must not run other queries until the iteration ends."""
     sql = (f"SELECT gpath, src_shard, {columns} FROM ledger_v WHERE status = 'success'"
            f"{' AND ' + where if where else ''} ORDER BY {SOURCE_ORDER}")
     cur, parts = None, []
-    for batch in engine.batches(con, sql):
+    for batch in engine.batches(con, sql, rows=rows):
         g, s, n = batch.column(0), batch.column(1), len(batch)
         change = np.ones(n, bool)
         if n > 1:

@@ -104,3 +104,22 @@ def test_streamed_clip_score_filter_equals_the_in_memory_pass(tmp_path):
     assert got.equals(want.cast(got.schema))
     assert got_report == json.loads(json.dumps(want_report, sort_keys=True, default=str))
     assert got_report["clip_score_mean"] is not None and "clip_score" in got_report["by_reason"]
+
+
+def test_successes_grouped_by_shard_across_batches(tmp_path):
+    """ledger.success_by_shard (what the quality pass and the repack read) yields each img2dataset shard once,
+    whole, in source order, also when its rows straddle the engine's record batches."""
+    from datasets import engine
+
+    work = str(tmp_path / "store" / "dataset-work" / "qpub")
+    table = str(tmp_path / "t.parquet")
+    synthetic.write_table(table, 450)
+    synthetic.build_work(table, work, _cfg())
+    with engine.connect() as con:
+        ledger.build_ledger(con, table, work)
+        want = con.execute("SELECT gpath, src_shard, list(key ORDER BY i2d_key) FROM ledger_v WHERE status = 'success' "
+                           "GROUP BY gpath, src_shard ORDER BY gpath, src_shard").fetchall()
+        for rows in (7, 100, 65536):
+            got = [(g, s, t["key"].to_pylist()) for g, s, t in ledger.success_by_shard(con, rows=rows)]
+            assert got == want, rows
+    assert len(want) == 5 and sum(len(k) for *_, k in want) == 405
