@@ -429,3 +429,40 @@ def test_vectorised_filter_equals_the_reference_loop_on_random_lines(tmp_path, m
         out[vec] = (pq.read_table(o).to_pylist(), rep.to_dict(), pq.read_table(tmp_path / f"bad{vec}.parquet").to_pylist())
     assert out[True] == out[False]
     assert out[True][0] and out[True][1]["malformed"] > 0
+
+
+@pytest.mark.parametrize("mode", ["slip", "strict"])
+def test_parquet_mirror_equals_the_tsv_path_on_random_rows(tmp_path, mode):
+    """Seeded random raw title/description text (the fuzz pieces that are valid in a parquet string column,
+    plus text over MAX_TEXT_CHARS), 2,000 rows in batches of 300: the parquet mirror's rows and counts are the
+    25-column TSV path's, in both modes."""
+    import random
+
+    from datasets.sources import yfcc_parquet
+
+    rng = random.Random(7)
+    pieces = ["a", "word ", "+", "%", "%4", "%41", "%zz", "%E2%98%83", "%c3%a9", "<a", "<a href=x>", ">", "</a>", "<b>",
+              "</i>", "http", "http://x.y/z", "www", "www.q", "\r", "\x07", "\x0b", "\x1c", "\u3000", "\xa0", "é", " ",
+              "&amp;", "&lt;b&gt;", "%26amp%3B", "%FF", "%C3", "9" * 20]
+
+    def text() -> str:
+        if rng.random() < 0.02:
+            return "word+" * 2000  # 10,000 characters once decoded: cut to MAX_TEXT_CHARS, counted
+        return "".join(rng.choice(pieces) for _ in range(rng.randint(0, 10)))
+
+    rows = [(i, 7000 + i, text(), text(), f"http://x/{i}.jpg") for i in range(2000)]
+    with open(tmp_path / "m.tsv", "wb") as f:
+        for ln, pid, t, d, u in rows:
+            cols = yfcc.format_row(ln, pid, f"h{ln}", "", "", u).split("\t")
+            cols[8], cols[9] = t, d
+            f.write(("\t".join(cols) + "\n").encode())
+    tsv = yfcc.filter_yfcc(str(tmp_path / "m.tsv"), str(tmp_path / "tsv.parquet"), mode=mode)
+    pq.write_table(pa.table({"photoid": [r[1] for r in rows], "line_number": [r[0] for r in rows],
+                             "title": [r[2] for r in rows], "description": [r[3] for r in rows],
+                             "downloadurl": [r[4] for r in rows], "hash": [f"h{r[0]}" for r in rows]}), tmp_path / "m.parquet")
+    rep = yfcc_parquet.filter_yfcc_parquet(str(tmp_path / "m.parquet"), str(tmp_path / "pq.parquet"), mode=mode,
+                                           batch_rows=300)
+    got, want = pq.read_table(tmp_path / "pq.parquet"), pq.read_table(tmp_path / "tsv.parquet")
+    assert got.to_pylist() == want.to_pylist()
+    assert (rep.written, rep.truncated_text, rep.dropped_empty) == (tsv.written, tsv.truncated_text, tsv.dropped_empty)
+    assert rep.truncated_text > 0 and (rep.dropped_empty > 0 or mode == "slip")

@@ -118,38 +118,49 @@ def _clean_batch(batch: pa.RecordBatch, cols: dict, row0: int, strict: bool, rep
     title_raw, desc_raw = _text(t[cols["title"]]).take(idx), _text(t[cols["description"]]).take(idx)
     t_dec, d_dec = (yparse.binary_array(*yparse.unquote_plus(*yparse.offsets_data(a.cast(pa.large_binary()))))
                     for a in (title_raw, desc_raw))
-    fast = yparse.valid_utf8(t_dec) & yparse.valid_utf8(d_dec)
-    sel = pa.array(np.flatnonzero(fast))
-    title, desc = (yparse.slip_regexes(a.take(sel).cast(pa.large_string())) for a in (t_dec, d_dec))
-    title, desc = title.to_pylist(), desc.to_pylist()
-    slow_t, slow_d = title_raw.filter(pa.array(~fast)).to_pylist(), desc_raw.filter(pa.array(~fast)).to_pylist()
-    clean = yfcc.clean_strict if strict else yfcc.clean_slip
-    it_fast, it_slow = iter(zip(title, desc)), iter(zip(slow_t, slow_d))
-    titles, descs, keep = [], [], []
-    for is_fast in fast:  # per kept row; the cleaning above is vectorised, this only applies the text rules
-        tt, dd = next(it_fast) if is_fast else (clean(a) for a in next(it_slow))
-        if strict and is_fast:
-            tt, dd = (yfcc.clean_strict_from_slip(x) for x in (tt, dd))
-        if len(tt) > yfcc.MAX_TEXT_CHARS or len(dd) > yfcc.MAX_TEXT_CHARS:
-            report.truncated_text += 1
-            tt, dd = tt[:yfcc.MAX_TEXT_CHARS], dd[:yfcc.MAX_TEXT_CHARS]
-        keep.append(not (strict and not tt and not dd))
-        titles.append(tt)
-        descs.append(dd)
-    report.in_subset += len(keep)
-    report.dropped_empty += keep.count(False)
+    titles, descs = _cleaned(title_raw, desc_raw, t_dec, d_dec, strict, report)
+    keep = pc.invert(pc.and_(pc.equal(titles, ""), pc.equal(descs, ""))) if strict else pa.array(np.ones(len(titles), bool))
+    report.in_subset += len(titles)
+    report.dropped_empty += len(titles) - (pc.sum(keep).as_py() or 0)
     rows = np.flatnonzero(ok)
     ids = ln[rows] if ln is not None else pid[rows]
     keys = yparse.line_keys(ids) if ln is not None else pa.array(ids.astype(str), pa.large_string())
     out = pa.table({"key": keys, "line_number": pa.array(ln[rows] if ln is not None else np.full(len(rows), -1), pa.int64()),
                     "photo_id": pa.array(pid[rows], pa.int64()),
                     "photo_hash": _text(t[cols["photo_hash"]]).take(idx) if cols["photo_hash"] else pa.array([""] * len(rows), pa.large_string()),
-                    "title": pa.array(titles, pa.large_string()), "description": pa.array(descs, pa.large_string()),
-                    "caption": pa.array([a or b for a, b in zip(titles, descs)], pa.large_string()),
+                    "title": titles, "description": descs, "caption": pc.if_else(pc.not_equal(titles, ""), titles, descs),
                     "download_url": url.take(idx)})
     if ln is None:
         out = out.set_column(1, "line_number", pa.nulls(len(out), pa.int64()))
-    return out.filter(pa.array(keep, pa.bool_()))
+    return out.filter(keep)
+
+
+def _cleaned(title_raw: pa.Array, desc_raw: pa.Array, t_dec: pa.Array, d_dec: pa.Array, strict: bool,
+             report: yfcc.FilterReport) -> tuple[pa.Array, pa.Array]:
+    """Cleaned title and description of every kept row, as the TSV path cleans them: rows whose decoded text
+    is valid UTF-8 and within MAX_TEXT_CHARS after SLIP's regexes (in Arrow) are vectorised, strict mode's
+    extra steps applied per row as the TSV path applies them; the others (invalid UTF-8, long text) go through
+    the reference cleaner, which also cuts and counts long text."""
+    fast = yparse.valid_utf8(t_dec) & yparse.valid_utf8(d_dec)
+    idx = pa.array(np.flatnonzero(fast))
+    title, desc = (yparse.slip_regexes(a.take(idx).cast(pa.large_string())) for a in (t_dec, d_dec))
+    long = np.asarray(pc.or_(pc.greater(pc.utf8_length(title), yfcc.MAX_TEXT_CHARS),
+                             pc.greater(pc.utf8_length(desc), yfcc.MAX_TEXT_CHARS)))
+    fast[np.flatnonzero(fast)[long]] = False
+    title, desc = title.filter(pa.array(~long)), desc.filter(pa.array(~long))
+    if strict:
+        title, desc = (pa.array([yfcc.clean_strict_from_slip(x) for x in a.to_pylist()], pa.large_string()) for a in (title, desc))
+    slow = np.flatnonzero(~fast)
+    clean = yfcc.clean_strict if strict else yfcc.clean_slip
+    slow_t, slow_d = ([clean(x) for x in a.take(pa.array(slow)).to_pylist()] for a in (title_raw, desc_raw))
+    for i, (tt, dd) in enumerate(zip(slow_t, slow_d)):  # the rare rows: the reference's rule, row by row
+        if len(tt) > yfcc.MAX_TEXT_CHARS or len(dd) > yfcc.MAX_TEXT_CHARS:
+            report.truncated_text += 1
+            slow_t[i], slow_d[i] = tt[:yfcc.MAX_TEXT_CHARS], dd[:yfcc.MAX_TEXT_CHARS]
+    back = np.empty(len(fast), np.int64)  # fast rows first, then the slow ones -> back into row order
+    back[np.r_[np.flatnonzero(fast), slow]] = np.arange(len(fast))
+    return tuple(pa.concat_arrays([a, pa.array(b, pa.large_string())]).take(pa.array(back))
+                 for a, b in ((title, slow_t), (desc, slow_d)))
 
 
 def filter_yfcc_parquet(source: str, output: str, subset: str | None = None, mode: str = "slip",
